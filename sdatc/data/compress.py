@@ -1,0 +1,113 @@
+"""x264 compression in memory (PyAV): the test-set CRF recipe and the training bitrate degradation.
+
+    out = x264_compress(lr_frames, crf=25, fps=10, lossless_first=True)   # test sets (COMISR recipe)
+    out.frames    # (T, H, W, 3) uint8, decoded: same count and size as the input
+    out.data      # the .mp4 bytes;  out.settings: x264's SEI string (version + every option)
+
+    lq = random_bitrate_compress(lr_frames, rng)                          # training: [1e4, 1e5] bit/s at 1 fps
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from collections.abc import Iterable, Sequence
+from fractions import Fraction
+
+import av
+import numpy as np
+
+from sdatc.data.video import SCALE_FLAGS, convert_frames
+from sdatc.errors import SdatcError
+
+__all__ = ["SCALE_FLAGS", "X264Result", "x264_compress", "random_bitrate_compress"]
+
+
+@dataclasses.dataclass
+class X264Result:
+    frames: np.ndarray  # (T, H, W, 3) uint8 decoded frames
+    data: bytes  # the mp4 file
+    settings: str  # x264 SEI: "x264 - core N rXXXX ... - options: ... crf=25.0 ..."
+
+    @property
+    def num_bytes(self) -> int:
+        return len(self.data)
+
+
+def _encode(frames: Iterable[av.VideoFrame], width: int, height: int, fps: Fraction, pix_fmt: str,
+            options: dict[str, str], bitrate: int | None = None) -> bytes:
+    """Encode av.VideoFrames (any pix_fmt; converted as the ffmpeg CLI does) into mp4 bytes with libx264."""
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as c:
+        s = c.add_stream("libx264", rate=fps)
+        s.width, s.height, s.pix_fmt = width, height, pix_fmt
+        s.codec_context.time_base = 1 / fps
+        if bitrate is not None:
+            s.bit_rate = int(bitrate)
+        s.options = options
+        for i, vf in enumerate(convert_frames(frames, pix_fmt)):
+            vf.pts, vf.time_base = i, 1 / fps
+            vf.pict_type = av.video.frame.PictureType.NONE  # let x264 choose (decoded frames carry I/P types)
+            c.mux(s.encode(vf))
+        c.mux(s.encode(None))
+    return buf.getvalue()
+
+
+def _decode(data: bytes) -> list[av.VideoFrame]:
+    with av.open(io.BytesIO(data), mode="r") as c:
+        return list(c.decode(video=0))
+
+
+def _sei(data: bytes) -> str:
+    k = data.find(b"x264 - core")
+    return data[k : data.find(b"\x00", k)].decode("ascii", "replace") if k >= 0 else ""
+
+
+def x264_compress(frames: Sequence[np.ndarray] | np.ndarray, *, crf: float | None = None,
+                  bitrate: float | None = None, fps: float = 10, preset: str = "medium",
+                  pix_fmt: str = "yuv420p", lossless_first: bool = False, threads: int = 1,
+                  x264_params: str | None = None) -> X264Result:
+    """Compress RGB uint8 frames (T, H, W, 3) with x264; return the decoded frames and the bitstream.
+
+    Args:
+        crf: constant rate factor (test sets), or ``bitrate`` in bit/s (ABR; training). Exactly one.
+        fps: declared frame rate (it changes the bitstream at a fixed CRF or bitrate).
+        lossless_first: the COMISR recipe: RGB -> lossless x264 (crf 0, yuv444p) -> decode -> encode.
+        threads: x264 threads; pinned to 1 by default so the bitstream does not depend on the machine.
+        pix_fmt: ``yuv420p`` or ``yuv444p``. Odd sizes are edge-padded for 4:2:0 and cropped back.
+    """
+    if (crf is None) == (bitrate is None):
+        raise ValueError("give exactly one of crf or bitrate")
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) == 0:
+        raise SdatcError(f"x264_compress expects uint8 frames (T, H, W, 3), got {frames.dtype} {frames.shape}")
+    t, h, w, _ = frames.shape
+    ph, pw = (h % 2, w % 2) if pix_fmt == "yuv420p" else (0, 0)
+    if ph or pw:
+        frames = np.pad(frames, ((0, 0), (0, ph), (0, pw), (0, 0)), mode="edge")
+    H, W = h + ph, w + pw
+    rate = Fraction(fps).limit_denominator(100000)
+    opts = {"preset": preset, "threads": str(threads)}
+    if x264_params:
+        opts["x264-params"] = x264_params
+    src = (av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24") for f in frames)
+    if lossless_first:
+        lossless = _encode(src, W, H, rate, "yuv444p", {**opts, "crf": "0"})
+        src = iter(_decode(lossless))
+    if crf is not None:
+        data = _encode(src, W, H, rate, pix_fmt, {**opts, "crf": str(crf)})
+    else:
+        data = _encode(src, W, H, rate, pix_fmt, opts, bitrate=int(bitrate))
+    out = np.stack([f.to_ndarray(format="rgb24") for f in _decode(data)])
+    if out.shape[0] != t:
+        raise SdatcError(f"x264 round trip returned {out.shape[0]} frames for {t}")
+    return X264Result(frames=out[:, :h, :w], data=data, settings=_sei(data))
+
+
+def random_bitrate_compress(frames: np.ndarray, rng: np.random.Generator, low: float = 1e4, high: float = 1e5,
+                            pix_fmt: str = "yuv420p") -> tuple[np.ndarray, float]:
+    """Training degradation: x264 at a random bitrate in [low, high] bit/s, stream declared at 1 fps.
+
+    Returns (decoded frames, bitrate used)."""
+    bitrate = float(rng.uniform(low, high))
+    return x264_compress(frames, bitrate=bitrate, fps=1, pix_fmt=pix_fmt).frames, bitrate
