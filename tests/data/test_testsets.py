@@ -1,0 +1,95 @@
+"""Test-set builder: layout, LR = GT / 4 exactly, manifest, reuse, video GT, bad clips."""
+
+import json
+
+import numpy as np
+import pytest
+
+from sdatc.data.imresize import bicubic_down
+from sdatc.data.testsets import TestSetConfig, build_testsets, load_clip_list
+from sdatc.data.video import read_video, write_frames
+from sdatc.errors import SdatcError
+from sdatc.utils import sha256_file
+
+
+def test_layout_sizes_and_manifest(gt_root, tmp_path):
+    out = tmp_path / "out"
+    manifest, summary = build_testsets(TestSetConfig(gt_root=str(gt_root), out=str(out), crf=[15, 35]))
+    assert summary == {"built": 2, "reused": 0}
+    names = [f"{i:08d}.png" for i in range(6)]
+    for clip in ("carA", "carB"):
+        gt = read_video(gt_root / clip)
+        lr = read_video(out / "BIx4" / clip)
+        assert sorted(p.name for p in (out / "BIx4" / clip).iterdir()) == names
+        assert lr.shape == (6, 36, 44, 3)  # exactly GT / 4
+        assert np.array_equal(lr[0], bicubic_down(gt[0], 4))
+        for q in (15, 35):
+            dec = read_video(out / f"BIx4_crf{q}" / clip)
+            assert dec.shape == lr.shape
+            assert (out / "mp4" / f"crf{q}" / f"{clip}.mp4").stat().st_size == manifest["clips"][clip]["crf"][str(q)]["bytes"]
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["settings"] == {"crf": [15, 35], "pix_fmt": "yuv420p", "fps": 10.0, "preset": "medium", "scale": 4,
+                             "lossless_first": True, "x264_threads": 1, "max_frames": None}
+    assert m["versions"]["x264"].startswith("x264 core")
+    e = m["clips"]["carA"]
+    assert e["frames"] == 6 and e["gt_size"] == [144, 176] and e["lr_size"] == [36, 44]
+    c15, c35 = e["crf"]["15"], e["crf"]["35"]
+    assert c15["bytes"] > c35["bytes"] and c15["kbps"] == pytest.approx(c15["bytes"] * 8 / 1000 / 0.6, rel=1e-3)
+    assert "crf=15.0" in c15["x264"] and "crf=35.0" in c35["x264"]
+    for name, digest in c35["png_sha256"].items():
+        assert sha256_file(out / "BIx4_crf35" / "carA" / name) == digest
+    assert e["lr_sha256"]["00000000.png"] == sha256_file(out / "BIx4" / "carA" / "00000000.png")
+    assert not [p for p in out.rglob(".*")], "temporary files left behind"
+
+
+def test_rerun_reuses_and_settings_guard(gt_root, tmp_path):
+    out = tmp_path / "out"
+    cfg = TestSetConfig(gt_root=str(gt_root), out=str(out), crf=[25])
+    build_testsets(cfg)
+    before = (out / "mp4" / "crf25" / "carA.mp4").stat().st_mtime_ns
+    _, summary = build_testsets(cfg)
+    assert summary == {"built": 0, "reused": 2}
+    assert (out / "mp4" / "crf25" / "carA.mp4").stat().st_mtime_ns == before
+    with pytest.raises(SdatcError, match="other settings"):
+        build_testsets(TestSetConfig(gt_root=str(gt_root), out=str(out), crf=[25], fps=25))
+
+
+def test_video_gt_source_is_extracted(carphone_path, tmp_path):
+    out = tmp_path / "out"
+    manifest, _ = build_testsets(TestSetConfig(gt_root=str(carphone_path), out=str(out), crf=[25], max_frames=5))
+    assert list(manifest["clips"]) == ["carphone_pristine"]
+    gt = read_video(out / "GT" / "carphone_pristine")
+    assert gt.shape == (5, 144, 176, 3)
+    assert np.array_equal(gt, read_video(carphone_path, max_frames=5))
+    assert read_video(out / "BIx4_crf25" / "carphone_pristine").shape == (5, 36, 44, 3)
+
+
+def test_size_not_divisible_by_4_names_clip(tmp_path, carphone_frames):
+    root = tmp_path / "GT"
+    write_frames(root / "good", carphone_frames[:2])
+    write_frames(root / "odd", carphone_frames[:2, :142, :174])
+    out = tmp_path / "out"
+    with pytest.raises(SdatcError, match=r"clip 'odd': GT size 174x142 is not divisible by 4"):
+        build_testsets(TestSetConfig(gt_root=str(root), out=str(out), crf=[25]))
+    assert not (out / "BIx4" / "odd").exists()
+    assert list(json.loads((out / "manifest.json").read_text())["clips"]) == ["good"]  # finished clip kept
+
+
+def test_clip_lists():
+    assert list(load_clip_list("reds4")) == ["000", "011", "015", "020"]
+    assert load_clip_list("vid4") == {"calendar": 41, "city": 34, "foliage": 49, "walk": 47}
+    assert len(load_clip_list("udm10")) == 10
+    train = load_clip_list("reds_train")
+    assert len(train) == 266 and not {"000", "011", "015", "020"} & set(train) and "269" in train
+
+
+def test_clip_list_selection(gt_root, tmp_path):
+    with pytest.raises(SdatcError, match="clips not found: 000, 011"):
+        build_testsets(TestSetConfig(gt_root=str(gt_root), out=str(tmp_path / "o"), clip_list="reds4"))
+    manifest, _ = build_testsets(TestSetConfig(gt_root=str(gt_root), out=str(tmp_path / "o"), crf=[25], clips=["carB"]))
+    assert list(manifest["clips"]) == ["carB"]
+
+
+def test_out_inside_gt_is_refused(gt_root):
+    with pytest.raises(SdatcError, match="must not be inside"):
+        build_testsets(TestSetConfig(gt_root=str(gt_root), out=str(gt_root / "sets")))
