@@ -46,3 +46,20 @@ def gt_root(tmp_path, carphone_frames) -> Path:
     write_frames(root / "carA", carphone_frames[:6])
     write_frames(root / "carB", carphone_frames[2:8, :, ::-1])  # mirrored: a second, different clip
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_model_config():
+    """The tiny SDATC config (configs/model/sdatc_tiny.yaml), random weights, no download."""
+    from sdatc.config import load_config
+    from sdatc.models.sdatc import ModelConfig
+
+    return load_config(ModelConfig, "configs/model/sdatc_tiny.yaml")
+
+
+@pytest.fixture
+def tiny_model(tiny_model_config, monkeypatch):
+    from sdatc.models.sdatc import SDATC
+
+    monkeypatch.delenv("SDATC_SD21_PATH", raising=False)
+    return SDATC.from_config(tiny_model_config)
