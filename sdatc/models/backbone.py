@@ -1,0 +1,176 @@
+"""Stable Diffusion 2.1-base through diffusers: load from a local folder, or build with random weights.
+
+    bb = load_backbone(BackboneConfig(pretrained="weights/stable-diffusion-2-1-base"))
+    bb = load_backbone(BackboneConfig())        # pretrained: null -> every part from its architecture config
+
+Never touches the network. The empty-prompt text embedding (1, 77, C) is computed once and cached
+beside the weights (``sdatc_empty_prompt.safetensors``), so inference never loads the text encoder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from safetensors.torch import load_file, save_file
+
+from sdatc.errors import SdatcError
+
+ENV_SD21 = "SDATC_SD21_PATH"
+EMPTY_PROMPT_FILE = "sdatc_empty_prompt.safetensors"
+SD21_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SD21_HELP = (
+    "get Stable Diffusion 2.1-base in diffusers layout (the 'stabilityai/stable-diffusion-2-1-base' "
+    "repository: unet/, vae/, text_encoder/, tokenizer/, scheduler/ with their config and weight files) "
+    f"and point model.backbone.pretrained or ${ENV_SD21} at that folder"
+)
+
+# SD 2.1-base architectures (diffusers config kwargs); used when no pretrained folder is given.
+SD21_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=[320, 640, 1280, 1280],
+    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20], use_linear_projection=True,
+)
+SD21_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, block_out_channels=[128, 256, 512, 512],
+    down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4, sample_size=512,
+    scaling_factor=0.18215,
+)
+SD21_TEXT = dict(
+    vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+    max_position_embeddings=77, hidden_act="gelu", projection_dim=512, bos_token_id=49406, eos_token_id=49407,
+    pad_token_id=0,
+)
+
+
+@dataclasses.dataclass
+class SchedulerConfig:
+    """The diffusion schedule SD 2.1 was trained with (LDM's "linear" = diffusers' scaled_linear)."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+    prediction_type: str = "epsilon"
+
+
+@dataclasses.dataclass
+class BackboneConfig:
+    """Where SD 2.1 comes from. ``pretrained: null`` (and no $SDATC_SD21_PATH) builds random weights
+    from the architecture dicts below (the full SD 2.1 sizes by default; tiny ones for tests)."""
+
+    pretrained: str | None = None
+    unet: dict[str, Any] = dataclasses.field(default_factory=lambda: dict(SD21_UNET))
+    vae: dict[str, Any] = dataclasses.field(default_factory=lambda: dict(SD21_VAE))
+    text_encoder: dict[str, Any] = dataclasses.field(default_factory=lambda: dict(SD21_TEXT))
+    scheduler: SchedulerConfig = dataclasses.field(default_factory=SchedulerConfig)
+    seed: int = 0  # random-weight init seed (pretrained: null)
+
+
+@dataclasses.dataclass
+class Backbone:
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    empty_prompt_embeds: torch.Tensor  # (1, 77, cross_attention_dim)
+    scheduler: DDPMScheduler
+    text_encoder_params: int  # counted for reports; the text encoder itself is not kept
+    source: str  # folder path, or "random"
+
+
+def resolve_pretrained(cfg: BackboneConfig) -> Path | None:
+    path = cfg.pretrained or os.environ.get(ENV_SD21) or None
+    if path is None:
+        return None
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise SdatcError(f"SD 2.1 folder not found: {path}; {SD21_HELP}")
+    missing = [s for s in ("unet", "vae", "scheduler") if not (path / s / _config_name(s)).is_file()]
+    if missing:
+        raise SdatcError(f"{path} is not a complete SD 2.1 diffusers folder (missing {', '.join(s + '/' for s in missing)}; "
+                         f"expected {', '.join(s + '/' for s in SD21_SUBFOLDERS)}); {SD21_HELP}")
+    return path
+
+
+def _config_name(sub: str) -> str:
+    return "scheduler_config.json" if sub == "scheduler" else "config.json"
+
+
+def make_scheduler(cfg: SchedulerConfig) -> DDPMScheduler:
+    return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_start=cfg.beta_start, beta_end=cfg.beta_end,
+                         beta_schedule=cfg.beta_schedule, prediction_type=cfg.prediction_type, clip_sample=False)
+
+
+def build_text_encoder(cfg: dict[str, Any]):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(**cfg))
+
+
+def load_backbone(cfg: BackboneConfig, with_text_encoder: bool = False) -> Backbone:
+    """UNet, VAE, scheduler and the cached empty-prompt embedding (frozen, eval mode)."""
+    path = resolve_pretrained(cfg)
+    if path is None:
+        torch.manual_seed(cfg.seed)
+        unet = UNet2DConditionModel(**cfg.unet)
+        vae = AutoencoderKL(**cfg.vae)
+        text = build_text_encoder(cfg.text_encoder)
+        embeds = _encode_empty_prompt(text, None)
+        n_text = sum(p.numel() for p in text.parameters())
+        if not with_text_encoder:
+            del text
+        source = "random"
+    else:
+        try:
+            unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True)
+            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise SdatcError(f"cannot load SD 2.1 from {path}: {str(e).splitlines()[0]}; {SD21_HELP}") from None
+        embeds, n_text = _cached_empty_prompt(path)
+        source = str(path)
+    for m in (unet, vae):
+        m.requires_grad_(False).eval()
+    return Backbone(unet, vae, embeds, make_scheduler(cfg.scheduler), n_text, source)
+
+
+def _encode_empty_prompt(text_encoder, tokenizer) -> torch.Tensor:
+    """Last hidden state of the text encoder for the prompt "" (SD 2.1 uses the penultimate-free last layer)."""
+    n = text_encoder.config.max_position_embeddings
+    if tokenizer is not None:
+        ids = tokenizer("", padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
+    else:  # no tokenizer (random weights): BOS, EOS, then padding, as the CLIP tokenizer gives for ""
+        c = text_encoder.config
+        ids = torch.full((1, n), c.pad_token_id, dtype=torch.long)
+        ids[0, 0], ids[0, 1] = c.bos_token_id, c.eos_token_id
+    with torch.no_grad():
+        return text_encoder(ids)[0].float().contiguous()
+
+
+def _cached_empty_prompt(path: Path) -> tuple[torch.Tensor, int]:
+    """Read the cached embedding beside the weights, or compute it once with the text encoder."""
+    cache = path / EMPTY_PROMPT_FILE
+    if cache.is_file():
+        data = load_file(cache)
+        return data["embeds"], int(data["text_encoder_params"].item())
+    if not (path / "text_encoder").is_dir() or not (path / "tokenizer").is_dir():
+        raise SdatcError(f"{path}: no cached empty-prompt embedding ({EMPTY_PROMPT_FILE}) and no text_encoder/ + "
+                         f"tokenizer/ to compute it; {SD21_HELP}")
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
+    text = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True)
+    embeds = _encode_empty_prompt(text, tok)
+    n_text = sum(p.numel() for p in text.parameters())
+    try:
+        from sdatc.utils import atomic_path
+
+        with atomic_path(cache) as tmp:
+            save_file({"embeds": embeds, "text_encoder_params": torch.tensor([n_text])}, str(tmp))
+    except OSError:  # read-only weights folder: recompute next time
+        pass
+    return embeds, n_text
