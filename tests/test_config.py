@@ -90,8 +90,10 @@ def test_missing_and_bad_files(tmp_path):
 def _config_classes():
     from sdatc.data.testsets import TestSetConfig
     from sdatc.evaluation import EvalConfig
+    from sdatc.models.sdatc import ModelConfig
 
-    return {"data/testsets.yaml": TestSetConfig, "eval/evaluate.yaml": EvalConfig}
+    return {"data/testsets.yaml": TestSetConfig, "eval/evaluate.yaml": EvalConfig,
+            "model/sdatc_sd21.yaml": ModelConfig, "model/sdatc_tiny.yaml": ModelConfig}
 
 
 def test_every_config_file_loads():

@@ -1,0 +1,57 @@
+"""Parameter and FLOP reports for ``scripts/inspect_model.py``."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def count_flops(cfg, out_h: int = 720, out_w: int = 1280) -> dict:
+    """FLOPs of each stage for one (out_h, out_w) output frame, counted on the meta device.
+
+    The LR frame is (out_h/4, out_w/4); the denoising step runs at the padded latent the pipeline
+    uses (LR padded to the model's pad multiple), the VAE decode at the exact output size."""
+    from sdatc.models.sdatc import SDATC
+
+    with torch.device("meta"):
+        model = SDATC.from_config(cfg)
+    s = cfg.upscale
+    h, w = out_h // s, out_w // s
+    m = model.pad_multiple
+    hp, wp = h + (-h % m), w + (-w % m)
+    lat = 2 ** (len(model.vae.config.block_out_channels) - 1)
+    meta = dict(device="meta")
+    out = {"frame": [out_h, out_w], "lr": [h, w], "lr_padded": [hp, wp]}
+
+    def run(fn):
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            fn()
+        return int(fc.get_total_flops())
+
+    lq = torch.zeros(1, 3, hp, wp, **meta)
+    out["dcm"] = run(lambda: model.restore(lq))
+    i_c = torch.zeros(1, 3, hp * s, wp * s, **meta)
+    out["vae_encode"] = run(lambda: model.encode(i_c))
+    z = torch.zeros(1, 4, hp * s // lat, wp * s // lat, **meta)
+    t = torch.zeros(1, dtype=torch.long, **meta)
+    out["denoise_step"] = run(lambda: model.predict_noise(z, t, z))
+    _, feats = model.encode(torch.zeros(1, 3, out_h, out_w, **meta))
+    zd = torch.zeros(1, 4, out_h // lat, out_w // lat, **meta)
+    out["vae_decode"] = run(lambda: model.decode(zd, feats, num_frames=1))
+    out["per_frame_50_steps"] = out["dcm"] + out["vae_encode"] + 50 * out["denoise_step"] + out["vae_decode"]
+    return out
+
+
+def format_report(report: dict) -> str:
+    rows = [f"{'module':<14}{'trainable':>16}{'total':>18}"]
+    for name, v in report["modules"].items():
+        rows.append(f"{name:<14}{v['trainable'] / 1e6:>14.2f} M{v['total'] / 1e6:>16.2f} M")
+    rows.append("-" * len(rows[0]))
+    rows.append(f"{'sum':<14}{report['trainable'] / 1e6:>14.2f} M{report['total'] / 1e6:>16.2f} M")
+    if "flops" in report:
+        f = report["flops"]
+        rows.append(f"\nFLOPs per {f['frame'][1]}x{f['frame'][0]} output frame (LR {f['lr'][1]}x{f['lr'][0]}, "
+                    f"padded {f['lr_padded'][1]}x{f['lr_padded'][0]}):")
+        for k in ("dcm", "vae_encode", "denoise_step", "vae_decode", "per_frame_50_steps"):
+            rows.append(f"  {k:<20}{f[k] / 1e12:>10.2f} TFLOP")
+    return "\n".join(rows)
