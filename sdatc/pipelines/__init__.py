@@ -1,0 +1,1 @@
+"""Sampling pipelines: samplers, window restoration and flow-guided latent warping."""

@@ -1,0 +1,96 @@
+"""Respaced DDPM (the paper's sampler) and DDIM, starting from the noised condition latent.
+
+    sampler = Sampler(SamplerConfig(steps=50), model.scheduler.alphas_cumprod)
+    z = sampler.start(z_c, noise)                                  # q_sample(z_c, 999)
+    for i, t in enumerate(sampler.timesteps):
+        eps = model.predict_noise(z, t, z_c)
+        z = sampler.step(i, z, eps, noise=step_noise)              # posterior sample at the previous timestep
+
+Respacing follows guided-diffusion's ``space_timesteps(1000, [50])``: timesteps round(k * 999 / 49),
+k = 0..49 (so 0 and 999 are both included), with the betas of the respaced chain recomputed from
+alphas_cumprod. DDPM uses the posterior variance (``fixed_small``); DDIM uses eta (0 = deterministic).
+Noise is passed in by the caller, so each frame can draw its own seeded noise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+import torch
+
+
+@dataclasses.dataclass
+class SamplerConfig:
+    kind: Literal["ddpm", "ddim"] = "ddpm"
+    steps: int = 50
+    start_t: int = 999  # the chain starts from q_sample(z_c, start_t)
+    ddim_eta: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"sampler steps must be >= 1, got {self.steps}")
+        if self.start_t < 0:
+            raise ValueError(f"start_t must be >= 0, got {self.start_t}")
+
+
+def respaced_timesteps(start_t: int, steps: int) -> list[int]:
+    """Descending timesteps from ``start_t`` down to 0 (guided-diffusion's even respacing)."""
+    steps = min(steps, start_t + 1)
+    if steps == 1:
+        return [start_t]
+    stride = start_t / (steps - 1)
+    return sorted({round(k * stride) for k in range(steps)}, reverse=True)
+
+
+class Sampler:
+    """One reverse-diffusion chain over the respaced timesteps."""
+
+    def __init__(self, cfg: SamplerConfig, alphas_cumprod: torch.Tensor):
+        self.cfg = cfg
+        self.timesteps = respaced_timesteps(cfg.start_t, cfg.steps)
+        acp = alphas_cumprod.double()
+        self.acp = [float(acp[t]) for t in self.timesteps]  # alpha-bar at each used timestep
+        # alpha-bar of the step each one goes to (1.0 after the last step)
+        self.acp_prev = self.acp[1:] + [1.0]
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+    def start(self, z_c: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """q_sample(z_c, t_0): sqrt(a) z_c + sqrt(1 - a) noise."""
+        a = self.acp[0]
+        return math.sqrt(a) * z_c + math.sqrt(1 - a) * noise
+
+    def posterior_variance(self, i: int) -> float:
+        """sigma_t^2 of DDPM step i (fixed_small), clipped below like guided-diffusion's log-variance."""
+        a, a_prev = self.acp[i], self.acp_prev[i]
+        beta = 1 - a / a_prev
+        var = beta * (1 - a_prev) / (1 - a)
+        if var <= 0 and len(self) > 1:  # the last step: use the previous step's value (as the clipped log-variance)
+            return self.posterior_variance(i - 1) if i > 0 else beta
+        return var
+
+    def predict_x0(self, i: int, z: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        a = self.acp[i]
+        return (z - math.sqrt(1 - a) * eps) / math.sqrt(a)
+
+    def step(self, i: int, z: torch.Tensor, eps: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """z at timesteps[i] -> z at the next (lower) timestep; noise (like z) for the stochastic part."""
+        a, a_prev = self.acp[i], self.acp_prev[i]
+        x0 = self.predict_x0(i, z, eps)
+        last = i == len(self) - 1
+        if self.cfg.kind == "ddim":
+            var = self.cfg.ddim_eta**2 * (1 - a_prev) / (1 - a) * (1 - a / a_prev)
+            out = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - var, 0.0)) * eps
+        else:
+            beta = 1 - a / a_prev
+            mean = (math.sqrt(a_prev) * beta / (1 - a)) * x0 + (math.sqrt(a / a_prev) * (1 - a_prev) / (1 - a)) * z
+            out, var = mean, beta * (1 - a_prev) / (1 - a)
+        if not last and var > 0:
+            if noise is None:
+                raise ValueError("a stochastic step needs noise")
+            out = out + math.sqrt(var) * noise
+        return out
