@@ -1,0 +1,335 @@
+"""Flow-guided latent warping (SDATC eq. 12-13, as in MGLD-VSR): pull adjacent frames' latents together.
+
+    raft = load_raft(cfg.flow, device)                      # None when off or no weights (one warning)
+    guide = FlowGuidance(raft, lr_frames, (H, W), cfg.flow)  # once per window: RAFT flows + occlusion masks
+    for i, t in enumerate(sampler.timesteps):
+        ...
+        z = guide.step(z, sigma2)                           # z - eta_t * dL/dz
+
+Conventions (all flows are in pixels, channel 0 = x, channel 1 = y):
+
+* ``f_{i->i+1}(p)`` (torchvision's RAFT): frame i+1 shows frame i's content of pixel p at p + f(p).
+  ``W(x, f)`` samples x at p + f(p), so ``W(z_{i+1}, f_{i->i+1})`` is frame i+1 aligned to frame i.
+* Pixel centres sit at integer coordinates 0..W-1 (``grid_sample(align_corners=True)``), so an
+  integer flow shifts an image exactly (up to float32 rounding of the normalised grid, ~1e-6 px; exact
+  when H-1 and W-1 are powers of two). Samples outside the frame use ``padding_mode="border"``
+  (repeat the edge instead of pulling latents to 0); those pixels are occluded anyway.
+* Occlusion (Sundaram et al. 2010, squared form): ``|f + W(b, f)|^2 > alpha (|f|^2 + |W(b, f)|^2) + beta``,
+  or p + f(p) outside the frame. 1 = occluded.
+* Loss: for each adjacent pair, the mean over all C*H*W elements of the masked L1 difference (occluded
+  elements count as 0), summed over the two directions and over pairs. ``eta_t`` refers to this loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sdatc.errors import SdatcError
+
+RAFT_WEIGHTS_NAME = "raft_large_C_T_SKHT_V2-ff5fadd5.pth"
+RAFT_HELP = (
+    f"get torchvision's RAFT-large weights {RAFT_WEIGHTS_NAME} "
+    "(torchvision.models.optical_flow.Raft_Large_Weights.C_T_SKHT_V2, "
+    f"https://download.pytorch.org/models/{RAFT_WEIGHTS_NAME}), put the file e.g. under weights/ "
+    f"and set flow.raft_weights=weights/{RAFT_WEIGHTS_NAME}"
+)
+# RAFT's correlation pyramid pools the 1/8 feature map 3 times and needs >= 16 cells: inputs >= 128 px.
+RAFT_MIN_SIZE = 128
+
+
+@dataclasses.dataclass
+class FlowConfig:
+    """Flow guidance settings (config key ``flow``)."""
+
+    enabled: bool = True
+    raft_weights: str | None = None  # local torchvision raft_large state dict (.pth or .safetensors)
+    required: bool = False  # True: missing weights is an error; False: guidance off with one warning
+    step_size: Literal["log_sigma", "sigma"] = "log_sigma"  # eta = scale*|log sigma^2| or scale*sigma^2
+    scale: float = 10.0
+    occlusion_alpha: float = 0.01
+    occlusion_beta: float = 0.5
+    raft_iters: int = 12
+
+    def __post_init__(self) -> None:
+        if self.step_size not in ("log_sigma", "sigma"):
+            raise ValueError(f"step_size must be 'log_sigma' or 'sigma', got {self.step_size!r}")
+        if self.scale < 0:
+            raise ValueError(f"scale must be >= 0, got {self.scale}")
+        if self.raft_iters < 1:
+            raise ValueError(f"raft_iters must be >= 1, got {self.raft_iters}")
+
+
+def load_raft(cfg: FlowConfig, device: torch.device | str = "cpu") -> torch.nn.Module | None:
+    """Build torchvision's RAFT-large and load local weights (never downloads).
+
+    Args:
+        cfg: flow settings; ``cfg.raft_weights`` is a ``.pth`` (torch pickle) or ``.safetensors`` file
+            holding the state dict of ``torchvision.models.optical_flow.raft_large``.
+        device: where the model goes.
+
+    Returns:
+        The model in eval mode without gradients, or None when ``cfg.enabled`` is False, or when the
+        weights are missing and ``cfg.required`` is False (then one warning is issued).
+
+    Raises:
+        SdatcError: missing weights with ``cfg.required``, an unreadable file, or a state dict that
+            does not match raft_large.
+    """
+    if not cfg.enabled:
+        return None
+    path = Path(cfg.raft_weights) if cfg.raft_weights else None
+    if path is None or not path.is_file():
+        where = f"not found: {path}" if path is not None else "flow.raft_weights is not set"
+        if cfg.required:
+            raise SdatcError(f"RAFT weights {where}; {RAFT_HELP}")
+        warnings.warn(
+            f"flow guidance off: no RAFT weights ({where}; set flow.raft_weights=.../{RAFT_WEIGHTS_NAME})",
+            stacklevel=2,
+        )
+        return None
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SdatcError(f"cannot read RAFT weights {path}: {e}") from e
+    if not isinstance(state, dict):
+        raise SdatcError(f"RAFT weights {path}: expected a state dict, got {type(state).__name__}")
+
+    from torchvision.models.optical_flow import raft_large
+
+    raft = raft_large(weights=None, progress=False)
+    expected = raft.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or shapes:
+        parts = [
+            f"{name} ({len(keys)}): {', '.join(keys[:3])}"
+            for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes))
+            if keys
+        ]
+        raise SdatcError(f"RAFT weights {path} do not fit torchvision's raft_large: {'; '.join(parts)}")
+    raft.load_state_dict(state, strict=True)
+    raft.eval().requires_grad_(False)
+    return raft.to(device)
+
+
+@torch.no_grad()
+def compute_flows(raft: torch.nn.Module, frames: Tensor, iters: int) -> tuple[Tensor, Tensor]:
+    """RAFT flows between adjacent frames, both ways, in one batch.
+
+    Frames are padded at the bottom/right (replicate) to a multiple of 8 and to at least
+    ``RAFT_MIN_SIZE`` px per side (RAFT's correlation pyramid needs it), and the flows cropped back.
+
+    Args:
+        raft: torchvision RAFT model (eval mode).
+        frames: (T, 3, h, w) frames in [0, 1].
+        iters: RAFT refinement iterations; the last iteration's flow is returned.
+
+    Returns:
+        ``fwd`` (T-1, 2, h, w): flow from frame i to i+1; ``bwd`` (T-1, 2, h, w): from frame i+1 to i.
+        Empty (0, 2, h, w) tensors when T = 1.
+    """
+    if frames.ndim != 4 or frames.shape[1] != 3:
+        raise ValueError(f"frames must be (T, 3, h, w), got {tuple(frames.shape)}")
+    t, _, h, w = frames.shape
+    if t < 2:
+        empty = frames.new_zeros(0, 2, h, w, dtype=torch.float32)
+        return empty, empty.clone()
+    param = next(raft.parameters())
+    x = frames.to(device=param.device, dtype=param.dtype) * 2 - 1  # (T, 3, h, w) in [-1, 1]
+    hp = max(math.ceil(h / 8) * 8, RAFT_MIN_SIZE)
+    wp = max(math.ceil(w / 8) * 8, RAFT_MIN_SIZE)
+    x = F.pad(x, (0, wp - w, 0, hp - h), mode="replicate")  # (T, 3, hp, wp)
+    img1 = torch.cat([x[:-1], x[1:]])  # (2(T-1), 3, hp, wp): pairs i->i+1, then i+1->i
+    img2 = torch.cat([x[1:], x[:-1]])
+    flow = raft(img1, img2, num_flow_updates=iters)[-1][:, :, :h, :w].float()  # (2(T-1), 2, h, w)
+    fwd, bwd = flow.split(t - 1)
+    return fwd.contiguous(), bwd.contiguous()
+
+
+def resize_flow(flow: Tensor, size: tuple[int, int]) -> Tensor:
+    """Resize a flow field and rescale its vectors to the new pixel grid.
+
+    Args:
+        flow: (N, 2, h, w) flow in pixels (x, y).
+        size: target (H, W).
+
+    Returns:
+        (N, 2, H, W) flow; x scaled by W/w, y by H/h.
+    """
+    h, w = flow.shape[-2:]
+    H, W = size
+    if (h, w) == (H, W):
+        return flow
+    out = F.interpolate(flow, size=(H, W), mode="bilinear", align_corners=False)  # (N, 2, H, W)
+    scale = torch.tensor([W / w, H / h], dtype=out.dtype, device=out.device).view(1, 2, 1, 1)
+    return out * scale
+
+
+def backward_warp(x: Tensor, flow: Tensor) -> Tensor:
+    """``W(x, f)``: sample x at p + f(p) (bilinear, border padding, integer pixel centres).
+
+    Args:
+        x: (N, C, H, W) image or latent.
+        flow: (N, 2, H, W) flow in pixels (x, y).
+
+    Returns:
+        (N, C, H, W) warped x.
+    """
+    n, _, h, w = x.shape
+    if flow.shape != (n, 2, h, w):
+        raise ValueError(f"flow {tuple(flow.shape)} does not fit x {tuple(x.shape)}")
+    ys, xs = torch.meshgrid(
+        torch.arange(h, device=x.device, dtype=x.dtype),
+        torch.arange(w, device=x.device, dtype=x.dtype),
+        indexing="ij",
+    )  # (H, W) each
+    gx = (xs + flow[:, 0].to(x.dtype)) * (2 / max(w - 1, 1)) - 1  # (N, H, W) in [-1, 1]
+    gy = (ys + flow[:, 1].to(x.dtype)) * (2 / max(h - 1, 1)) - 1
+    grid = torch.stack([gx, gy], dim=-1)  # (N, H, W, 2)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+
+def occlusion_mask(fwd: Tensor, bwd: Tensor, alpha: float, beta: float) -> Tensor:
+    """Forward-backward consistency occlusion of ``fwd`` (squared norms, Sundaram et al. 2010).
+
+    Occluded where ``|f + W(b, f)|^2 > alpha (|f|^2 + |W(b, f)|^2) + beta`` or where p + f(p) leaves
+    the frame.
+
+    Args:
+        fwd: (N, 2, H, W) flow from frame a to frame b.
+        bwd: (N, 2, H, W) flow from frame b to frame a.
+        alpha: relative tolerance.
+        beta: absolute tolerance in squared pixels.
+
+    Returns:
+        (N, 1, H, W) float mask, 1 = occluded.
+    """
+    _, _, h, w = fwd.shape
+    bwd_w = backward_warp(bwd, fwd)  # (N, 2, H, W): b at the target of f
+    diff2 = (fwd + bwd_w).pow(2).sum(1, keepdim=True)  # (N, 1, H, W)
+    mag2 = fwd.pow(2).sum(1, keepdim=True) + bwd_w.pow(2).sum(1, keepdim=True)
+    occ = diff2 > alpha * mag2 + beta
+    xs = torch.arange(w, device=fwd.device, dtype=fwd.dtype).view(1, 1, 1, w) + fwd[:, :1]  # (N, 1, H, W)
+    ys = torch.arange(h, device=fwd.device, dtype=fwd.dtype).view(1, 1, h, 1) + fwd[:, 1:]
+    outside = (xs < 0) | (xs > w - 1) | (ys < 0) | (ys > h - 1)
+    return (occ | outside).to(fwd.dtype)
+
+
+class FlowGuidance:
+    """Per-window flow guidance: flows and occlusion masks on the latent grid, and the gradient step.
+
+    Args:
+        raft: RAFT model from :func:`load_raft`, or None (guidance off: ``step`` returns z unchanged).
+        lr_frames: (T, 3, h, w) LR frames of the window in [0, 1].
+        latent_size: latent grid (H, W).
+        cfg: flow settings.
+    """
+
+    def __init__(
+        self, raft: torch.nn.Module | None, lr_frames: Tensor, latent_size: tuple[int, int], cfg: FlowConfig
+    ) -> None:
+        fwd = bwd = None
+        if raft is not None and cfg.enabled and lr_frames.shape[0] > 1:
+            fwd, bwd = compute_flows(raft, lr_frames, cfg.raft_iters)  # (T-1, 2, h, w) each
+        self._setup(fwd, bwd, latent_size, cfg)
+
+    @classmethod
+    def from_flows(
+        cls, fwd: Tensor | None, bwd: Tensor | None, latent_size: tuple[int, int], cfg: FlowConfig
+    ) -> FlowGuidance:
+        """Build from precomputed flows (any resolution; resized to the latent grid).
+
+        Args:
+            fwd: (T-1, 2, h, w) flows i -> i+1 in pixels of their own grid, or None (guidance off).
+            bwd: (T-1, 2, h, w) flows i+1 -> i.
+            latent_size: latent grid (H, W).
+            cfg: flow settings.
+        """
+        self = cls.__new__(cls)
+        self._setup(fwd, bwd, latent_size, cfg)
+        return self
+
+    def _setup(self, fwd: Tensor | None, bwd: Tensor | None, latent_size: tuple[int, int], cfg: FlowConfig) -> None:
+        self.cfg = cfg
+        self.latent_size = (int(latent_size[0]), int(latent_size[1]))
+        self.fwd = self.bwd = self.occ_fwd = self.occ_bwd = None
+        if fwd is None or bwd is None or fwd.shape[0] == 0:
+            return
+        if fwd.shape != bwd.shape or fwd.ndim != 4 or fwd.shape[1] != 2:
+            raise ValueError(f"fwd/bwd must both be (T-1, 2, h, w), got {tuple(fwd.shape)} and {tuple(bwd.shape)}")
+        a, b = cfg.occlusion_alpha, cfg.occlusion_beta
+        self.fwd = resize_flow(fwd.float(), self.latent_size)  # (T-1, 2, H, W)
+        self.bwd = resize_flow(bwd.float(), self.latent_size)
+        self.occ_fwd = occlusion_mask(self.fwd, self.bwd, a, b)  # (T-1, 1, H, W)
+        self.occ_bwd = occlusion_mask(self.bwd, self.fwd, a, b)
+
+    @property
+    def active(self) -> bool:
+        """True when there are flows to guide with (RAFT available and T >= 2)."""
+        return self.fwd is not None
+
+    def eta(self, sigma2: float) -> float:
+        """Step size: ``scale * |log sigma2|`` (``log_sigma``) or ``scale * sigma2`` (``sigma``)."""
+        if self.cfg.step_size == "sigma":
+            return self.cfg.scale * sigma2
+        if sigma2 <= 0:
+            raise ValueError(f"sigma2 must be > 0 for step_size='log_sigma', got {sigma2}")
+        return self.cfg.scale * abs(math.log(sigma2))
+
+    def loss(self, z: Tensor) -> Tensor:
+        """Occlusion-masked warping loss of a window's latents (float32).
+
+        Args:
+            z: (T, C, H, W) latents of the window's frames in order.
+
+        Returns:
+            Scalar: sum over pairs and both directions of the mean masked L1 difference.
+        """
+        if not self.active:
+            return z.new_zeros((), dtype=torch.float32)
+        n = self.fwd.shape[0]
+        if z.ndim != 4 or z.shape[0] != n + 1 or tuple(z.shape[-2:]) != self.latent_size:
+            raise ValueError(f"z must be ({n + 1}, C, {self.latent_size[0]}, {self.latent_size[1]}), got {tuple(z.shape)}")
+        z = z.float()
+        fwd, bwd, occ_f, occ_b = (
+            t.to(z.device).clone() if t.is_inference() else t.to(z.device)
+            for t in (self.fwd, self.bwd, self.occ_fwd, self.occ_bwd)
+        )  # (T-1, 2|1, H, W); clones make tensors built under inference_mode usable by autograd
+        z0, z1 = z[:-1], z[1:]  # (T-1, C, H, W)
+        err_f = (1 - occ_f) * (z0 - backward_warp(z1, fwd)).abs()  # frame i+1 aligned to i
+        err_b = (1 - occ_b) * (z1 - backward_warp(z0, bwd)).abs()  # frame i aligned to i+1
+        return err_f.mean(dim=(1, 2, 3)).sum() + err_b.mean(dim=(1, 2, 3)).sum()
+
+    def step(self, z: Tensor, sigma2: float) -> Tensor:
+        """One guidance step ``z - eta_t * dL/dz`` (works inside no_grad / inference_mode).
+
+        Args:
+            z: (T, C, H, W) latents of the window.
+            sigma2: the noise level sigma_t^2 of the current step.
+
+        Returns:
+            (T, C, H, W) new latents, detached, in z's dtype; z itself when inactive or T = 1.
+        """
+        if not self.active or z.shape[0] < 2:
+            return z
+        eta = self.eta(sigma2)
+        if eta == 0:
+            return z
+        with torch.inference_mode(False), torch.enable_grad():
+            zf = z.detach().float().clone().requires_grad_(True)  # (T, C, H, W) float32 leaf
+            (grad,) = torch.autograd.grad(self.loss(zf), zf)
+        return (zf.detach() - eta * grad).to(z.dtype)

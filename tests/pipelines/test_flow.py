@@ -1,0 +1,159 @@
+"""Flow-guided latent warping: warp/resize/occlusion math with known flows, the guidance step, and
+RAFT plumbing with random weights (no RAFT weights are downloaded; RAFT-large with 2 iterations)."""
+
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torchvision.models.optical_flow import raft_large
+
+from sdatc.errors import SdatcError
+from sdatc.pipelines.flow import (
+    RAFT_WEIGHTS_NAME,
+    FlowConfig,
+    FlowGuidance,
+    backward_warp,
+    compute_flows,
+    load_raft,
+    occlusion_mask,
+    resize_flow,
+)
+
+
+def const_flow(n: int, h: int, w: int, dx: float, dy: float) -> torch.Tensor:
+    """(n, 2, h, w) constant flow."""
+    return torch.tensor([float(dx), float(dy)]).view(1, 2, 1, 1).expand(n, 2, h, w).clone()
+
+
+@pytest.fixture(scope="module")
+def random_raft() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return raft_large(weights=None, progress=False).eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("h, w, atol", [(17, 33, 1e-6), (20, 24, 2e-5)])
+def test_integer_flow_shifts_exactly(h, w, atol):
+    # (h-1, w-1 powers of 2: grid normalisation is exact in float32; otherwise ~1e-6 px rounding)
+    x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(0))
+    out = backward_warp(x, const_flow(2, h, w, 3, -2))  # out[y, x] = x[y - 2, x + 3]
+    torch.testing.assert_close(out[:, :, 2:, :-3], x[:, :, :-2, 3:], atol=atol, rtol=0)
+
+
+def test_half_pixel_flow_averages_neighbours():
+    x = torch.randn(1, 2, 9, 17, generator=torch.Generator().manual_seed(1))
+    out = backward_warp(x, const_flow(1, 9, 17, 0.5, 0))
+    torch.testing.assert_close(out[..., :-1], (x[..., :-1] + x[..., 1:]) / 2, atol=1e-6, rtol=0)
+
+
+def test_resize_flow_scales_vectors():
+    out = resize_flow(const_flow(1, 16, 16, 1, 1), (32, 64))
+    assert out.shape == (1, 2, 32, 64)
+    torch.testing.assert_close(out[:, 0], torch.full((1, 32, 64), 4.0))
+    torch.testing.assert_close(out[:, 1], torch.full((1, 32, 64), 2.0))
+
+
+def test_occlusion_consistent_flows_only_out_of_frame():
+    fwd, bwd = const_flow(1, 12, 16, 3, 0), const_flow(1, 12, 16, -3, 0)
+    occ = occlusion_mask(fwd, bwd, 0.01, 0.5)
+    assert occ.shape == (1, 1, 12, 16)
+    assert occ[..., :-3].sum() == 0
+    assert (occ[..., -3:] == 1).all()
+
+
+def test_occlusion_inconsistent_flows_all_occluded():
+    occ = occlusion_mask(const_flow(1, 12, 16, 3, 0), torch.zeros(1, 2, 12, 16), 0.01, 0.5)
+    assert (occ == 1).all()
+
+
+def shifted_pair(h: int = 16, w: int = 20) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """z (2, 4, h, w) with z_1 = z_0 shifted by 2 px in x (plus noise); fwd/bwd (1, 2, h, w)."""
+    g = torch.Generator().manual_seed(0)
+    z0 = torch.randn(1, 4, h, w, generator=g)
+    fwd, bwd = const_flow(1, h, w, 2, 0), const_flow(1, h, w, -2, 0)
+    z1 = backward_warp(z0, bwd) + 0.3 * torch.randn(1, 4, h, w, generator=g)  # z1(p) = z0(p - 2)
+    return torch.cat([z0, z1]), fwd, bwd
+
+
+def test_step_lowers_loss_and_zero_step_is_identity():
+    z, fwd, bwd = shifted_pair()
+    guide = FlowGuidance.from_flows(fwd, bwd, (16, 20), FlowConfig(scale=1.0))
+    assert guide.active
+    before = guide.loss(z)
+    with torch.no_grad():
+        z_new = guide.step(z, sigma2=0.5)
+    assert not z_new.requires_grad and z_new.dtype == z.dtype and z_new.shape == z.shape
+    assert guide.loss(z_new) < before
+    # the loss is much smaller for the true flow than for a wrong one
+    wrong = FlowGuidance.from_flows(-fwd, -bwd, (16, 20), FlowConfig())
+    assert before < wrong.loss(z)
+    zero = FlowGuidance.from_flows(fwd, bwd, (16, 20), FlowConfig(scale=0.0))
+    assert torch.equal(zero.step(z, 0.5), z)
+
+
+def test_step_sigma_mode_inference_mode_and_half():
+    z, fwd, bwd = shifted_pair()
+    guide = FlowGuidance.from_flows(fwd, bwd, (16, 20), FlowConfig(step_size="sigma", scale=1.0))
+    assert guide.eta(0.25) == 0.25
+    with torch.inference_mode():
+        z_new = guide.step(z.clone(), 0.5)
+    assert guide.loss(z_new.clone()) < guide.loss(z)
+    z_bf16 = guide.step(z.bfloat16(), 0.5)
+    assert z_bf16.dtype == torch.bfloat16
+
+
+def test_flows_at_other_resolution_and_inactive_cases():
+    z, fwd, bwd = shifted_pair()
+    # LR flows at 2x the latent grid are resized (2 px -> 1 px)
+    guide = FlowGuidance.from_flows(const_flow(1, 32, 40, 4, 0), const_flow(1, 32, 40, -4, 0), (16, 20), FlowConfig())
+    torch.testing.assert_close(guide.fwd, fwd)
+    with pytest.raises(ValueError, match="z must be"):
+        guide.loss(z[:, :, :8])
+    off = FlowGuidance(None, torch.rand(3, 3, 32, 40), (16, 20), FlowConfig())
+    assert not off.active and off.step(z, 0.5) is z
+    single = FlowGuidance.from_flows(torch.zeros(0, 2, 16, 20), torch.zeros(0, 2, 16, 20), (16, 20), FlowConfig())
+    z1 = z[:1]
+    assert not single.active and single.step(z1, 0.5) is z1
+
+
+def test_compute_flows_shapes(random_raft):
+    frames = torch.rand(3, 3, 36, 44, generator=torch.Generator().manual_seed(2))
+    fwd, bwd = compute_flows(random_raft, frames, iters=2)
+    assert fwd.shape == (2, 2, 36, 44) and bwd.shape == (2, 2, 36, 44)
+    assert fwd.dtype == torch.float32 and torch.isfinite(fwd).all()
+    e_fwd, e_bwd = compute_flows(random_raft, frames[:1], iters=2)
+    assert e_fwd.shape == (0, 2, 36, 44) and e_bwd.shape == (0, 2, 36, 44)
+    guide = FlowGuidance(random_raft, frames, (18, 22), FlowConfig(raft_iters=2))
+    assert guide.occ_fwd.shape == (2, 1, 18, 22)
+    z = torch.randn(3, 4, 18, 22)
+    assert guide.step(z, 0.5).shape == z.shape
+
+
+def test_load_raft_missing_file(tmp_path):
+    missing = str(tmp_path / RAFT_WEIGHTS_NAME)
+    with pytest.warns(UserWarning) as rec:
+        assert load_raft(FlowConfig(raft_weights=missing)) is None
+    assert len(rec) == 1 and "flow guidance off" in str(rec[0].message)
+    with pytest.raises(SdatcError, match="flow.raft_weights") as err:
+        load_raft(FlowConfig(raft_weights=None, required=True))
+    assert RAFT_WEIGHTS_NAME in str(err.value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_raft(FlowConfig(enabled=False, raft_weights=missing)) is None
+
+
+def test_load_raft_from_files(tmp_path, random_raft):
+    state = {k: v.contiguous() for k, v in random_raft.state_dict().items()}
+    pth, st = tmp_path / "raft.pth", tmp_path / "raft.safetensors"
+    torch.save(state, pth)
+    save_file(state, str(st))
+    for path in (pth, st):
+        raft = load_raft(FlowConfig(raft_weights=str(path)))
+        assert not raft.training and not any(p.requires_grad for p in raft.parameters())
+        key = "feature_encoder.convnormrelu.0.weight"
+        assert torch.equal(raft.state_dict()[key], state[key])
+    bad = dict(state)
+    del bad["update_block.flow_head.conv2.bias"]
+    torch.save(bad, tmp_path / "bad.pth")
+    with pytest.raises(SdatcError, match="update_block.flow_head.conv2.bias"):
+        load_raft(FlowConfig(raft_weights=str(tmp_path / "bad.pth")))
