@@ -90,3 +90,14 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+def process_state():
+    """accelerate's PartialState for this process. On a machine without CUDA it is asked for CPU
+    explicitly, so ``accelerate launch --multi_gpu`` / torchrun on CPU really forms a gloo group
+    (PartialState() alone reads ACCELERATE_USE_CPU only through an Accelerator)."""
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())

@@ -88,9 +88,10 @@ def is_video_file(path: str | Path) -> bool:
     return path.is_file() and path.suffix.lower() in VIDEO_EXTS and not path.name.startswith(".")
 
 
-def list_clips(root: str | Path) -> dict[str, Path]:
+def list_clips(root: str | Path, skipped: list[Path] | None = None) -> dict[str, Path]:
     """Clips under ``root``, by name: a video file or a frame folder is one clip; otherwise every
-    video file and every frame folder directly inside ``root`` (sorted naturally)."""
+    video file and every frame folder directly inside ``root`` (sorted naturally). Entries that are
+    neither are appended to ``skipped`` when a list is given."""
     root = Path(root)
     if not root.exists():
         raise SdatcError(f"input not found: {root}")
@@ -105,10 +106,13 @@ def list_clips(root: str | Path) -> dict[str, Path]:
         if p.name.startswith("."):
             continue
         name = p.stem if p.is_file() else p.name
-        if is_video_file(p) or (p.is_dir() and list_frame_files(p)):
-            if name in clips:
-                raise SdatcError(f"{root}: two clips are named {name!r} ({clips[name].name}, {p.name})")
-            clips[name] = p
+        if not (is_video_file(p) or (p.is_dir() and list_frame_files(p))):
+            if skipped is not None:
+                skipped.append(p)
+            continue
+        if name in clips:
+            raise SdatcError(f"{root}: two clips are named {name!r} ({clips[name].name}, {p.name})")
+        clips[name] = p
     if not clips:
         raise SdatcError(f"{root}: no clips found (expected video files or folders of png/jpg frames)")
     return clips

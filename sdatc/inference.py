@@ -1,0 +1,167 @@
+"""Restore a folder of compressed clips: model loading, per-clip I/O, sharding across processes.
+
+    python scripts/infer.py --config configs/infer/sdatc.yaml --input clips/ --output out/ \
+        pretrained=weights/stable-diffusion-2-1-base checkpoint=weights/sdatc
+    accelerate launch --num_processes 8 scripts/infer.py --config ... # clips sharded over 8 GPUs
+
+Each clip becomes ``OUT/<name>.mp4`` (same fps and frame count, 4x size, audio copied) and, with
+``save_frames=true``, ``OUT/<name>/%08d.png``; both are written under temporary names. A failing
+clip is reported and the others go on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from sdatc.config import load_config
+from sdatc.data.video import FrameWriter, VideoReader, VideoWriter, list_clips
+from sdatc.errors import SdatcError
+from sdatc.models.backbone import ENV_SD21, SD21_HELP, resolve_pretrained
+from sdatc.models.sdatc import CONFIG_NAME, SDATC, WEIGHTS_NAME, ModelConfig
+from sdatc.pipelines.restore import PipelineConfig, RestorePipeline
+from sdatc.utils import process_state
+
+
+@dataclasses.dataclass
+class InferConfig:
+    """Settings of ``scripts/infer.py``."""
+
+    input: str | None = None  # a video file, a frame folder, or a folder of clips
+    output: str | None = None
+    model_config: str = "configs/model/sdatc_sd21.yaml"  # used when the checkpoint carries no config.yaml
+    model_overrides: list[str] = dataclasses.field(default_factory=list)
+    pretrained: str | None = None  # SD 2.1-base diffusers folder (else $SDATC_SD21_PATH)
+    checkpoint: str | None = None  # trained SDATC modules: a save_pretrained folder or a .safetensors file
+    allow_random_weights: bool = False  # run without SD 2.1 / checkpoint weights (tests, smoke runs)
+    pipeline: PipelineConfig = dataclasses.field(default_factory=PipelineConfig)
+    device: str = "auto"  # auto: this process's GPU if any, else CPU
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    save_frames: bool = False
+    overwrite: bool = False
+    output_crf: int = 15  # x264 quality of the restored mp4 (lower is better)
+    output_preset: str = "medium"
+    fps: float = 25.0  # frame rate given to clips that are frame folders
+    copy_audio: bool = True
+
+
+def build_model(cfg: InferConfig) -> SDATC:
+    """The SDATC model with SD 2.1 and the trained modules, or an error saying what is missing."""
+    ckpt = Path(cfg.checkpoint) if cfg.checkpoint else None
+    if ckpt is not None and not ckpt.exists():
+        raise SdatcError(f"checkpoint not found: {ckpt} (config key checkpoint: a folder holding {WEIGHTS_NAME} "
+                         f"and {CONFIG_NAME}, as written by train.py, or a .safetensors file)")
+    config_file = ckpt / CONFIG_NAME if ckpt is not None and ckpt.is_dir() and (ckpt / CONFIG_NAME).is_file() else cfg.model_config
+    overrides = list(cfg.model_overrides) + ([f"backbone.pretrained={cfg.pretrained}"] if cfg.pretrained else [])
+    model_cfg = load_config(ModelConfig, config_file, overrides)
+    if resolve_pretrained(model_cfg.backbone) is None and not cfg.allow_random_weights:
+        raise SdatcError(f"no SD 2.1 weights: set pretrained=PATH or ${ENV_SD21} ({SD21_HELP}); "
+                         "allow_random_weights=true runs random weights for smoke tests")
+    if ckpt is None and not cfg.allow_random_weights:
+        raise SdatcError(f"no trained SDATC modules: set checkpoint=PATH (a folder with {WEIGHTS_NAME} and "
+                         f"{CONFIG_NAME} from train.py); allow_random_weights=true runs untrained modules")
+    model = SDATC.from_config(model_cfg)
+    if ckpt is not None:
+        weights = ckpt / WEIGHTS_NAME if ckpt.is_dir() else ckpt
+        if not weights.is_file():
+            raise SdatcError(f"no {WEIGHTS_NAME} in {ckpt}")
+        model.load_trainable_state_dict(load_file(weights), str(weights))
+    return model.eval()
+
+
+def pick_device(cfg: InferConfig, state) -> tuple[torch.device, torch.dtype]:
+    device = state.device if cfg.device == "auto" else torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SdatcError(f"device {device} requested but CUDA is not available")
+    names = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if cfg.dtype != "auto":
+        dtype = names[cfg.dtype]
+    elif device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    else:
+        dtype = torch.float32
+    if device.type == "cpu" and dtype != torch.float32:
+        raise SdatcError(f"dtype {cfg.dtype} is for GPUs; use fp32 on CPU")
+    return device, dtype
+
+
+def outputs_of(cfg: InferConfig, name: str) -> list[Path]:
+    out = Path(cfg.output)
+    return [out / f"{name}.mp4"] + ([out / name] if cfg.save_frames else [])
+
+
+def restore_clip(pipe: RestorePipeline, cfg: InferConfig, name: str, src: Path) -> int:
+    """Restore one clip to its outputs; returns the number of frames written."""
+    reader = VideoReader(src, fps=cfg.fps)
+    meta = reader.meta
+    n = len(reader)
+    mp4, *frames_dir = outputs_of(cfg, name)
+    audio = src if cfg.copy_audio and meta.has_audio else None
+    writer = VideoWriter(mp4, fps=meta.rate or cfg.fps, crf=cfg.output_crf, preset=cfg.output_preset, audio_from=audio)
+    frames = FrameWriter(frames_dir[0], overwrite=True) if frames_dir else contextlib.nullcontext()
+    with writer, frames:
+        for frame in tqdm(pipe.restore(reader, n), total=n, desc=name, unit="fr", leave=False, disable=not pipe.progress):
+            writer.write(frame)
+            if frames_dir:
+                frames.write(frame)
+        if writer.count != n:
+            raise SdatcError(f"{name}: wrote {writer.count} of {n} frames")
+    return n
+
+
+def run(cfg: InferConfig, progress: bool = True) -> list[dict]:
+    """Restore every clip of ``cfg.input`` assigned to this process; returns all processes' results."""
+    from accelerate.utils import gather_object
+
+    if not cfg.input or not cfg.output:
+        raise SdatcError("both input (--input) and output (--output) are required")
+    src, out = Path(cfg.input).resolve(), Path(cfg.output).resolve()
+    if src.is_dir() and (out == src or src in out.parents):
+        raise SdatcError(f"output {cfg.output} must not be inside the input folder {cfg.input} (inputs are never modified)")
+    skipped: list[Path] = []
+    clips = list_clips(cfg.input, skipped)
+    state = process_state()
+    main = state.is_main_process
+    if skipped and main:
+        print(f"note: skipped {len(skipped)} entries that are neither videos nor frame folders: "
+              f"{', '.join(p.name for p in skipped[:5])}{' ...' if len(skipped) > 5 else ''}")
+    mine = list(clips.items())[state.process_index :: state.num_processes]
+    todo = [(n, p) for n, p in mine if cfg.overwrite or not all(o.exists() for o in outputs_of(cfg, n))]
+    results = [{"clip": n, "status": "skipped", "frames": 0, "seconds": 0.0, "rank": state.process_index}
+               for n, p in mine if (n, p) not in todo]
+    if todo:
+        device, dtype = pick_device(cfg, state)
+        model = build_model(cfg).to(device)
+        pipe = RestorePipeline(model, cfg.pipeline, device=device, dtype=dtype, progress=progress)
+        for name, path in tqdm(todo, desc=f"clips (rank {state.process_index})", unit="clip", disable=not progress):
+            t0 = time.perf_counter()
+            row = {"clip": name, "status": "done", "frames": 0, "seconds": 0.0, "rank": state.process_index}
+            try:
+                row["frames"] = restore_clip(pipe, cfg, name, path)
+            except Exception as e:  # one bad clip must not stop the others
+                row.update(status="failed", error=str(e) if isinstance(e, SdatcError) else f"{type(e).__name__}: {e}")
+            row["seconds"] = time.perf_counter() - t0
+            results.append(row)
+    if state.num_processes > 1:
+        results = gather_object(results)
+    return sorted(results, key=lambda r: list(clips).index(r["clip"]))
+
+
+def summary(results: list[dict]) -> str:
+    done = [r for r in results if r["status"] == "done"]
+    failed = [r for r in results if r["status"] == "failed"]
+    frames, secs = sum(r["frames"] for r in done), sum(r["seconds"] for r in done)
+    lines = [f"{len(done)} done, {sum(r['status'] == 'skipped' for r in results)} skipped (output exists), "
+             f"{len(failed)} failed; {frames} frames, {secs / frames if frames else 0:.2f} s per output frame"]
+    for r in results:
+        detail = r.get("error") or f"{r['frames']} frames in {r['seconds']:.1f} s"
+        lines.append(f"  {r['clip']}: {r['status']} (rank {r['rank']}) {detail if r['status'] != 'skipped' else ''}".rstrip())
+    return "\n".join(lines)
+

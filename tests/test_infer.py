@@ -1,0 +1,101 @@
+"""scripts/infer.py as a user runs it: tiny model, 2 steps, on the real sample clip (x4 down, CRF 25)."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sdatc.data.imresize import bicubic_down
+from sdatc.data.video import VideoReader, read_video, write_video
+
+ROOT = Path(__file__).resolve().parents[1]
+INFER = ROOT / "scripts" / "infer.py"
+TINY = ROOT / "configs" / "infer" / "tiny.yaml"
+
+
+def infer(*args, env=None, launcher=None):
+    cmd = [*(launcher or [sys.executable]), str(INFER), "--config", str(TINY), *map(str, args), "overwrite=false"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def lq_clip(tmp_path_factory, sample_video_path):
+    """7 frames of bigbuckbunny (its central 640x360, to keep CPU time low), bicubic x1/4 (160x90),
+    x264 CRF 25, with the source's audio."""
+    frames = read_video(sample_video_path, max_frames=7)[:, 180:540, 320:960]
+    lr = np.stack([bicubic_down(f, 4) for f in frames])
+    path = tmp_path_factory.mktemp("lq") / "bunny.mp4"
+    write_video(path, lr, fps=VideoReader(sample_video_path).meta.rate, crf=25, audio_from=sample_video_path)
+    return path
+
+
+def test_infer_clip_rerun_and_overwrite(lq_clip, tmp_path):
+    out = tmp_path / "out"
+    p = infer("--input", lq_clip, "--output", out, "save_frames=true")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "1 done, 0 skipped" in p.stdout
+    m = VideoReader(out / "bunny.mp4").meta
+    src = VideoReader(lq_clip).meta
+    assert (m.num_frames, m.width, m.height) == (7, 640, 360) and m.fps == pytest.approx(src.fps)
+    assert m.has_audio  # the input's audio is copied
+    assert sorted(p.name for p in (out / "bunny").iterdir()) == [f"{i:08d}.png" for i in range(7)]
+    assert read_video(out / "bunny", max_frames=1).shape == (1, 360, 640, 3)
+    assert not [p for p in out.rglob(".*")], "temporary files left"
+    mtime = (out / "bunny.mp4").stat().st_mtime_ns
+    p = infer("--input", lq_clip, "--output", out, "save_frames=true")
+    assert p.returncode == 0 and "0 done, 1 skipped" in p.stdout
+    assert (out / "bunny.mp4").stat().st_mtime_ns == mtime
+    p = subprocess.run([sys.executable, str(INFER), "--config", str(TINY), "--input", str(lq_clip), "--output", str(out),
+                        "overwrite=true", "copy_audio=false"], capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0 and "1 done" in p.stdout
+    assert (out / "bunny.mp4").stat().st_mtime_ns != mtime and not VideoReader(out / "bunny.mp4").meta.has_audio
+
+
+def test_folder_with_bad_clip_and_stray_files(lq_clip, tmp_path, carphone_frames):
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    write_video(clips / "car.mp4", carphone_frames[:3, :48, :64], fps=10, crf=25)  # short clip, < window
+    (clips / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 64)
+    (clips / "notes.txt").write_text("not a clip")
+    out = tmp_path / "out"
+    p = infer("--input", clips, "--output", out)
+    assert p.returncode == 1, p.stderr[-2000:]
+    assert "skipped 1 entries" in p.stdout and "notes.txt" in p.stdout
+    assert re.search(r"1 done, 0 skipped .*1 failed", p.stdout)
+    assert re.search(r"broken: failed .*not a readable video", p.stdout)
+    assert VideoReader(out / "car.mp4").meta.num_frames == 3 and not (out / "broken.mp4").exists()
+    assert not [p for p in out.rglob(".*")]
+
+
+def test_bad_inputs(tmp_path, lq_clip):
+    (tmp_path / "empty").mkdir()
+    p = infer("--input", tmp_path / "empty", "--output", tmp_path / "o")
+    assert p.returncode == 2 and "no clips" in p.stderr and "Traceback" not in p.stderr
+    p = infer("--input", tmp_path, "--output", tmp_path / "inside")
+    assert p.returncode == 2 and "must not be inside the input" in p.stderr
+    full = ROOT / "configs" / "infer" / "sdatc.yaml"
+    env = {k: v for k, v in os.environ.items() if k != "SDATC_SD21_PATH"}
+    p = subprocess.run([sys.executable, str(INFER), "--config", str(full), "--input", str(lq_clip), "--output",
+                        str(tmp_path / "o2")], capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 2 and "no SD 2.1 weights: set pretrained=PATH" in p.stderr
+    p = infer("--input", lq_clip, "--output", tmp_path / "o3", f"checkpoint={tmp_path / 'nope'}")
+    assert p.returncode == 2 and "checkpoint not found" in p.stderr
+    assert not (tmp_path / "o2").exists() and not list((tmp_path / "o3").glob("*.mp4"))
+
+
+def test_two_processes_shard_clips(tmp_path, carphone_frames):
+    clips = tmp_path / "clips"
+    for i in range(3):
+        write_video(clips / f"c{i}.mp4", carphone_frames[i:i + 2, :32, :48], fps=10, crf=25)
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    p = infer("--input", clips, "--output", tmp_path / "out", env={"ACCELERATE_USE_CPU": "1"}, launcher=launcher)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("3 done, 0 skipped") == 1  # only rank 0 prints the gathered summary
+    ranks = dict(re.findall(r"(c\d): done \(rank (\d)\)", p.stdout))
+    assert sorted(ranks) == ["c0", "c1", "c2"] and set(ranks.values()) == {"0", "1"}  # each clip once, both ranks work
+    assert all(VideoReader(tmp_path / "out" / f"c{i}.mp4").meta.num_frames == 2 for i in range(3))
