@@ -1,0 +1,51 @@
+"""Benchmark inference: seconds per output frame, peak memory, UNet calls and FLOPs per frame.
+
+    python scripts/bench_infer.py --config configs/infer/tiny.yaml --json bench_tiny.json
+    python scripts/bench_infer.py --config configs/infer/sdatc.yaml --height 32 --width 48 --frames 5 \
+        allow_random_weights=true pipeline.sampler.steps=2 --json bench_sd21.json
+
+Also measures the peak-memory ratio of a 64-frame clip over a 16-frame clip (each in a fresh
+process; streaming keeps it near 1) unless --no-memory-ratio.
+"""
+
+import argparse
+import json
+import sys
+
+from sdatc.config import add_config_arguments, config_from_args
+from sdatc.errors import run_cli
+from sdatc.inference import InferConfig
+
+
+def main(argv=None) -> int:
+    from sdatc.benchmark import bench, memory_ratio
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(p, "configs/infer/tiny.yaml")
+    p.add_argument("--height", type=int, default=45, help="LR input height (default 45)")
+    p.add_argument("--width", type=int, default=80, help="LR input width (default 80)")
+    p.add_argument("--frames", type=int, default=16, help="frames in the timed clip (default 16)")
+    p.add_argument("--json", help="write the result here")
+    p.add_argument("--no-memory-ratio", action="store_true", help="skip the 64/16-frame memory ratio")
+    p.add_argument("--single", action="store_true", help=argparse.SUPPRESS)  # child process mode
+    args = p.parse_args(argv)
+    cfg = config_from_args(InferConfig, args)
+    result = bench(cfg, args.height, args.width, args.frames)
+    if args.single:
+        print(json.dumps(result))
+        return 0
+    result["config"] = args.config
+    result["overrides"] = args.overrides
+    if not args.no_memory_ratio:
+        result.update(memory_ratio(sys.argv[0] if argv is None else __file__, args.config, args.overrides, args.height, args.width))
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.json:
+        from sdatc.utils import atomic_write_text
+
+        atomic_write_text(args.json, text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,89 @@
+"""Inference benchmark: seconds per output frame, peak memory, UNet calls and FLOPs per frame.
+
+Model loading and the first (warm-up) window are excluded from the timing; the device is
+synchronised around the timed run. Peak memory is the process's peak RSS on CPU (it includes the
+model) or torch's peak allocated memory on GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+from sdatc.config import to_dict
+from sdatc.inference import InferConfig, build_model, pick_device
+from sdatc.models.report import count_flops
+from sdatc.pipelines.restore import RestorePipeline
+from sdatc.pipelines.windows import plan_windows
+from sdatc.utils import process_state
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def bench(cfg: InferConfig, height: int, width: int, frames: int, seed: int = 0) -> dict:
+    """Restore ``frames`` synthetic LR frames of (height, width) and measure."""
+    device, dtype = pick_device(cfg, process_state())
+    model = build_model(cfg).to(device)
+    pipe = RestorePipeline(model, cfg.pipeline, device=device, dtype=dtype, progress=False)
+    rng = np.random.default_rng(seed)
+    clip = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(frames)]
+    warm = min(frames, cfg.pipeline.window.length)
+    for _ in pipe.restore(clip[:warm], warm):  # warm-up window
+        pass
+    pipe.unet_calls = 0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    _sync(device)
+    t0 = time.perf_counter()
+    n_out = sum(1 for _ in pipe.restore(clip, frames))
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    windows = plan_windows(frames, cfg.pipeline.window.length, cfg.pipeline.window.stride)
+    window_factor = sum(e - s for s, e in windows) / frames  # times each frame is denoised/decoded
+    flops = count_flops(model.cfg, 4 * height, 4 * width)
+    steps = len(pipe.sampler)
+    return {
+        "input": [height, width], "output": [4 * height, 4 * width], "frames": frames, "frames_out": n_out,
+        "seconds_per_frame": seconds / frames, "seconds_total": seconds,
+        "peak_memory_mb": peak_memory_mb(device), "memory_kind": "cuda_max_allocated" if device.type == "cuda" else "peak_rss",
+        "unet_calls_per_frame": pipe.unet_calls / frames, "steps": steps, "window": to_dict(cfg.pipeline.window),
+        "window_factor": window_factor, "tiling": to_dict(cfg.pipeline.tiling),
+        "flops_per_frame": flops["dcm"] + flops["vae_encode"] + window_factor * (steps * flops["denoise_step"] + flops["vae_decode"]),
+        "flops_stages": flops, "flow_guidance": pipe.raft is not None,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    }
+
+
+def memory_ratio(script: str, config: str, overrides: list[str], height: int, width: int,
+                 short: int = 16, long: int = 64) -> dict:
+    """Peak memory of a ``long``-frame clip over a ``short``-frame clip, each in a fresh process."""
+    out = {}
+    for n in (short, long):
+        cmd = [sys.executable, script, "--config", config, "--height", str(height), "--width", str(width),
+               "--frames", str(n), "--single", *overrides]
+        p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        if p.returncode != 0:
+            raise RuntimeError(f"benchmark child failed: {p.stderr.strip().splitlines()[-1] if p.stderr else p.returncode}")
+        out[n] = json.loads(p.stdout)
+    return {
+        f"peak_memory_mb_{short}": out[short]["peak_memory_mb"], f"peak_memory_mb_{long}": out[long]["peak_memory_mb"],
+        f"memory_ratio_{long}_{short}": out[long]["peak_memory_mb"] / out[short]["peak_memory_mb"],
+    }
