@@ -165,7 +165,7 @@ class RestorePipeline:
         """Stream restored frames (4h, 4w, 3) uint8, in order, for ``num_frames`` input frames."""
         if num_frames < 1:
             raise SdatcError("the clip has no frames")
-        cfg, model, dev = self.cfg, self.model, self.device
+        cfg, dev, up = self.cfg, self.device, self.model.cfg.upscale
         windows = plan_windows(num_frames, cfg.window.length, min(cfg.window.stride, cfg.window.length))
         blender = WindowBlender(num_frames, windows)
         source = iter(frames)
@@ -200,9 +200,9 @@ class RestorePipeline:
             z_c = torch.stack([cond_cache[i][0] for i in idx])  # (T, 4, H/8, W/8)
             feats = {lv: torch.stack([cond_cache[i][1][lv] for i in idx]) for lv in cond_cache[idx[0]][1]}
             z = self._sample(idx, z_c, lq_p, temporal_weights(start, end, windows), shared, windows, k)
-            out = self._decode(z, feats, num_frames=len(idx))[..., : 4 * h, : 4 * w]  # (T, 3, 4h, 4w)
+            out = self._decode(z, feats, num_frames=len(idx))[..., : up * h, : up * w]  # (T, 3, 4h, 4w)
             out = colour_correct(out, lq, cfg.colour).clamp(0, 1)
-            for i, frame in blender.add(k, out.cpu()):
+            for _, frame in blender.add(k, out.cpu()):
                 yield (frame * 255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
             next_start = windows[k + 1][0] if k + 1 < len(windows) else num_frames
             for i in [i for i in lq_cache if i < next_start]:  # forget what no later window needs
