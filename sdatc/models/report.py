@@ -10,7 +10,8 @@ def count_flops(cfg, out_h: int = 720, out_w: int = 1280) -> dict:
     """FLOPs of each stage for one (out_h, out_w) output frame, counted on the meta device.
 
     The LR frame is (out_h/4, out_w/4); the denoising step runs at the padded latent the pipeline
-    uses (LR padded to the model's pad multiple), the VAE decode at the exact output size."""
+    uses (LR padded to the model's pad multiple), and so do the VAE encode and decode (the
+    pipeline crops the decoded frame back to the output size)."""
     from sdatc.models.sdatc import SDATC
 
     with torch.device("meta"):
@@ -35,9 +36,8 @@ def count_flops(cfg, out_h: int = 720, out_w: int = 1280) -> dict:
     z = torch.zeros(1, 4, hp * s // lat, wp * s // lat, **meta)
     t = torch.zeros(1, dtype=torch.long, **meta)
     out["denoise_step"] = run(lambda: model.predict_noise(z, t, z))
-    _, feats = model.encode(torch.zeros(1, 3, out_h, out_w, **meta))
-    zd = torch.zeros(1, 4, out_h // lat, out_w // lat, **meta)
-    out["vae_decode"] = run(lambda: model.decode(zd, feats, num_frames=1))
+    _, feats = model.encode(i_c)
+    out["vae_decode"] = run(lambda: model.decode(z, feats, num_frames=1))
     out["per_frame_50_steps"] = out["dcm"] + out["vae_encode"] + 50 * out["denoise_step"] + out["vae_decode"]
     return out
 
