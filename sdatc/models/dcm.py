@@ -19,6 +19,7 @@ import math
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from timm.models.swin_transformer import SwinTransformerBlock
@@ -197,6 +198,7 @@ class DCM(nn.Module):
         self.upsample = _upsampler(cfg.upscale, nf)
         self.conv_last = nn.Conv2d(nf, cfg.in_channels, 3, 1, 1)
         self.apply(_init_weights)
+        self.gradient_checkpointing = False  # recompute each RSTB in backward when training
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         """Pad bottom/right to a multiple of window_size (reflect; replicate if too small)."""
@@ -212,7 +214,10 @@ class DCM(nn.Module):
         """Transformer body. x: (B, C, H, W) -> (B, C, H, W)."""
         t = self.patch_embed(x)  # (B, H, W, C)
         for layer in self.layers:
-            t = layer(t)  # (B, H, W, C)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                t = torch.utils.checkpoint.checkpoint(layer, t, use_reentrant=False)  # (B, H, W, C)
+            else:
+                t = layer(t)  # (B, H, W, C)
         return self.norm(t).permute(0, 3, 1, 2)  # (B, C, H, W)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -92,6 +93,7 @@ class SDATC(nn.Module):
         stam_widths = [vae_boc[-1]] + [c for c in reversed(vae_boc) for _ in range(self.vae.config.layers_per_block + 1)]
         self.stam = nn.ModuleList(STAM(c, cfg.stam) for c in stam_widths) if on.stam else None
         self.cfw = nn.ModuleDict({str(lv): CFW(vae_boc[lv], cfg.cfw) for lv in cfg.cfw_levels}) if on.cfw else None
+        self.gradient_checkpointing = False
         self._hooks = []
         if self.capm_unet is not None:  # at each UNet up level, before its upsampler (as PromptIR)
             for block, capm in zip(self.unet.up_blocks, self.capm_unet):
@@ -117,6 +119,19 @@ class SDATC(nn.Module):
         self.vae.requires_grad_(False)
         for m in self.new_modules().values():
             m.requires_grad_(True)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute activations in backward: UNet (diffusers), guidance encoder, DCM, VAE levels."""
+        self.gradient_checkpointing = True
+        self.unet.enable_gradient_checkpointing()
+        for m in (self.guidance, self.dcm):
+            if m is not None:
+                m.gradient_checkpointing = True
+
+    def _ckpt(self, fn, *args):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for m in self.new_modules().values() for p in m.parameters() if p.requires_grad]
@@ -144,7 +159,7 @@ class SDATC(nn.Module):
         feats = {}
         for level, down in enumerate(enc.down_blocks):
             for resnet in down.resnets:
-                h = resnet(h, None)
+                h = self._ckpt(resnet, h, None)
             if level in self.cfg.cfw_levels:
                 feats[level] = h  # (N, C_level, H/2^level, W/2^level)
             for d in down.downsamplers or []:
@@ -181,13 +196,13 @@ class SDATC(nn.Module):
         h = dec.conv_in(h)  # (N, 512, h, w)
         stam = iter(self.stam) if self.stam is not None else None
         mid = dec.mid_block
-        h = self._stam(stam, mid.resnets[0](h, None), num_frames)
+        h = self._ckpt(_res_stam, mid.resnets[0], _next(stam), h, num_frames)
         for attn, resnet in zip(mid.attentions, mid.resnets[1:]):
             h = resnet(attn(h) if attn is not None else h, None)
         n_levels = len(dec.up_blocks)
         for i, up in enumerate(dec.up_blocks):
             for resnet in up.resnets:
-                h = self._stam(stam, resnet(h, None), num_frames)  # (N, C_i, h * 2^i, w * 2^i)
+                h = self._ckpt(_res_stam, resnet, _next(stam), h, num_frames)  # (N, C_i, h * 2^i, w * 2^i)
             level = n_levels - 1 - i  # the encoder level at this resolution
             if self.cfw is not None and str(level) in self.cfw and feats is not None:
                 h = self.cfw[str(level)](h, feats[level], w)
@@ -196,10 +211,6 @@ class SDATC(nn.Module):
             for u in up.upsamplers or []:
                 h = u(h)
         return dec.conv_out(dec.conv_act(dec.conv_norm_out(h)))  # (N, 3, 8h, 8w)
-
-    @staticmethod
-    def _stam(stam, h: torch.Tensor, num_frames: int) -> torch.Tensor:
-        return next(stam)(h, num_frames) if stam is not None else h
 
     # ------------------------------------------------------------------ one-pass reconstruction
 
@@ -298,6 +309,16 @@ class SDATC(nn.Module):
             "total": sum(v["total"] for v in modules.values()),
             "modules": modules,
         }
+
+
+def _next(it):
+    return next(it) if it is not None else None
+
+
+def _res_stam(resnet: nn.Module, stam: nn.Module | None, h: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """A frozen VAE ResnetBlock followed by its STAM (when present)."""
+    h = resnet(h, None)
+    return stam(h, num_frames) if stam is not None else h
 
 
 def _output_hook(module: nn.Module):
