@@ -1,0 +1,129 @@
+"""The three training stages as modules whose ``forward`` returns the loss terms (so DDP wraps them).
+
+Batches are ``lq`` (B, T, 3, h, w) and ``gt`` (B, T, 3, 4h, 4w) in [0, 1]; frames go on the batch
+axis (N = B * T) for the per-frame parts and back to windows of T for STAM and the temporal losses.
+
+* Stage 0 (:class:`DCMStage`): the DCM alone, ``l1`` (+ ``lpips``) to GT.
+* Stage 1 (:class:`LatentStage`): DCM + guidance encoder + zero convs + UNet CAPM. ``eps_mse``: epsilon
+  MSE on ``q_sample(z_gt, t)`` with an independent t per frame (A12), conditioned on z_c = E(DCM(lq));
+  the loss reaches the DCM through the frozen VAE encoder (end to end); ``dcm_l1`` = L1(DCM(lq), GT) (A3).
+* Stage 2 (:class:`PixelStage`): CFW + STAM + VAE CAPM on latents that stand in for stage-1 samples:
+  ``gt_noise`` (z_gt + std * noise, cheap) or ``stage1_x0`` (the frozen stage-1 model's one-step x0
+  prediction from ``q_sample(z_gt, t)``, t in ``proxy_t``). Losses: ``l1``, ``lpips``,
+  ``frame_diff``, ``flow_warp`` (RAFT flows of the GT frames, occlusion-masked) and, from
+  ``gan_start_step``, the hinge ``gan`` generator term (the discriminator trains in the trainer).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sdatc.models.dcm import DCM
+from sdatc.pipelines.flow import compute_flows, occlusion_mask
+from sdatc.training.config import TrainConfig
+from sdatc.training.losses import LPIPSLoss, flow_warp_l1, frame_difference_l1, hinge_g_loss
+
+
+def _frames(x: Tensor) -> Tensor:
+    return x.flatten(0, 1)  # (B, T, C, H, W) -> (B*T, C, H, W)
+
+
+class DCMStage(nn.Module):
+    """Stage 0: DCM pre-training."""
+
+    def __init__(self, dcm: DCM, cfg: TrainConfig, lpips: LPIPSLoss | None = None):
+        super().__init__()
+        self.dcm, self.cfg, self.lpips = dcm, cfg, lpips
+
+    def forward(self, lq: Tensor, gt: Tensor, step: int = 0) -> tuple[dict[str, Tensor], Tensor]:
+        lq, gt = _frames(lq), _frames(gt)  # (N, 3, h, w), (N, 3, 4h, 4w)
+        out = self.dcm(lq)  # (N, 3, 4h, 4w)
+        losses = {"l1": F.l1_loss(out, gt)}
+        if self.lpips is not None:
+            losses["lpips"] = self.lpips(out.clamp(0, 1), gt)
+        return losses, out
+
+
+class LatentStage(nn.Module):
+    """Stage 1: epsilon MSE through the guided UNet, plus L1 on the DCM output."""
+
+    def __init__(self, model, cfg: TrainConfig):
+        super().__init__()
+        self.model, self.cfg = model, cfg
+
+    def forward(self, lq: Tensor, gt: Tensor, step: int = 0) -> tuple[dict[str, Tensor], Tensor]:
+        m, cfg = self.model, self.cfg
+        lq, gt = _frames(lq), _frames(gt)  # (N, 3, h, w), (N, 3, 4h, 4w)
+        n = lq.shape[0]
+        i_c = m.restore(lq)  # (N, 3, 4h, 4w), trainable DCM
+        with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.end_to_end_dcm):
+            z_c, _ = m.encode(i_c if cfg.end_to_end_dcm else i_c.detach())  # (N, 4, h/2, w/2)
+        with torch.no_grad():
+            z_gt, _ = m.encode(gt)  # (N, 4, h/2, w/2), frozen VAE
+        noise = torch.randn_like(z_gt)
+        t = torch.randint(0, m.scheduler.config.num_train_timesteps, (n,), device=lq.device)  # one t per frame (A12)
+        z_t = m.scheduler.add_noise(z_gt, noise, t)
+        eps = m.predict_noise(z_t, t, z_c)  # (N, 4, h/2, w/2)
+        losses = {"eps_mse": F.mse_loss(eps.float(), noise.float())}
+        if cfg.loss.dcm_l1 > 0:
+            losses["dcm_l1"] = F.l1_loss(i_c.float(), gt.float())
+        return losses, i_c
+
+
+class PixelStage(nn.Module):
+    """Stage 2: the temporal VAE decoder (STAM, CAPM, CFW at w = 1) on proxy latents."""
+
+    def __init__(self, model, cfg: TrainConfig, lpips: LPIPSLoss | None = None, raft: nn.Module | None = None,
+                 disc: nn.Module | None = None):
+        super().__init__()
+        self.model, self.cfg, self.lpips, self.raft = model, cfg, lpips, raft
+        self.disc = [disc]  # a plain list: the discriminator is its own (DDP) module, not a submodule
+
+    @torch.no_grad()
+    def latents(self, lq: Tensor, gt: Tensor) -> tuple[Tensor, dict[int, Tensor]]:
+        """Proxy latents (N, 4, H/8, W/8) and the CFW features of the DCM output."""
+        m, cfg = self.model, self.cfg
+        z_c, feats = m.encode(m.restore(lq).clamp(0, 1))
+        z_gt, _ = m.encode(gt)
+        noise = torch.randn_like(z_gt)
+        if cfg.latent_source == "gt_noise":
+            return z_gt + cfg.latent_noise_std * noise, feats
+        t = torch.randint(cfg.proxy_t[0], cfg.proxy_t[1] + 1, (z_gt.shape[0],), device=z_gt.device)
+        z_t = m.scheduler.add_noise(z_gt, noise, t)
+        eps = m.predict_noise(z_t, t, z_c)
+        a = m.scheduler.alphas_cumprod.to(z_t.device)[t].view(-1, 1, 1, 1).to(z_t.dtype)
+        return (z_t - (1 - a).sqrt() * eps) / a.sqrt(), feats
+
+    @torch.no_grad()
+    def flows(self, gt: Tensor, num_frames: int) -> tuple[Tensor, Tensor] | None:
+        """RAFT flows t -> t+1 of the GT frames and their occlusion masks, or None without RAFT."""
+        if self.raft is None or num_frames < 2:
+            return None
+        f = self.cfg.flow
+        windows = gt.unflatten(0, (-1, num_frames))  # (B, T, 3, H, W)
+        fwd, bwd = zip(*(compute_flows(self.raft, w, f.raft_iters) for w in windows))
+        fwd, bwd = torch.cat(fwd), torch.cat(bwd)  # (B*(T-1), 2, H, W)
+        return fwd, occlusion_mask(fwd, bwd, f.occlusion_alpha, f.occlusion_beta)
+
+    def forward(self, lq: Tensor, gt: Tensor, step: int = 0) -> tuple[dict[str, Tensor], Tensor]:
+        cfg = self.cfg.loss
+        t = lq.shape[1]
+        lq, gt = _frames(lq), _frames(gt)  # (N, 3, h, w), (N, 3, 4h, 4w)
+        z, feats = self.latents(lq, gt)
+        y = (self.model.decode(z, feats, num_frames=t, w=1.0).float() + 1) / 2  # (N, 3, 4h, 4w), train w = 1 (A7)
+        losses = {"l1": F.l1_loss(y, gt)}
+        if self.lpips is not None:
+            losses["lpips"] = self.lpips(y.clamp(0, 1), gt)
+        if cfg.frame_diff > 0:
+            losses["frame_diff"] = frame_difference_l1(y, gt, t)
+        flows = self.flows(gt, t) if cfg.flow_warp > 0 else None
+        if flows is not None:
+            losses["flow_warp"] = flow_warp_l1(y, *flows, num_frames=t)
+        disc = self.disc[0]
+        if disc is not None and cfg.gan > 0 and step >= cfg.gan_start_step:
+            inner = getattr(disc, "module", disc)  # no DDP sync here: the discriminator is not updated by this loss
+            losses["gan"] = hinge_g_loss(inner(y))
+        return losses, y
+

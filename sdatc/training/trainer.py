@@ -1,0 +1,458 @@
+"""The training loop (accelerate): any stage, DDP / FSDP / DeepSpeed through ``accelerate launch``.
+
+    summary = train(load_config(TrainConfig, "configs/train/tiny_stage1.yaml", ["data.root=clips"]))
+
+One optimiser step = ``grad_accum`` micro-steps of ``batch_size`` clips split over the processes.
+``output_dir`` receives ``config.yaml`` (resolved), ``metrics.jsonl`` (one line per step: every loss
+term, lr, grad norm, seconds per step, samples/s; validation lines), ``val/step-*.png`` and
+``checkpoint-<step>/`` folders: accelerate's full state (optimiser, scheduler, EMA, RNG of every
+process, step and data position, discriminator) plus the trainable weights as
+``sdatc_modules.safetensors`` with the model's ``config.yaml``, the resolved ``train_config.yaml`` and
+``info.json`` (step, git revision). A checkpoint is written to a hidden temporary folder and renamed
+when complete, so a run killed at any moment resumes (``resume=latest``) from the last complete one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import re
+import shutil
+import subprocess
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from sdatc.config import REPO_ROOT, dump_config, load_config, to_dict
+from sdatc.data.datasets import VideoClipDataset, make_loader, scan_clips
+from sdatc.errors import SdatcError
+from sdatc.models.backbone import ENV_SD21, SD21_HELP, resolve_pretrained
+from sdatc.models.dcm import DCM, load_swinir_checkpoint
+from sdatc.models.sdatc import CONFIG_NAME, NEW_MODULES, SDATC, WEIGHTS_NAME, ModelConfig
+from sdatc.pipelines.flow import RAFT_WEIGHTS_NAME, load_raft
+from sdatc.training.config import TrainConfig
+from sdatc.training.losses import LPIPSLoss, PatchDiscriminator, hinge_d_loss
+from sdatc.training.stages import DCMStage, LatentStage, PixelStage
+from sdatc.training.validation import Validator, dcm_restorer, pipeline_restorer
+from sdatc.utils import atomic_write_text
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+class TrainState:
+    """Step and data position (samples consumed by all processes), saved with every checkpoint."""
+
+    def __init__(self):
+        self.step, self.position = 0, 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.position = int(state["step"]), int(state["position"])
+
+
+# --------------------------------------------------------------------------- checkpoints on disk
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete ``checkpoint-<step>`` folders, oldest first (temporary folders are ignored)."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    found = [p for p in out.iterdir() if p.is_dir() and CHECKPOINT_RE.match(p.name)]
+    return sorted(found, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))
+
+
+def resolve_resume(cfg: TrainConfig) -> Path | None:
+    """The checkpoint to resume from, checked against this config before any compute."""
+    if cfg.resume is None:
+        return None
+    if cfg.resume == "latest":
+        found = list_checkpoints(cfg.output_dir)
+        if not found:
+            print(f"resume=latest: no checkpoint in {cfg.output_dir}, starting a new run")
+            return None
+        path = found[-1]
+    else:
+        path = Path(cfg.resume)
+        if not path.is_dir():
+            raise SdatcError(f"resume checkpoint not found: {path} (a checkpoint-<step> folder, or resume=latest)")
+    saved = path / "train_config.yaml"
+    if not saved.is_file():
+        raise SdatcError(f"{path} is not a training checkpoint of sdatc (no train_config.yaml)")
+    old = load_config(TrainConfig, saved)
+    mine = _model_config(cfg)
+    theirs = load_config(ModelConfig, path / CONFIG_NAME)
+    if old.stage != cfg.stage or to_dict(theirs) != to_dict(mine):
+        what = "stage" if old.stage != cfg.stage else "model config"
+        raise SdatcError(f"checkpoint {path} comes from another config ({what} differs: stage {old.stage}, "
+                         f"model {old.model}); resume it with its own train_config.yaml")
+    return path
+
+
+def _git_revision() -> str | None:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=10)
+        return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if rev.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# --------------------------------------------------------------------------- model construction
+
+
+def _model_config(cfg: TrainConfig) -> ModelConfig:
+    overrides = list(cfg.model_overrides) + ([f"backbone.pretrained={cfg.pretrained}"] if cfg.pretrained else [])
+    return load_config(ModelConfig, cfg.model, overrides)
+
+
+def _read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
+    path = Path(path)
+    file = path / WEIGHTS_NAME if path.is_dir() else path
+    if not file.is_file():
+        raise SdatcError(f"init checkpoint not found: {file} (a folder with {WEIGHTS_NAME}, e.g. a checkpoint-<step>, or the file)")
+    return load_file(str(file)), str(file)
+
+
+def init_modules(modules: dict[str, torch.nn.Module], paths: list[str]) -> list[str]:
+    """Load each listed checkpoint into the new modules it holds, strictly per module."""
+    loaded = []
+    for path in paths:
+        state, where = _read_weights(path)
+        groups: dict[str, dict] = {}
+        for k, v in state.items():
+            if not k.startswith("_"):
+                name, _, rest = k.partition(".")
+                groups.setdefault(name, {})[rest] = v
+        unknown = [n for n in groups if n not in modules]
+        if unknown and not any(n in modules for n in groups):
+            raise SdatcError(f"{where} holds no module of this model (it has {', '.join(groups)}; the model has {', '.join(modules)})")
+        for name, sd in groups.items():
+            if name not in modules:
+                continue  # e.g. a stage-1 checkpoint's decoder modules when this model has them switched off
+            result = modules[name].load_state_dict(sd, strict=False)
+            if result.missing_keys or result.unexpected_keys:
+                raise SdatcError(f"{where}: module {name} does not match ({len(result.missing_keys)} missing, e.g. "
+                                 f"{result.missing_keys[:3]}; {len(result.unexpected_keys)} unexpected, e.g. "
+                                 f"{result.unexpected_keys[:3]})")
+            loaded.append(f"{name} <- {where}")
+    return loaded
+
+
+def build_model(cfg: TrainConfig):
+    """The model of the stage (a DCM for stage 0, SDATC otherwise) with only the stage's modules trainable."""
+    mcfg = _model_config(cfg)
+    if cfg.stage == 0:
+        model = DCM(mcfg.dcm)
+        modules = {"dcm": model}
+    else:
+        if resolve_pretrained(mcfg.backbone) is None and not cfg.allow_random_weights:
+            raise SdatcError(f"no SD 2.1 weights: set pretrained=PATH or ${ENV_SD21} ({SD21_HELP}); "
+                             "allow_random_weights=true trains on a random backbone (smoke runs only)")
+        model = SDATC.from_config(mcfg)
+        modules = model.new_modules()
+        missing = [n for n in cfg.trainable if n not in modules]
+        if missing:
+            raise SdatcError(f"stage {cfg.stage} trains {', '.join(cfg.trainable)} but the model config switches "
+                             f"off {', '.join(missing)} (enabled.*)")
+    notes = init_modules(modules, cfg.init)
+    if cfg.swinir_init:
+        load_swinir_checkpoint(modules["dcm"], cfg.swinir_init)
+        notes.append(f"dcm <- {cfg.swinir_init} (SwinIR)")
+    model.requires_grad_(False)
+    for name in cfg.trainable:
+        modules[name].requires_grad_(True)
+    return model, mcfg, modules, notes
+
+
+def _fingerprint(tensors) -> str:
+    """A hash of the exact bytes of some tensors (frozen weights, or the trainable ones across ranks)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> dict:
+    """Run (or resume) one training stage; returns a summary of the run."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
+
+    if not cfg.output_dir:
+        raise SdatcError("output_dir is not set (output_dir=DIR)")
+    out = Path(cfg.output_dir)
+    # Everything that can be checked before compute is checked here.
+    resume = resolve_resume(cfg)
+    data_cfg = cfg.data
+    val_root = cfg.val.root or data_cfg.root
+    if cfg.val.clip and Path(val_root or "") == Path(data_cfg.root or "") and cfg.val.clip not in data_cfg.exclude:
+        data_cfg = dataclasses.replace(data_cfg, exclude=[*data_cfg.exclude, cfg.val.clip])  # held out
+    clips = scan_clips(data_cfg)
+    cuda = torch.cuda.is_available()
+    mp = cfg.mixed_precision if cuda else "no"
+    if cfg.mixed_precision != "no" and not cuda:
+        print(f"note: mixed_precision={cfg.mixed_precision} needs a GPU; training in fp32 on the CPU")
+    acc = Accelerator(cpu=not cuda, mixed_precision=mp, log_with="tensorboard" if cfg.tensorboard else None,
+                      project_dir=str(out), kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
+    world, rank, main = acc.num_processes, acc.process_index, acc.is_main_process
+    if cfg.batch_size % world:
+        raise SdatcError(f"batch_size {cfg.batch_size} is not divisible across {world} processes")
+    per_rank = cfg.batch_size // world
+
+    set_seed(cfg.seed)  # the same initial weights on every process
+    model, mcfg, modules, notes = build_model(cfg)
+    device = acc.device
+    weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp, torch.float32)
+    model.to(device)
+    if weight_dtype != torch.float32:  # frozen parts in the low dtype, trainable ones stay fp32
+        for p in model.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(weight_dtype)
+    if cfg.gradient_checkpointing:
+        if cfg.stage == 0:
+            model.gradient_checkpointing = True
+        else:
+            model.enable_gradient_checkpointing()
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    frozen_print = _fingerprint(frozen) if cfg.stage > 0 else None
+    params = [p for n in cfg.trainable for p in modules[n].parameters()]
+    lp = None
+    if cfg.stage in (0, 2) and cfg.loss.lpips > 0:
+        lp = LPIPSLoss(cfg.loss.lpips_pretrained_backbone).to(device)
+    disc = d_opt = None
+    if cfg.stage == 0:
+        stage = DCMStage(model, cfg, lp)
+    elif cfg.stage == 1:
+        stage = LatentStage(model, cfg)
+    else:
+        raft = None
+        if cfg.loss.flow_warp > 0:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # load_raft's warning speaks of inference; say it for training
+                raft = load_raft(cfg.flow, device)
+            if raft is None and main:
+                print(f"note: flow_warp loss off: no RAFT weights (flow.raft_weights=.../{RAFT_WEIGHTS_NAME})")
+        if cfg.loss.gan > 0:
+            disc = PatchDiscriminator().to(device)
+        stage = PixelStage(model, cfg, lp, raft, None)
+    opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
+                            weight_decay=cfg.optim.weight_decay)
+    from diffusers.optimization import get_scheduler
+
+    sched = get_scheduler(cfg.optim.scheduler, opt, num_warmup_steps=cfg.optim.warmup_steps,
+                          num_training_steps=cfg.max_steps)
+    state = TrainState()
+    ema = None
+    if cfg.ema:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(params, decay=cfg.ema_decay)
+    if disc is not None:
+        d_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.optim.disc_lr, betas=(0.5, 0.9), weight_decay=0.0)
+        stage, opt, disc, d_opt = acc.prepare(stage, opt, disc, d_opt)
+        acc.unwrap_model(stage).disc[0] = disc
+    else:
+        stage, opt = acc.prepare(stage, opt)
+    acc.register_for_checkpointing(sched, state)
+    if ema is not None:
+        acc.register_for_checkpointing(ema)
+    inner = acc.unwrap_model(stage)
+
+    def trainable_state() -> dict[str, torch.Tensor]:
+        return {f"{n}.{k}": v.detach().float().cpu().contiguous()
+                for n, m in modules.items() if n in NEW_MODULES for k, v in m.state_dict().items()}
+
+    def save_hook(models, weights, output_dir):
+        for i in reversed(range(len(models))):
+            if acc.unwrap_model(models[i]) is inner and len(weights) == len(models):
+                weights.pop(i)  # the frozen backbone is not saved; the trainable weights are, below
+
+    def load_hook(models, input_dir):
+        for i in reversed(range(len(models))):
+            if acc.unwrap_model(models[i]) is inner:
+                models.pop(i)
+                init_modules(modules, [input_dir])
+
+    acc.register_save_state_pre_hook(save_hook)
+    acc.register_load_state_pre_hook(load_hook)
+
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, out / "config.yaml")
+        for n in notes:
+            print(f"init: {n}")
+    set_seed(cfg.seed + 1 + rank)  # noise and timesteps differ across processes; a resume restores the RNG below
+    if resume is not None:
+        acc.load_state(str(resume))
+        if main:
+            print(f"resumed from {resume} at step {state.step} (data position {state.position})")
+            _truncate_metrics(out / "metrics.jsonl", state.step)
+
+    validator = None
+    if cfg.val.clip and main:
+        validator = Validator(cfg.val, val_root, out / "val")
+    if cfg.tensorboard:
+        try:
+            acc.init_trackers("sdatc")
+        except Exception as e:
+            raise SdatcError(f"tensorboard=true but TensorBoard is not usable ({e}); pip install tensorboard") from None
+
+    n_trainable = sum(p.numel() for p in params)
+    if main:
+        print(f"stage {cfg.stage}: {n_trainable / 1e6:.2f} M trainable ({', '.join(cfg.trainable)}), "
+              f"{world} process(es), batch {cfg.batch_size} x accumulation {cfg.grad_accum} = effective batch "
+              f"{cfg.batch_size * cfg.grad_accum}, device {device}, mixed precision {mp}")
+
+    ds = VideoClipDataset(data_cfg, clips)
+    loader = make_loader(ds, per_rank, start=state.position, rank=rank, world_size=world)
+    batches = iter(loader)
+    weights = dataclasses.asdict(cfg.loss)
+    bar = tqdm(total=cfg.max_steps, initial=state.step, desc=f"stage {cfg.stage}", unit="step",
+               disable=not (progress and main))
+    last: dict = {}
+    stage.train()
+    while state.step < cfg.max_steps:
+        t0 = time.perf_counter()
+        terms: dict[str, float] = {}
+        indices = []
+        for micro in range(cfg.grad_accum):
+            batch = next(batches)
+            indices += batch["index"].tolist()
+            lq, gt = batch["lq"].to(device), batch["gt"].to(device)  # (B, T, 3, h, w), (B, T, 3, H, W)
+            if disc is not None:
+                disc.requires_grad_(False)
+            sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else acc.no_sync(stage)
+            with sync:
+                with acc.autocast():
+                    losses, output = stage(lq, gt, state.step)
+                    total = sum(weights[k] * v for k, v in losses.items())
+                acc.backward(total / cfg.grad_accum)
+            for k, v in {**losses, "total": total}.items():
+                terms[k] = terms.get(k, 0.0) + v.detach().float().item() / cfg.grad_accum
+            state.position += cfg.batch_size
+        grad_norm = acc.clip_grad_norm_(params, cfg.optim.max_grad_norm or math.inf)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.step(params)
+        if disc is not None and state.step >= cfg.loss.gan_start_step:  # discriminator on the last micro-batch
+            disc.requires_grad_(True)
+            with acc.autocast():
+                real = gt.flatten(0, 1)
+                logits = disc(torch.cat([real, output.detach().to(real.dtype)]))
+                d_loss = hinge_d_loss(*logits.split(real.shape[0]))
+            acc.backward(d_loss)
+            d_opt.step()
+            d_opt.zero_grad(set_to_none=True)
+            terms["disc"] = d_loss.detach().float().item()
+        state.step += 1
+        seconds = time.perf_counter() - t0
+        # mean of every term over the processes, for the log
+        keys = sorted(terms)
+        vec = acc.reduce(torch.tensor([terms[k] for k in keys], device=device), reduction="mean")
+        row = {"step": state.step, **{k: float(v) for k, v in zip(keys, vec.tolist())},
+               "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm), "sec_per_step": seconds,
+               "samples_per_s": cfg.batch_size * cfg.grad_accum / seconds,
+               "effective_batch": cfg.batch_size * cfg.grad_accum}
+        if cfg.log_rank_checksums:
+            _log_rank(out, rank, world, state.step, indices, _fingerprint(params))
+        if main:
+            _append_jsonl(out / "metrics.jsonl", row)
+            if cfg.tensorboard:
+                acc.log({k: v for k, v in row.items() if k != "step"}, step=state.step)
+            bar.set_postfix(loss=f"{row['total']:.4f}")
+        bar.update(1)
+        last = row
+        if validator is not None and (state.step % cfg.val.every == 0 or state.step == cfg.max_steps):
+            _validate(validator, cfg, modules, model, device, state.step, out)
+        if state.step % cfg.checkpoint_every == 0 or state.step == cfg.max_steps:
+            save_checkpoint(acc, cfg, mcfg, state.step, out, trainable_state, ema, params)
+    bar.close()
+    summary = {"step": state.step, "last": last, "checkpoint": str(out / f"checkpoint-{state.step}"),
+               "trainable_params": n_trainable}
+    if frozen_print is not None:
+        now = _fingerprint(frozen)
+        if now != frozen_print:
+            raise SdatcError("the frozen SD 2.1 weights changed during training (a bug: please report it)")
+        summary["frozen_weights_unchanged"] = True
+    acc.wait_for_everyone()
+    acc.end_training()
+    return summary
+
+
+def _validate(validator: Validator, cfg: TrainConfig, modules, model, device, step: int, out: Path) -> None:
+    was = model.training
+    model.eval()
+    try:
+        restore = (dcm_restorer(modules["dcm"], device) if cfg.stage == 0
+                   else pipeline_restorer(model, cfg.val.steps, cfg.val.num_frames, device))
+        row = {"step": step, **validator(restore, step)}
+    finally:
+        model.train(was)
+    _append_jsonl(out / "metrics.jsonl", row)
+    print(f"step {step}: val PSNR-Y {row['val_psnr_y']:.2f} dB (bicubic {row['val_bicubic_psnr_y']:.2f} dB), "
+          f"{row['val_picture']}")
+
+
+def save_checkpoint(acc, cfg: TrainConfig, mcfg: ModelConfig, step: int, out: Path, trainable_state, ema, params) -> Path:
+    """Full state into a temporary folder, renamed to ``checkpoint-<step>`` when complete."""
+    final, tmp = out / f"checkpoint-{step}", out / f".checkpoint-{step}.tmp"
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp))
+    acc.wait_for_everyone()  # every process has written its RNG state before the folder is renamed
+    if acc.is_main_process:
+        save_file(trainable_state(), str(tmp / WEIGHTS_NAME), metadata={"format": "sdatc/1", "step": str(step)})
+        if ema is not None:
+            ema.store(params)
+            ema.copy_to(params)
+            (tmp / "ema").mkdir(exist_ok=True)
+            save_file(trainable_state(), str(tmp / "ema" / WEIGHTS_NAME), metadata={"format": "sdatc/1", "step": str(step)})
+            dump_config(mcfg, tmp / "ema" / CONFIG_NAME)
+            ema.restore(params)
+        dump_config(mcfg, tmp / CONFIG_NAME)
+        dump_config(cfg, tmp / "train_config.yaml")
+        atomic_write_text(tmp / "info.json", json.dumps({"step": step, "git": _git_revision(), "stage": cfg.stage,
+                                                         "time": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        if cfg.checkpoints_total_limit is not None:
+            for old in list_checkpoints(out)[: -cfg.checkpoints_total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
+    return final
+
+
+def _append_jsonl(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop log lines after ``step`` (written after the checkpoint a run resumes from)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+def _log_rank(out: Path, rank: int, world: int, step: int, indices: list[int], checksum: str) -> None:
+    (out / "ranks").mkdir(parents=True, exist_ok=True)
+    _append_jsonl(out / "ranks" / f"rank{rank}.jsonl",
+                  {"step": step, "rank": rank, "world_size": world, "indices": indices, "weights": checksum})
