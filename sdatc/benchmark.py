@@ -1,8 +1,9 @@
 """Inference benchmark: seconds per output frame, peak memory, UNet calls and FLOPs per frame.
 
 Model loading and the first (warm-up) window are excluded from the timing; the device is
-synchronised around the timed run. Peak memory is the process's peak RSS on CPU (it includes the
-model) or torch's peak allocated memory on GPU.
+synchronised around the timed run. Peak memory is measured over the timed run only: the process's
+peak resident set (VmHWM, reset before the run; it includes the resident model) on CPU, or torch's
+peak allocated memory on GPU.
 """
 
 from __future__ import annotations
@@ -31,10 +32,29 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: torch's allocator stats on GPU; the kernel's VmHWM on Linux (clear_refs 5)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # no reset possible: the peak then includes model loading (peak_memory_since says so)
+
+
 def peak_memory_mb(device: torch.device) -> float:
+    """Peak since the last reset: allocated memory on GPU, resident set size (VmHWM) on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux, since process start
 
 
 def bench(cfg: InferConfig, height: int, width: int, frames: int, seed: int = 0) -> dict:
@@ -48,9 +68,8 @@ def bench(cfg: InferConfig, height: int, width: int, frames: int, seed: int = 0)
     for _ in pipe.restore(clip[:warm], warm):  # warm-up window
         pass
     pipe.unet_calls = 0
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     _sync(device)
+    reset_peak_memory(device)
     t0 = time.perf_counter()
     n_out = sum(1 for _ in pipe.restore(clip, frames))
     _sync(device)
