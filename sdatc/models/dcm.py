@@ -19,8 +19,8 @@ import math
 from pathlib import Path
 
 import torch
-import torch.utils.checkpoint
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from timm.layers import trunc_normal_
 from timm.models.swin_transformer import SwinTransformerBlock
 from torch import nn

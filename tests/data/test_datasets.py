@@ -3,7 +3,13 @@
 import numpy as np
 import pytest
 
-from sdatc.data.datasets import ShardSampler, TrainDataConfig, VideoClipDataset, make_loader, scan_clips
+from sdatc.data.datasets import (
+    ShardSampler,
+    TrainDataConfig,
+    VideoClipDataset,
+    make_loader,
+    scan_clips,
+)
 from sdatc.data.degradations import Degradation, DegradationConfig
 from sdatc.data.video import write_frames, write_video
 from sdatc.errors import SdatcError
