@@ -106,3 +106,46 @@ def memory_ratio(script: str, config: str, overrides: list[str], height: int, wi
         f"peak_memory_mb_{short}": out[short]["peak_memory_mb"], f"peak_memory_mb_{long}": out[long]["peak_memory_mb"],
         f"memory_ratio_{long}_{short}": out[long]["peak_memory_mb"] / out[short]["peak_memory_mb"],
     }
+
+
+def sample_training_root(folder, size: int, frames: int = 8):
+    """A training root holding one real clip: ``frames`` frames of bigbuckbunny (a centre crop of
+    ``size`` x ``size``), for benchmarks that must run without a dataset."""
+    from pathlib import Path
+
+    from sdatc.data.samples import sample_clip
+    from sdatc.data.video import read_video, write_frames
+
+    video = read_video(sample_clip("bigbuckbunny.mp4"), max_frames=frames)  # (T, 720, 1280, 3)
+    size = min(size, video.shape[1])
+    top, left = (video.shape[1] - size) // 2, (video.shape[2] - size) // 2
+    write_frames(Path(folder) / "bunny", video[:, top:top + size, left:left + size])
+    return Path(folder)
+
+
+def bench_train(cfg, steps: int) -> dict:
+    """Train ``steps`` steps of ``cfg`` (a TrainConfig with data.root and output_dir set) and measure:
+    median seconds per step after the first, samples/s, and the process's peak memory."""
+    import json
+    from pathlib import Path
+
+    from sdatc.training.trainer import train
+
+    summary = train(cfg, progress=False)
+    log = [json.loads(x) for x in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    secs = sorted(r["sec_per_step"] for r in log[1:] if "sec_per_step" in r) or [log[0]["sec_per_step"]]
+    cuda = torch.cuda.is_available()
+    return {
+        "config": None, "stage": cfg.stage, "model": cfg.model, "steps": steps, "batch_size": cfg.batch_size,
+        "num_frames": cfg.data.num_frames, "gt_size": cfg.data.gt_size, "mixed_precision": cfg.mixed_precision if cuda else "no",
+        "gradient_checkpointing": cfg.gradient_checkpointing, "trainable_params": summary["trainable_params"],
+        "seconds_per_step": secs[len(secs) // 2], "first_step_seconds": log[0]["sec_per_step"],
+        "samples_per_s": cfg.batch_size / secs[len(secs) // 2],
+        "peak_memory_mb": (torch.cuda.max_memory_allocated() / 2**20 if cuda
+                           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "memory_kind": "cuda_max_allocated" if cuda else "peak_rss_whole_process",
+        "losses_first_last": [{k: v for k, v in r.items() if k not in ("lr", "sec_per_step", "samples_per_s", "effective_batch")}
+                              for r in (log[0], log[-1])],
+        "device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+    }

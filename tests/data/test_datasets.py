@@ -84,3 +84,23 @@ def test_bad_roots(tmp_path, clip_root):
         scan_clips(TrainDataConfig(root=str(clip_root), clip_list="reds4", gt_size=64))
     with pytest.raises(ValueError, match="multiple of the scale"):
         TrainDataConfig(gt_size=66)
+
+
+def test_regroup_reds(tmp_path, carphone_frames):
+    from sdatc.data.reds import regroup_reds
+
+    root = tmp_path / "REDS"
+    for sub, n in (("train_sharp", 240), ("val_sharp", 30)):
+        for i in range(n):
+            (root / sub / f"{i:03d}").mkdir(parents=True)
+            for f in range(2):
+                (root / sub / f"{i:03d}" / f"{f:08d}.png").write_bytes(b"")
+    plan = regroup_reds(root, tmp_path / "all", frames=2)
+    assert len(plan) == 270 and (tmp_path / "all" / "269").resolve() == (root / "val_sharp" / "029").resolve()
+    assert sorted(p.name for p in (tmp_path / "all").iterdir())[:2] == ["000", "001"]
+    with pytest.raises(SdatcError, match="exists already"):
+        regroup_reds(root, tmp_path / "all", frames=2)
+    (root / "val_sharp" / "007" / "00000001.png").unlink()
+    with pytest.raises(SdatcError, match="holds 1 frames"):
+        regroup_reds(root, tmp_path / "other", frames=2)
+    assert not (tmp_path / "other").exists()
