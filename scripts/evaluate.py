@@ -1,9 +1,12 @@
-"""Score restored clips against GT (PSNR-Y / SSIM-Y, BasicSR convention), per clip and mean.
+"""Score restored clips against GT with any metric of the registry, per clip and mean.
 
     python scripts/evaluate.py --sr results/mine/crf25 --gt testsets/REDS4/GT --out results.csv
-    python scripts/evaluate.py --sr out.mp4 --gt gt_frames/ --metrics psnr
+    python scripts/evaluate.py --sr out.mp4 --gt gt_frames/ weights=weights/ --metrics psnr ssim vmaf lpips
 
-SR and GT: folders of clip folders or videos (paired by clip name), or one clip each.
+Metrics: psnr_y ssim_y (BT.601 Y, BasicSR), lpips dists fid niqe maniqa clipiqa (pyiqa, weights from
+the offline weights folder: see scripts/check_weights.py), vmaf (libvmaf), warping_error tlp tof.
+A metric whose weights are missing is reported and marked "missing". SR and GT: folders of clip
+folders or videos (paired by clip name), or one clip each.
 """
 
 import argparse

