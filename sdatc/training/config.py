@@ -78,6 +78,7 @@ class TrainConfig:
     allow_random_weights: bool = False  # train on a randomly initialised SD (tiny configs, smoke runs)
     init: list[str] = dataclasses.field(default_factory=list)  # checkpoints to start the new modules from
     swinir_init: str | None = None  # a SwinIR classical x4 checkpoint for the DCM
+    dcm_init: Literal["random", "interpolation"] = "random"  # interpolation: the DCM starts as cubic x4
     data: TrainDataConfig = dataclasses.field(default_factory=TrainDataConfig)
     output_dir: str | None = None
     max_steps: int = 100_000
@@ -101,6 +102,7 @@ class TrainConfig:
     tensorboard: bool = False
     val: ValConfig = dataclasses.field(default_factory=ValConfig)
     seed: int = 0
+    cpu_threads: int | None = None  # CPU runs: torch threads per process; null: cores / processes - data workers
     log_rank_checksums: bool = False  # debug DDP: each rank appends its sample indices and weight checksum
 
     def __post_init__(self):

@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -34,7 +35,7 @@ from sdatc.config import REPO_ROOT, dump_config, load_config, to_dict
 from sdatc.data.datasets import VideoClipDataset, make_loader, scan_clips
 from sdatc.errors import SdatcError
 from sdatc.models.backbone import ENV_SD21, SD21_HELP, resolve_pretrained
-from sdatc.models.dcm import DCM, load_swinir_checkpoint
+from sdatc.models.dcm import DCM, init_as_interpolation, load_swinir_checkpoint
 from sdatc.models.sdatc import CONFIG_NAME, NEW_MODULES, SDATC, WEIGHTS_NAME, ModelConfig
 from sdatc.pipelines.flow import RAFT_WEIGHTS_NAME, load_raft
 from sdatc.training.config import TrainConfig
@@ -165,6 +166,8 @@ def build_model(cfg: TrainConfig):
         if missing:
             raise SdatcError(f"stage {cfg.stage} trains {', '.join(cfg.trainable)} but the model config switches "
                              f"off {', '.join(missing)} (enabled.*)")
+    if cfg.dcm_init == "interpolation" and "dcm" in modules:
+        init_as_interpolation(modules["dcm"])
     notes = init_modules(modules, cfg.init)
     if cfg.swinir_init:
         load_swinir_checkpoint(modules["dcm"], cfg.swinir_init)
@@ -211,6 +214,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     if cfg.batch_size % world:
         raise SdatcError(f"batch_size {cfg.batch_size} is not divisible across {world} processes")
     per_rank = cfg.batch_size // world
+    if not cuda:  # oversubscribed OpenMP threads spin and can slow a step down several times
+        torch.set_num_threads(cfg.cpu_threads or max(1, (os.cpu_count() or 1) // world - data_cfg.num_workers))
 
     set_seed(cfg.seed)  # the same initial weights on every process
     model, mcfg, modules, notes = build_model(cfg)
