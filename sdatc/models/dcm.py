@@ -363,3 +363,56 @@ def load_swinir_checkpoint(dcm: DCM, path: str | Path) -> None:
     except Exception as e:
         raise SdatcError(f"cannot read DCM checkpoint {path}: {e}") from e
     load_swinir_state_dict(dcm, state)
+
+
+# --------------------------------------------------------------------------- interpolation start
+
+# Keys cubic (a = -0.5) weights of a 2x upsampler for output phase 0 (input coordinate y - 1/4) on the
+# taps y-1, y, y+1; the far tap at y+2 (-0.0234) is dropped and the rest renormalised. Phase 1 mirrors it.
+_HALF = torch.tensor([0.2266, 0.8672, -0.0703], dtype=torch.float64)
+_HALF = _HALF / _HALF.sum()
+
+
+@torch.no_grad()
+def init_as_interpolation(dcm: DCM) -> DCM:
+    """Set a x2 / x4 DCM to start as plain cubic interpolation, so training refines an upscaler
+    instead of first learning to upscale at all (a cheap CPU-trained preview model needs this).
+
+    The image passes through unchanged: RGB identity in the first 3 channels of ``conv_first``; the
+    transformer body's contribution starts at zero (``conv_after_body`` zero-initialised, so its
+    weights still get gradients, as a ControlNet zero conv); ``conv_before_upsample`` carries
+    +x and -x (6 channels, so the LeakyReLU loses nothing); each [conv, PixelShuffle(2)] stage
+    upsamples those channels with separable cubic 2x kernels; ``conv_last`` recombines +x / -x. All
+    other weights keep their random values, and the weights that would mix them into the image path
+    start at zero. The architecture is unchanged; this is only a starting point.
+    """
+    cfg = dcm.cfg
+    if cfg.upscale not in (2, 4) or cfg.in_channels != 3 or cfg.num_feat < 6 or cfg.embed_dim < 3:
+        raise SdatcError("interpolation start needs an RGB x2/x4 DCM with num_feat >= 6 and embed_dim >= 3")
+    first = dcm.conv_first
+    first.weight[:3].zero_()
+    first.bias[:3].zero_()
+    for k in range(3):
+        first.weight[k, k, 1, 1] = 1.0 / cfg.img_range  # undo img_range: features carry x - mean
+    nn.init.zeros_(dcm.conv_after_body.weight)
+    nn.init.zeros_(dcm.conv_after_body.bias)
+    before = dcm.conv_before_upsample[0]
+    before.weight[:6].zero_()
+    before.bias[:6].zero_()
+    for k in range(3):
+        before.weight[2 * k, k, 1, 1], before.weight[2 * k + 1, k, 1, 1] = 1.0, -1.0
+    phases = [torch.outer(a, b) for a in (_HALF, _HALF.flip(0)) for b in (_HALF, _HALF.flip(0))]  # (i, j) order
+    for conv in (m for m in dcm.upsample if isinstance(m, nn.Conv2d)):
+        conv.weight[:24].zero_()  # output channels 4k + phase of the 6 image channels
+        conv.bias[:24].zero_()
+        conv.weight[24:, :6].zero_()  # the other channels do not read the image path ...
+        for k in range(6):
+            for p, kern in enumerate(phases):
+                conv.weight[4 * k + p, k] = kern.to(conv.weight.dtype)
+    last = dcm.conv_last
+    last.weight.zero_()  # ... and only the image path reaches the output, at first
+    last.bias.zero_()
+    slope = 0.01  # LeakyReLU: lrelu(a) - lrelu(-a) = (1 + slope) a
+    for k in range(3):
+        last.weight[k, 2 * k, 1, 1], last.weight[k, 2 * k + 1, 1, 1] = 1 / (1 + slope), -1 / (1 + slope)
+    return dcm

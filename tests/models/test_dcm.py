@@ -186,3 +186,32 @@ def test_shape_mismatch():
 def test_missing_file(dcm, tmp_path):
     with pytest.raises(SdatcError, match="nope.pth.*SwinIR-M_x4"):
         load_swinir_checkpoint(dcm, tmp_path / "nope.pth")
+
+
+def test_interpolation_start_is_near_bicubic_and_trains(carphone_frames):
+    """init_as_interpolation: the same architecture, starting as a cubic x4 upscaler (interior within
+    ~1/255 of MATLAB bicubic), with gradients reaching the transformer body after one step."""
+    import numpy as np
+
+    from sdatc.data.imresize import bicubic_down, bicubic_up
+    from sdatc.metrics.psnr_ssim import psnr_y
+    from sdatc.models.dcm import DCM, DCMConfig, init_as_interpolation
+
+    torch.manual_seed(0)
+    dcm = init_as_interpolation(DCM(DCMConfig(embed_dim=24, depths=[2], num_heads=[2], num_feat=16)))
+    assert set(dcm.state_dict()) == set(DCM(DCMConfig(embed_dim=24, depths=[2], num_heads=[2], num_feat=16)).state_dict())
+    gt = carphone_frames[0, :128, :160]
+    lr = bicubic_down(gt, 4)
+    x = torch.from_numpy(lr).permute(2, 0, 1)[None].float() / 255
+    with torch.no_grad():
+        y = (dcm(x)[0].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    ref = bicubic_up(lr, 4)
+    inner = (slice(8, -8), slice(8, -8))
+    assert psnr_y(y[inner], ref[inner]) > 40
+    assert abs(psnr_y(y[inner], gt[inner]) - psnr_y(ref[inner], gt[inner])) < 1.0
+    opt = torch.optim.Adam(dcm.parameters(), lr=1e-3)
+    for _ in range(2):
+        opt.zero_grad()
+        torch.nn.functional.l1_loss(dcm(x), torch.from_numpy(np.ascontiguousarray(gt)).permute(2, 0, 1)[None] / 255).backward()
+        opt.step()
+    assert dcm.layers[0].residual_group.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
