@@ -6,6 +6,9 @@
 ``x264`` (default, the paper / MGLD-VSR): MATLAB bicubic x1/4, then x264 at a random bitrate in
 [1e4, 1e5] bit/s with the stream declared at 1 fps (yuv420p), one bitrate per clip.
 
+``crf`` (an option): a share of clips is encoded at a random CRF instead (the test-set recipe, 10 fps
+stream), for models meant to serve the CRF 15..35 test conditions.
+
 ``second_order`` (RealBasicVSR-style, an option): two rounds of [Gaussian blur -> random resize ->
 Gaussian noise], a final bicubic resize to exactly H/4 x W/4, then the same x264 step. Each random
 parameter is drawn once per clip, so every frame of a clip gets the same degradation.
@@ -31,6 +34,11 @@ class DegradationConfig:
     fps: float = 1.0  # declared frame rate of the training stream (MGLD-VSR: 1)
     pix_fmt: Literal["yuv420p", "yuv444p"] = "yuv420p"
     preset: str = "medium"
+    # optional spread of CRFs (the test-set recipe): with probability crf_prob a clip is encoded at a
+    # random integer CRF in [crf[0], crf[1]] on a crf_fps stream instead of at a random bitrate
+    crf: tuple[int, int] | None = None
+    crf_prob: float = 0.5
+    crf_fps: float = 10.0
     # second_order only: per round, blur sigma, resize factor, noise std (in 0..255)
     blur_sigma: tuple[float, float] = (0.2, 3.0)
     resize: tuple[float, float] = (0.5, 1.5)
@@ -45,6 +53,10 @@ class DegradationConfig:
                 raise ValueError(f"{name} must be a range [low, high] with 0 <= low <= high, got {[lo, hi]}")
         if self.bitrate[0] <= 0:
             raise ValueError(f"bitrate must be > 0, got {list(self.bitrate)}")
+        if self.crf is not None and not 0 <= self.crf[0] <= self.crf[1] <= 51:
+            raise ValueError(f"crf must be a range within [0, 51], got {list(self.crf)}")
+        if not 0 <= self.crf_prob <= 1:
+            raise ValueError(f"crf_prob must be in [0, 1], got {self.crf_prob}")
 
 
 class Degradation:
@@ -65,6 +77,11 @@ class Degradation:
             lr = self._second_order(gt, (lh, lw), rng, info)
         else:
             lr = np.stack([imresize(f, size=(lh, lw)) for f in gt])  # (T, h, w, 3) uint8, MATLAB bicubic
+        if cfg.crf is not None and rng.random() < cfg.crf_prob:
+            crf = int(rng.integers(cfg.crf[0], cfg.crf[1] + 1))
+            lq = x264_compress(lr, crf=crf, fps=cfg.crf_fps, pix_fmt=cfg.pix_fmt, preset=cfg.preset).frames
+            info.update(crf=crf, bitrate=0.0)
+            return lq, info
         bitrate = float(rng.uniform(*cfg.bitrate))
         lq = x264_compress(lr, bitrate=bitrate, fps=cfg.fps, pix_fmt=cfg.pix_fmt, preset=cfg.preset).frames
         info["bitrate"] = bitrate

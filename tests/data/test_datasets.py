@@ -104,3 +104,11 @@ def test_regroup_reds(tmp_path, carphone_frames):
     with pytest.raises(SdatcError, match="holds 1 frames"):
         regroup_reds(root, tmp_path / "other", frames=2)
     assert not (tmp_path / "other").exists()
+
+
+def test_crf_spread_option(carphone_frames):
+    deg = Degradation(DegradationConfig(crf=(20, 30), crf_prob=1.0))
+    lq, info = deg(carphone_frames[:3, :64, :64], np.random.default_rng(1))
+    assert lq.shape == (3, 16, 16, 3) and 20 <= info["crf"] <= 30 and info["bitrate"] == 0.0
+    with pytest.raises(ValueError, match="crf must be a range"):
+        DegradationConfig(crf=(30, 60))
