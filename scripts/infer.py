@@ -1,10 +1,12 @@
-"""Restore compressed clips x4 with SDATC: a video file, a frame folder, or a folder of clips.
+"""Restore compressed clips x4: a video file, a frame folder, or a folder of clips.
 
+    python scripts/infer.py --input clips/ --output out/     # built-in preview model (light DCM), no weights to get
     python scripts/infer.py --config configs/infer/sdatc.yaml --input clips/ --output out/ \
         pretrained=weights/stable-diffusion-2-1-base checkpoint=weights/sdatc
-    python scripts/infer.py --config configs/infer/tiny.yaml --input clip.mp4 --output out/   # no weights
+    python scripts/infer.py --config configs/infer/tiny.yaml --input clip.mp4 --output out/   # tiny random SDATC
     accelerate launch --num_processes 8 scripts/infer.py --config ... --input ... --output ...   # clips sharded
 
+Without --config: configs/infer/sdatc.yaml when $SDATC_SD21_PATH is set, else configs/infer/preview.yaml.
 Writes OUT/<name>.mp4 (same fps and frame count, 4x size, audio kept) and, with save_frames=true,
 OUT/<name>/%08d.png. Existing outputs are skipped unless overwrite=true. Exit status 1 if a clip failed.
 """
@@ -13,19 +15,24 @@ import argparse
 
 from sdatc.config import add_config_arguments, config_from_args
 from sdatc.errors import run_cli
-from sdatc.inference import InferConfig, run, summary
+from sdatc.inference import InferConfig, default_config, run, summary
 from sdatc.utils import process_state
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(p, "configs/infer/sdatc.yaml")
+    add_config_arguments(p, None)
     p.add_argument("--input", help="video file, frame folder, or folder of clips")
     p.add_argument("--output", help="output folder")
     args = p.parse_args(argv)
+    main_process = process_state().is_main_process
+    if args.config is None:
+        args.config = default_config()
+        if main_process:
+            print(f"config: {args.config} (the default; --config picks another)")
     cfg = config_from_args(InferConfig, args, {"input": "input", "output": "output"})
     results = run(cfg)
-    if process_state().is_main_process:
+    if main_process:
         print(summary(results))
         print(f"outputs in {cfg.output}/")
     return 1 if any(r["status"] == "failed" for r in results) else 0

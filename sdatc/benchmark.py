@@ -20,9 +20,8 @@ import numpy as np
 import torch
 
 from sdatc.config import to_dict
-from sdatc.inference import InferConfig, build_model, pick_device
+from sdatc.inference import InferConfig, build_model, make_pipeline, pick_device
 from sdatc.models.report import count_flops
-from sdatc.pipelines.restore import RestorePipeline
 from sdatc.pipelines.windows import plan_windows
 from sdatc.utils import process_state
 
@@ -57,11 +56,21 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux, since process start
 
 
+def dcm_flops(dcm, height: int, width: int) -> int:
+    """FLOPs of the DCM on one (height, width) LR frame."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    param = next(dcm.parameters())
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        dcm(torch.zeros(1, 3, height, width, device=param.device, dtype=param.dtype))
+    return int(fc.get_total_flops())
+
+
 def bench(cfg: InferConfig, height: int, width: int, frames: int, seed: int = 0) -> dict:
     """Restore ``frames`` synthetic LR frames of (height, width) and measure."""
     device, dtype = pick_device(cfg, process_state())
     model = build_model(cfg).to(device)
-    pipe = RestorePipeline(model, cfg.pipeline, device=device, dtype=dtype, progress=False)
+    pipe = make_pipeline(model, cfg, device, dtype, progress=False)
     rng = np.random.default_rng(seed)
     clip = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(frames)]
     warm = min(frames, cfg.pipeline.window.length)
@@ -74,18 +83,22 @@ def bench(cfg: InferConfig, height: int, width: int, frames: int, seed: int = 0)
     n_out = sum(1 for _ in pipe.restore(clip, frames))
     _sync(device)
     seconds = time.perf_counter() - t0
+    peak = peak_memory_mb(device)
     windows = plan_windows(frames, cfg.pipeline.window.length, cfg.pipeline.window.stride)
     window_factor = sum(e - s for s, e in windows) / frames  # times each frame is denoised/decoded
-    flops = count_flops(model.cfg, 4 * height, 4 * width)
-    steps = len(pipe.sampler)
+    if cfg.mode == "dcm":  # the DCM alone, once per frame
+        flops, steps, window_factor = {"dcm": dcm_flops(model, height, width)}, 0, 1.0
+    else:
+        flops, steps = count_flops(model.cfg, 4 * height, 4 * width), len(pipe.sampler)
     return {
         "input": [height, width], "output": [4 * height, 4 * width], "frames": frames, "frames_out": n_out,
         "seconds_per_frame": seconds / frames, "seconds_total": seconds,
-        "peak_memory_mb": peak_memory_mb(device), "memory_kind": "cuda_max_allocated" if device.type == "cuda" else "peak_rss",
+        "peak_memory_mb": peak, "memory_kind": "cuda_max_allocated" if device.type == "cuda" else "peak_rss",
         "unet_calls_per_frame": pipe.unet_calls / frames, "steps": steps, "window": to_dict(cfg.pipeline.window),
         "window_factor": window_factor, "tiling": to_dict(cfg.pipeline.tiling),
-        "flops_per_frame": flops["dcm"] + flops["vae_encode"] + window_factor * (steps * flops["denoise_step"] + flops["vae_decode"]),
-        "flops_stages": flops, "flow_guidance": pipe.raft is not None,
+        "flops_per_frame": flops["dcm"] + (0 if cfg.mode == "dcm" else flops["vae_encode"] + window_factor * (
+            steps * flops["denoise_step"] + flops["vae_decode"])), "mode": cfg.mode,
+        "flops_stages": flops, "flow_guidance": getattr(pipe, "raft", None) is not None,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
         "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(), "torch": torch.__version__,
     }

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import time
 from pathlib import Path
 from typing import Literal
@@ -21,12 +22,14 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from sdatc.config import load_config
+from sdatc.config import load_config, resolve_config_path
 from sdatc.data.video import FrameWriter, VideoReader, VideoWriter, list_clips
 from sdatc.errors import SdatcError
 from sdatc.models.backbone import ENV_SD21, SD21_HELP, resolve_pretrained
+from sdatc.models.dcm import DCM
 from sdatc.models.sdatc import CONFIG_NAME, SDATC, WEIGHTS_NAME, ModelConfig
-from sdatc.pipelines.restore import PipelineConfig, RestorePipeline
+from sdatc.pipelines.restore import DCMPipeline, PipelineConfig, RestorePipeline
+from sdatc.pipelines.sampler import respaced_timesteps
 from sdatc.utils import process_state
 
 
@@ -34,6 +37,7 @@ from sdatc.utils import process_state
 class InferConfig:
     """Settings of ``scripts/infer.py``."""
 
+    mode: Literal["sdatc", "dcm"] = "sdatc"  # dcm: the DCM alone (preview model, DCM-only baseline)
     input: str | None = None  # a video file, a frame folder, or a folder of clips
     output: str | None = None
     model_config: str = "configs/model/sdatc_sd21.yaml"  # used when the checkpoint carries no config.yaml
@@ -52,15 +56,28 @@ class InferConfig:
     copy_audio: bool = True
 
 
-def build_model(cfg: InferConfig) -> SDATC:
-    """The SDATC model with SD 2.1 and the trained modules, or an error saying what is missing."""
-    ckpt = Path(cfg.checkpoint) if cfg.checkpoint else None
+PREVIEW_CONFIG = "configs/infer/preview.yaml"
+SDATC_CONFIG = "configs/infer/sdatc.yaml"
+
+
+def default_config() -> str:
+    """infer.py's config when none is given: full SDATC when SD 2.1 weights are configured
+    ($SDATC_SD21_PATH), else the built-in preview model (a light DCM, no downloads)."""
+    return SDATC_CONFIG if os.environ.get(ENV_SD21) else PREVIEW_CONFIG
+
+
+def build_model(cfg: InferConfig) -> SDATC | DCM:
+    """The SDATC model with SD 2.1 and the trained modules (or the DCM alone with ``mode=dcm``), or
+    an error saying what is missing."""
+    ckpt = resolve_config_path(cfg.checkpoint) if cfg.checkpoint else None
     if ckpt is not None and not ckpt.exists():
         raise SdatcError(f"checkpoint not found: {ckpt} (config key checkpoint: a folder holding {WEIGHTS_NAME} "
                          f"and {CONFIG_NAME}, as written by train.py, or a .safetensors file)")
     config_file = ckpt / CONFIG_NAME if ckpt is not None and ckpt.is_dir() and (ckpt / CONFIG_NAME).is_file() else cfg.model_config
     overrides = list(cfg.model_overrides) + ([f"backbone.pretrained={cfg.pretrained}"] if cfg.pretrained else [])
     model_cfg = load_config(ModelConfig, config_file, overrides)
+    if cfg.mode == "dcm":
+        return _build_dcm(cfg, model_cfg, ckpt)
     if resolve_pretrained(model_cfg.backbone) is None and not cfg.allow_random_weights:
         raise SdatcError(f"no SD 2.1 weights: set pretrained=PATH or ${ENV_SD21} ({SD21_HELP}); "
                          "allow_random_weights=true runs random weights for smoke tests")
@@ -74,6 +91,43 @@ def build_model(cfg: InferConfig) -> SDATC:
             raise SdatcError(f"no {WEIGHTS_NAME} in {ckpt}")
         model.load_trainable_state_dict(load_file(weights), str(weights))
     return model.eval()
+
+
+def _build_dcm(cfg: InferConfig, model_cfg: ModelConfig, ckpt: Path | None) -> DCM:
+    if ckpt is None and not cfg.allow_random_weights:
+        raise SdatcError(f"no DCM weights: set checkpoint=PATH (a folder with {WEIGHTS_NAME} and {CONFIG_NAME} from "
+                         "train.py stage 0 or 1, e.g. assets/preview); allow_random_weights=true runs an untrained DCM")
+    dcm = DCM(model_cfg.dcm)
+    if ckpt is not None:
+        weights = ckpt / WEIGHTS_NAME if ckpt.is_dir() else ckpt
+        if not weights.is_file():
+            raise SdatcError(f"no {WEIGHTS_NAME} in {ckpt}")
+        state = {k[4:]: v for k, v in load_file(weights).items() if k.startswith("dcm.")}
+        if not state:
+            raise SdatcError(f"{weights} holds no DCM weights (keys dcm.*)")
+        result = dcm.load_state_dict(state, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise SdatcError(f"{weights}: the DCM weights do not match the DCM config ({len(result.missing_keys)} missing, "
+                             f"e.g. {result.missing_keys[:3]}; {len(result.unexpected_keys)} unexpected, e.g. "
+                             f"{result.unexpected_keys[:3]})")
+    return dcm.eval()
+
+
+def describe_model(cfg: InferConfig, model) -> str:
+    """One line saying which model runs (printed by infer.py)."""
+    n = sum(p.numel() for p in model.parameters())
+    weights = cfg.checkpoint or "untrained (random weights)"
+    if cfg.mode == "dcm":
+        return f"model: DCM only ({n / 1e6:.2f} M parameters, no diffusion), weights {weights}"
+    s = cfg.pipeline.sampler
+    return (f"model: SDATC, SD 2.1 from {model.backbone_source}, modules {weights}, "
+            f"{len(respaced_timesteps(s.start_t, s.steps))} {s.kind} steps")
+
+
+def make_pipeline(model, cfg: InferConfig, device, dtype, progress: bool = True):
+    if cfg.mode == "dcm":
+        return DCMPipeline(model, cfg.pipeline, device=device, dtype=dtype, progress=progress)
+    return RestorePipeline(model, cfg.pipeline, device=device, dtype=dtype, progress=progress)
 
 
 def pick_device(cfg: InferConfig, state) -> tuple[torch.device, torch.dtype]:
@@ -138,8 +192,12 @@ def run(cfg: InferConfig, progress: bool = True) -> list[dict]:
                for n, p in mine if (n, p) not in todo]
     if todo:
         device, dtype = pick_device(cfg, state)
+        if device.type == "cpu" and state.num_processes > 1:  # share the cores: oversubscribed threads spin
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // state.num_processes))
         model = build_model(cfg).to(device)
-        pipe = RestorePipeline(model, cfg.pipeline, device=device, dtype=dtype, progress=progress)
+        if state.is_main_process:
+            print(describe_model(cfg, model))
+        pipe = make_pipeline(model, cfg, device, dtype, progress)
         for name, path in tqdm(todo, desc=f"clips (rank {state.process_index})", unit="clip", disable=not progress):
             t0 = time.perf_counter()
             row = {"clip": name, "status": "done", "frames": 0, "seconds": 0.0, "rank": state.process_index}

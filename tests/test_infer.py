@@ -99,3 +99,22 @@ def test_two_processes_shard_clips(tmp_path, carphone_frames):
     ranks = dict(re.findall(r"(c\d): done \(rank (\d)\)", p.stdout))
     assert sorted(ranks) == ["c0", "c1", "c2"] and set(ranks.values()) == {"0", "1"}  # each clip once, both ranks work
     assert all(VideoReader(tmp_path / "out" / f"c{i}.mp4").meta.num_frames == 2 for i in range(3))
+
+
+def test_dcm_mode_and_default_config(lq_clip, tmp_path):
+    """mode=dcm (the preview model's path) with an untrained DCM, and the error without weights."""
+    preview = ROOT / "configs" / "infer" / "preview.yaml"
+    cmd = [sys.executable, str(INFER), "--config", str(preview), "--input", str(lq_clip), "--output", str(tmp_path / "o")]
+    p = subprocess.run([*cmd, "checkpoint=null", "allow_random_weights=true", "pipeline.tiling.dcm_tile=64"],
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "model: DCM only" in p.stdout and "untrained" in p.stdout
+    m = VideoReader(tmp_path / "o" / "bunny.mp4").meta
+    assert (m.num_frames, m.width, m.height) == (7, 640, 360)
+    p = subprocess.run([*cmd[:-1], str(tmp_path / "o2"), "checkpoint=null"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "no DCM weights: set checkpoint=PATH" in p.stderr
+    assert not list((tmp_path / "o2").glob("*.mp4"))
+    env = {k: v for k, v in os.environ.items() if k != "SDATC_SD21_PATH"}
+    p = subprocess.run([sys.executable, str(INFER), "--input", str(lq_clip), "--output", str(tmp_path / "d"),
+                        "checkpoint=null", "allow_random_weights=true"], capture_output=True, text=True, timeout=900, env=env)
+    assert p.returncode == 0 and "config: configs/infer/preview.yaml (the default" in p.stdout, p.stderr[-2000:]
