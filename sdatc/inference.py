@@ -28,7 +28,7 @@ from sdatc.errors import SdatcError
 from sdatc.models.backbone import ENV_SD21, SD21_HELP, resolve_pretrained
 from sdatc.models.dcm import DCM
 from sdatc.models.sdatc import CONFIG_NAME, SDATC, WEIGHTS_NAME, ModelConfig
-from sdatc.pipelines.restore import DCMPipeline, PipelineConfig, RestorePipeline
+from sdatc.pipelines.restore import Bicubic, DCMPipeline, PipelineConfig, RestorePipeline
 from sdatc.pipelines.sampler import respaced_timesteps
 from sdatc.utils import process_state
 
@@ -37,7 +37,7 @@ from sdatc.utils import process_state
 class InferConfig:
     """Settings of ``scripts/infer.py``."""
 
-    mode: Literal["sdatc", "dcm"] = "sdatc"  # dcm: the DCM alone (preview model, DCM-only baseline)
+    mode: Literal["sdatc", "dcm", "bicubic"] = "sdatc"  # dcm: the DCM alone (preview model, DCM-only baseline)
     input: str | None = None  # a video file, a frame folder, or a folder of clips
     output: str | None = None
     model_config: str = "configs/model/sdatc_sd21.yaml"  # used when the checkpoint carries no config.yaml
@@ -69,6 +69,8 @@ def default_config() -> str:
 def build_model(cfg: InferConfig) -> SDATC | DCM:
     """The SDATC model with SD 2.1 and the trained modules (or the DCM alone with ``mode=dcm``), or
     an error saying what is missing."""
+    if cfg.mode == "bicubic":
+        return Bicubic(4)
     ckpt = resolve_config_path(cfg.checkpoint) if cfg.checkpoint else None
     if ckpt is not None and not ckpt.exists():
         raise SdatcError(f"checkpoint not found: {ckpt} (config key checkpoint: a folder holding {WEIGHTS_NAME} "
@@ -117,6 +119,8 @@ def describe_model(cfg: InferConfig, model) -> str:
     """One line saying which model runs (printed by infer.py)."""
     n = sum(p.numel() for p in model.parameters())
     weights = cfg.checkpoint or "untrained (random weights)"
+    if cfg.mode == "bicubic":
+        return "model: bicubic x4 (MATLAB imresize), the baseline: no weights"
     if cfg.mode == "dcm":
         return f"model: DCM only ({n / 1e6:.2f} M parameters, no diffusion), weights {weights}"
     s = cfg.pipeline.sampler
@@ -125,6 +129,9 @@ def describe_model(cfg: InferConfig, model) -> str:
 
 
 def make_pipeline(model, cfg: InferConfig, device, dtype, progress: bool = True):
+    if cfg.mode == "bicubic":  # exact MATLAB bicubic: never tiled
+        untiled = dataclasses.replace(cfg.pipeline, tiling=dataclasses.replace(cfg.pipeline.tiling, mode="off"))
+        return DCMPipeline(model, untiled, device=device, dtype=torch.float32, progress=progress)
     if cfg.mode == "dcm":
         return DCMPipeline(model, cfg.pipeline, device=device, dtype=dtype, progress=progress)
     return RestorePipeline(model, cfg.pipeline, device=device, dtype=dtype, progress=progress)

@@ -255,6 +255,19 @@ class RestorePipeline:
         return F.pad(lq, (0, pw, 0, ph), mode=mode)
 
 
+class Bicubic(torch.nn.Module):
+    """MATLAB bicubic x``scale`` (``imresize``, float64) as a module: the baseline through infer.py's I/O."""
+
+    def __init__(self, scale: int = 4):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from sdatc.data.imresize import imresize
+
+        return imresize(x.double(), scale=self.scale).to(x.dtype)  # (B, 3, h, w) -> (B, 3, sh, sw)
+
+
 class DCMPipeline:
     """DCM-only restoration (the built-in preview model, and the DCM-only baseline): frame by frame,
     pixel-tiled above ``tiling.dcm_tile``; no diffusion, no colour correction (the DCM is trained
