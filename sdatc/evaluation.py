@@ -66,7 +66,7 @@ def build_metrics(names: list[str], ctx: MetricContext, log=print) -> tuple[dict
 
 def pair_clips(sr_root: str | Path, gt_root: str | Path, only: list[str] | None = None) -> dict[str, tuple[Path, Path]]:
     """{clip: (sr_path, gt_path)}; every selected clip must exist on both sides."""
-    sr, gt = list_clips(sr_root), list_clips(gt_root)
+    sr, gt = list_clips(sr_root, prefer_frames=True), list_clips(gt_root, prefer_frames=True)
     if len(sr) == 1 and len(gt) == 1 and not only:  # two single clips: pair them whatever their names
         return {next(iter(gt)): (next(iter(sr.values())), next(iter(gt.values())))}
     names = only or sorted(set(sr) | set(gt), key=natural_key)

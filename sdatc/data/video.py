@@ -88,10 +88,12 @@ def is_video_file(path: str | Path) -> bool:
     return path.is_file() and path.suffix.lower() in VIDEO_EXTS and not path.name.startswith(".")
 
 
-def list_clips(root: str | Path, skipped: list[Path] | None = None) -> dict[str, Path]:
+def list_clips(root: str | Path, skipped: list[Path] | None = None, prefer_frames: bool = False) -> dict[str, Path]:
     """Clips under ``root``, by name: a video file or a frame folder is one clip; otherwise every
     video file and every frame folder directly inside ``root`` (sorted naturally). Entries that are
-    neither are appended to ``skipped`` when a list is given."""
+    neither are appended to ``skipped`` when a list is given. Two clips of one name are an error,
+    unless ``prefer_frames``: then a frame folder wins over a video of its name (infer.py's
+    ``save_frames`` output: the PNGs are exact, the mp4 is re-encoded)."""
     root = Path(root)
     if not root.exists():
         raise SdatcError(f"input not found: {root}")
@@ -109,6 +111,9 @@ def list_clips(root: str | Path, skipped: list[Path] | None = None) -> dict[str,
         if not (is_video_file(p) or (p.is_dir() and list_frame_files(p))):
             if skipped is not None:
                 skipped.append(p)
+            continue
+        if name in clips and prefer_frames and clips[name].is_dir() != p.is_dir():
+            clips[name] = clips[name] if clips[name].is_dir() else p
             continue
         if name in clips:
             raise SdatcError(f"{root}: two clips are named {name!r} ({clips[name].name}, {p.name})")

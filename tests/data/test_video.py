@@ -197,3 +197,13 @@ def test_list_clips(tmp_path, carphone_frames):
         list_clips(tmp_path / "nothing")
     with pytest.raises(SdatcError, match="not a video file"):
         list_clips(root / "readme.txt")
+
+
+def test_list_clips_prefers_frames_when_asked(tmp_path, carphone_frames):
+    from sdatc.data.video import list_clips
+
+    write_frames(tmp_path / "a", carphone_frames[:2])
+    write_video(tmp_path / "a.mp4", carphone_frames[:2], fps=10)
+    with pytest.raises(SdatcError, match="two clips are named 'a'"):
+        list_clips(tmp_path)
+    assert list_clips(tmp_path, prefer_frames=True) == {"a": tmp_path / "a"}
