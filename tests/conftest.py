@@ -63,3 +63,13 @@ def tiny_model(tiny_model_config, monkeypatch):
 
     monkeypatch.delenv("SDATC_SD21_PATH", raising=False)
     return SDATC.from_config(tiny_model_config)
+
+
+@pytest.fixture(scope="session")
+def lq_small_clip(tmp_path_factory, bunny_frames) -> Path:
+    """small.mp4: 5 frames of bigbuckbunny, a 256x144 crop, bicubic x1/4 (64x36), x264 CRF 30."""
+    from sdatc.data.imresize import bicubic_down
+    from sdatc.data.video import write_video
+
+    lr = np.stack([bicubic_down(f, 4) for f in bunny_frames[:5, 288:432, 512:768]])
+    return write_video(tmp_path_factory.mktemp("small") / "small.mp4", lr, fps=25, crf=30)
