@@ -101,3 +101,21 @@ def process_state():
     from accelerate.utils import parse_flag_from_env
 
     return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
+
+
+def read_state_dict(path: str | Path, what: str) -> dict:
+    """A state dict from ``.safetensors`` or a torch file (``weights_only``: never unpickles code);
+    an unreadable file is an SdatcError naming ``what``."""
+    import torch
+
+    from sdatc.errors import SdatcError
+
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device="cpu")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SdatcError(f"cannot read {what} {path}: {e}") from e

@@ -26,6 +26,7 @@ from timm.models.swin_transformer import SwinTransformerBlock
 from torch import nn
 
 from sdatc.errors import SdatcError
+from sdatc.utils import read_state_dict
 
 SWINIR_X4_NAME = "001_classicalSR_DF2K_s64w8_SwinIR-M_x4.pth"
 
@@ -353,16 +354,7 @@ def load_swinir_checkpoint(dcm: DCM, path: str | Path) -> None:
             f"DCM checkpoint not found: {path} (expected a SwinIR classical "
             f"x{dcm.cfg.upscale} checkpoint, e.g. {SWINIR_X4_NAME})"
         )
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SdatcError(f"cannot read DCM checkpoint {path}: {e}") from e
-    load_swinir_state_dict(dcm, state)
+    load_swinir_state_dict(dcm, read_state_dict(path, "DCM checkpoint"))
 
 
 # --------------------------------------------------------------------------- interpolation start

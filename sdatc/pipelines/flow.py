@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sdatc.errors import SdatcError
+from sdatc.utils import read_state_dict
 
 RAFT_WEIGHTS_NAME = "raft_large_C_T_SKHT_V2-ff5fadd5.pth"
 RAFT_HELP = (
@@ -95,15 +96,7 @@ def load_raft(cfg: FlowConfig, device: torch.device | str = "cpu") -> torch.nn.M
             stacklevel=2,
         )
         return None
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SdatcError(f"cannot read RAFT weights {path}: {e}") from e
+    state = read_state_dict(path, "RAFT weights")
     if not isinstance(state, dict):
         raise SdatcError(f"RAFT weights {path}: expected a state dict, got {type(state).__name__}")
 
