@@ -15,6 +15,7 @@ import sys
 from sdatc.config import add_config_arguments, config_from_args
 from sdatc.errors import run_cli
 from sdatc.inference import InferConfig
+from sdatc.utils import report_json
 
 
 def main(argv=None) -> int:
@@ -38,12 +39,7 @@ def main(argv=None) -> int:
     result["overrides"] = args.overrides
     if not args.no_memory_ratio:
         result.update(memory_ratio(sys.argv[0] if argv is None else __file__, args.config, args.overrides, args.height, args.width))
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.json:
-        from sdatc.utils import atomic_write_text
-
-        atomic_write_text(args.json, text + "\n")
+    report_json(result, args.json)
     return 0
 
 

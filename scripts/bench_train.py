@@ -9,11 +9,11 @@ to a temporary output_dir that is deleted afterwards. Seconds per step: median a
 """
 
 import argparse
-import json
 import tempfile
 
 from sdatc.config import add_config_arguments, config_from_args, to_dict
 from sdatc.errors import run_cli
+from sdatc.utils import report_json
 
 
 def main(argv=None) -> int:
@@ -36,12 +36,7 @@ def main(argv=None) -> int:
         data["val"]["clip"] = None
         result = bench_train(from_dict(TrainConfig, data, "bench"), args.steps)
     result.update(config=args.config, overrides=args.overrides)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.json:
-        from sdatc.utils import atomic_write_text
-
-        atomic_write_text(args.json, text + "\n")
+    report_json(result, args.json)
     return 0
 
 

@@ -119,3 +119,14 @@ def read_state_dict(path: str | Path, what: str) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise SdatcError(f"cannot read {what} {path}: {e}") from e
+
+
+def report_json(result: dict, path: str | Path | None = None) -> str:
+    """Print a benchmark result as indented JSON and write it (atomically) to ``path`` when given."""
+    import json
+
+    text = json.dumps(result, indent=1)
+    print(text)
+    if path:
+        atomic_write_text(path, text + "\n")
+    return text
