@@ -86,26 +86,26 @@ def test_resume_matches_an_uninterrupted_run(data_root, tmp_path, monkeypatch):
 
 
 def test_killed_run_resumes_from_last_complete_checkpoint(data_root, tmp_path):
-    """SIGKILL a real run after its first checkpoint; resume; the result equals an uninterrupted run."""
+    """Train 20 steps with a checkpoint at 10; SIGKILL after it; resume from 10; step 20 equals an uninterrupted run."""
     args = [sys.executable, str(TRAIN), "--config", "configs/train/tiny_stage0.yaml", f"data.root={data_root}",
-            "max_steps=12", "checkpoint_every=4", "data.num_workers=0"]
+            "max_steps=20", "checkpoint_every=10", "data.num_workers=0"]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     ref = subprocess.run([*args, f"output_dir={tmp_path / 'ref'}"], capture_output=True, text=True, cwd=ROOT, env=env)
     assert ref.returncode == 0, ref.stderr[-2000:]
     run = tmp_path / "killed"
     p = subprocess.Popen([*args, f"output_dir={run}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT, env=env)
     deadline = time.time() + 300
-    while not (run / "checkpoint-4").exists() and time.time() < deadline and p.poll() is None:
+    while not (run / "checkpoint-10").exists() and time.time() < deadline and p.poll() is None:
         time.sleep(0.05)
     p.send_signal(signal.SIGKILL)
     p.wait()
-    assert (run / "checkpoint-4").exists() and not (run / "checkpoint-12").exists()
+    assert (run / "checkpoint-10").exists() and not (run / "checkpoint-20").exists()
     done = subprocess.run([*args, f"output_dir={run}"], capture_output=True, text=True, cwd=ROOT, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resumed from" in done.stdout
-    a, b = weights(tmp_path / "ref" / "checkpoint-12"), weights(run / "checkpoint-12")
+    a, b = weights(tmp_path / "ref" / "checkpoint-20"), weights(run / "checkpoint-20")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert [r["step"] for r in rows(run)] == list(range(1, 13))
+    assert [r["step"] for r in rows(run)] == list(range(1, 21))
 
 
 def test_two_processes_run_real_ddp(data_root, tmp_path):
