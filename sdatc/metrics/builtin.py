@@ -23,20 +23,22 @@ def _ssim_y(ctx: MetricContext):
     return ssim_y
 
 
-@register("lpips", higher_is_better=False, variant="pyiqa lpips: AlexNet, v0.1, RGB [0, 1], full frame")
-def _lpips(ctx: MetricContext):
-    """LPIPS (AlexNet, v0.1) through pyiqa."""
-    from sdatc.metrics.learned import pyiqa_frame_metric
+def _pyiqa(name: str, higher_is_better: bool, variant: str, doc: str) -> None:
+    """Register a per-frame pyiqa metric ``name`` (its weights come from the offline weights folder)."""
 
-    return pyiqa_frame_metric("lpips", ctx)
+    def factory(ctx: MetricContext):
+        from sdatc.metrics.learned import pyiqa_frame_metric
+
+        return pyiqa_frame_metric(name, ctx)
+
+    factory.__doc__ = doc
+    register(name, higher_is_better=higher_is_better, variant=variant)(factory)
 
 
-@register("dists", higher_is_better=False, variant="pyiqa dists: VGG16, RGB [0, 1], full frame")
-def _dists(ctx: MetricContext):
-    """DISTS through pyiqa."""
-    from sdatc.metrics.learned import pyiqa_frame_metric
-
-    return pyiqa_frame_metric("dists", ctx)
+_pyiqa("lpips", False, "pyiqa lpips: AlexNet, v0.1, RGB [0, 1], full frame",
+       "LPIPS (AlexNet, v0.1) through pyiqa.")
+_pyiqa("dists", False, "pyiqa dists: VGG16, RGB [0, 1], full frame",
+       "DISTS through pyiqa.")
 
 
 @register("fid", higher_is_better=False, kind="set",
@@ -48,28 +50,12 @@ def _fid(ctx: MetricContext):
     return FID(ctx)
 
 
-@register("niqe", higher_is_better=False, variant="pyiqa niqe: original parameters, Y channel, full frame")
-def _niqe(ctx: MetricContext):
-    """NIQE through pyiqa (no reference)."""
-    from sdatc.metrics.learned import pyiqa_frame_metric
-
-    return pyiqa_frame_metric("niqe", ctx)
-
-
-@register("maniqa", higher_is_better=True, variant="pyiqa maniqa: KonIQ-10k checkpoint, 20 uniform 224x224 crops")
-def _maniqa(ctx: MetricContext):
-    """MANIQA (KonIQ weights) through pyiqa (no reference)."""
-    from sdatc.metrics.learned import pyiqa_frame_metric
-
-    return pyiqa_frame_metric("maniqa", ctx)
-
-
-@register("clipiqa", higher_is_better=True, variant="pyiqa clipiqa: CLIP RN50, pyiqa's 5 antonym prompt pairs, full frame")
-def _clipiqa(ctx: MetricContext):
-    """CLIP-IQA through pyiqa (no reference)."""
-    from sdatc.metrics.learned import pyiqa_frame_metric
-
-    return pyiqa_frame_metric("clipiqa", ctx)
+_pyiqa("niqe", False, "pyiqa niqe: original parameters, Y channel, full frame",
+       "NIQE through pyiqa (no reference).")
+_pyiqa("maniqa", True, "pyiqa maniqa: KonIQ-10k checkpoint, 20 uniform 224x224 crops",
+       "MANIQA (KonIQ weights) through pyiqa (no reference).")
+_pyiqa("clipiqa", True, "pyiqa clipiqa: CLIP RN50, pyiqa's 5 antonym prompt pairs, full frame",
+       "CLIP-IQA through pyiqa (no reference).")
 
 
 @register("vmaf", higher_is_better=True, kind="clip",
