@@ -6,12 +6,18 @@
 Values are converted by the dataclass field's type (never ``eval``): an override for a ``str``
 field is taken verbatim (so ``clip=000`` stays ``"000"``); any other value is parsed as YAML
 (``[15, 25]``, ``true``, ``null``, ``1e-4``) and then checked against the type.
+
+YAML is read with YAML 1.2 core booleans (only ``true``/``false``): ``tiling.mode: off`` reaches a
+string field as ``"off"`` (PyYAML's YAML 1.1 would make it False); bool fields also accept
+``yes``/``no``/``on``/``off`` (any case). A class may retire keys: its ``_legacy_keys`` (key -> note)
+are dropped from old files with one printed note (and are errors as overrides).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Sequence
@@ -27,6 +33,24 @@ T = TypeVar("T")
 
 class ConfigError(SdatcError):
     """A config file or override that does not match its dataclass."""
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 core booleans: true/false only; on/off/yes/no stay the strings written."""
+
+
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+_Loader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in resolvers if tag != _BOOL_TAG]
+    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_BOOL_WORDS = {"true": True, "false": False, "yes": True, "no": False, "on": True, "off": False}
+
+
+def _load_yaml(text: str) -> Any:
+    """Parse YAML text with :class:`_Loader` (safe, YAML 1.2 core booleans)."""
+    return yaml.load(text, Loader=_Loader)  # safe: _Loader is a SafeLoader
 
 
 # --------------------------------------------------------------------------- conversion
@@ -76,6 +100,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, str) and value.lower() in _BOOL_WORDS:  # yes/no/on/off (any case)
+            return _BOOL_WORDS[value.lower()]
         raise ConfigError(f"{where}: expected true/false, got {value!r}")
     if tp is int:
         if isinstance(value, bool):
@@ -114,9 +140,19 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def _drop_legacy_keys(cls: type, data: dict, where: str) -> dict:
+    """Drop the keys a config class retired (its ``_legacy_keys``: key -> note), one note each."""
+    legacy = getattr(cls, "_legacy_keys", {})
+    for key in [k for k in data if k in legacy]:
+        print(f"note: {where}: ignoring {key}: {data[key]!r} ({legacy[key]})")
+        data = {k: v for k, v in data.items() if k != key}
+    return data
+
+
 def _from_dict(cls: type[T], data: dict, where: str) -> T:
     hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    data = _drop_legacy_keys(cls, data, where)
     unknown = [k for k in data if k not in fields]
     if unknown:
         raise ConfigError(
@@ -195,6 +231,8 @@ def apply_overrides(cfg: T, overrides: Sequence[str]) -> T:
         parts = key.split(".")
         for i, part in enumerate(parts):
             if not (dataclasses.is_dataclass(tp) and part in _hints(tp)):
+                if part in getattr(tp, "_legacy_keys", {}):
+                    raise ConfigError(f"command line: {'.'.join(parts[: i + 1])} is gone ({tp._legacy_keys[part]})")
                 raise ConfigError(f"command line: unknown key {'.'.join(parts[: i + 1])!r} in override {item!r}")
             ftp = _hints(tp)[part]
             if i < len(parts) - 1:
@@ -219,7 +257,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text())
+            data = _load_yaml(path.read_text())
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
         if data is not None and not isinstance(data, dict):
@@ -263,7 +301,7 @@ def _wants_str(tp: Any) -> bool:
 
 def _yaml_value(raw: str, item: str) -> Any:
     try:
-        return yaml.safe_load(raw) if raw.strip() else None
+        return _load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError:
         raise ConfigError(f"command line: cannot parse the value of override {item!r}") from None
 
@@ -279,3 +317,18 @@ def config_from_args(cls: type[T], args: argparse.Namespace, flags: dict[str, st
             data[key] = value
     cfg = from_dict(cls, data, "command line")
     return apply_overrides(cfg, args.overrides)
+
+
+def run_config_script(cls: type[T], default: str, doc: str | None, fn, argv=None) -> int:
+    """The body of a script that takes ``--config FILE key=value ...``: ``fn(cfg)`` returns a summary
+    dict, printed as JSON by the main process."""
+    import json
+
+    from sdatc.utils import process_state
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(p, default)
+    summary = fn(config_from_args(cls, p.parse_args(argv)))
+    if process_state().is_main_process:
+        print(json.dumps(summary, indent=1))
+    return 0

@@ -2,6 +2,7 @@
 
 import dataclasses
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import yaml
@@ -110,3 +111,49 @@ def test_every_config_file_loads():
         cls = classes.get(rel) or classes[rel.split("/")[0]]
         cfg = load_config(cls, Path("configs") / rel)  # relative to the repo root, from any cwd
         assert dataclasses.asdict(cfg) == dataclasses.asdict(load_config(cls, REPO_ROOT / "configs" / rel))
+
+
+@dataclasses.dataclass
+class Words:
+    mode: Literal["auto", "on", "off"] = "auto"
+    name: str = "x"
+    maybe: str | None = None
+    tags: list[str] = dataclasses.field(default_factory=list)
+    flag: bool = False
+    other: bool = True
+
+
+def test_yaml_11_booleans_reach_string_fields_as_written(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("mode: off\nname: No\nmaybe: YES\ntags: [on, off, yes]\nflag: yes\nother: off\n")
+    cfg = load_config(Words, f)
+    assert (cfg.mode, cfg.name, cfg.maybe, cfg.tags) == ("off", "No", "YES", ["on", "off", "yes"])
+    assert cfg.flag is True and cfg.other is False
+    cfg = apply_overrides(Words(), ["mode=on", "name=off", "maybe=no", "tags=[yes, On]", "flag=ON", "other=No"])
+    assert (cfg.mode, cfg.name, cfg.maybe, cfg.tags) == ("on", "off", "no", ["yes", "On"])
+    assert cfg.flag is True and cfg.other is False
+    assert apply_overrides(Words(), ["tags=off"]).tags == ["off"]  # a single value where a list is expected
+    f.write_text("flag: true\nother: FALSE\n")  # true/false stay booleans
+    assert (load_config(Words, f).flag, load_config(Words, f).other) == (True, False)
+    assert apply_overrides(Words(), ["flag=true", "other=false"]) == Words(flag=True, other=False)
+    f.write_text("flag: maybe\n")
+    with pytest.raises(ConfigError, match="true/false"):
+        load_config(Words, f)
+    f.write_text("name: true\n")  # a real boolean is not a string
+    with pytest.raises(ConfigError, match="expected a string"):
+        load_config(Words, f)
+    cfg = Words(mode="off", name="on", tags=["no"], flag=True)
+    dump_config(cfg, tmp_path / "d.yaml")  # safe_dump quotes 'off': the dump round-trips
+    assert load_config(Words, tmp_path / "d.yaml") == cfg
+
+
+def test_tiling_mode_off_in_file_and_override(tmp_path):
+    from sdatc.inference import InferConfig
+
+    f = tmp_path / "infer.yaml"
+    f.write_text("pipeline:\n  tiling:\n    mode: off\n")
+    assert load_config(InferConfig, f).pipeline.tiling.mode == "off"
+    cfg = load_config(InferConfig, REPO_ROOT / "configs" / "infer" / "tiny.yaml", ["pipeline.tiling.mode=off"])
+    assert cfg.pipeline.tiling.mode == "off"
+    cfg = apply_overrides(cfg, ["pipeline.tiling.mode=on", "overwrite=yes"])
+    assert cfg.pipeline.tiling.mode == "on" and cfg.overwrite is True
