@@ -2,8 +2,9 @@
 
 * ``warping_error`` (x1e3, lower is better): RAFT-large flow between consecutive *output* frames;
   frame t-1 backward-warped to frame t, mean squared RGB difference ([0, 1]) over the pixels that
-  are not occluded (forward-backward check, alpha 0.01, beta 0.5 px^2, as flow guidance uses) and the
-  3 channels; mean over the T-1 pairs, times 1000 (Lai et al. 2018).
+  are not occluded (forward-backward check in the squared form of Lai et al.'s code, alpha 0.01, beta
+  0.5 px^2; flow guidance defaults to the linear form) and the 3 channels; mean over the T-1 pairs,
+  times 1000 (Lai et al. 2018).
 * ``tlp`` (x100, lower is better): |LPIPS(GT_{t-1}, GT_t) - LPIPS(SR_{t-1}, SR_t)|, mean over pairs,
   times 100 (TecoGAN); LPIPS is pyiqa's AlexNet v0.1.
 * ``tof`` (pixels, lower is better): mean over pairs and pixels of the L2 norm of the difference
@@ -107,7 +108,7 @@ def warping_errors(frames: torch.Tensor, fwd: torch.Tensor, bwd: torch.Tensor) -
     """
     prev, cur = frames[:-1], frames[1:]  # (T-1, 3, H, W)
     warped = backward_warp(prev, bwd.to(frames.dtype))  # frame i aligned to frame i+1
-    valid = 1 - occlusion_mask(bwd.float(), fwd.float(), OCC_ALPHA, OCC_BETA)  # (T-1, 1, H, W)
+    valid = 1 - occlusion_mask(bwd.float(), fwd.float(), OCC_ALPHA, OCC_BETA, "squared")  # (T-1, 1, H, W)
     sq = ((cur - warped) ** 2).float() * valid  # (T-1, 3, H, W)
     n = valid.sum(dim=(1, 2, 3)) * frames.shape[1]
     return torch.where(n > 0, sq.sum(dim=(1, 2, 3)) / n.clamp(min=1), torch.zeros_like(n))

@@ -14,8 +14,10 @@ Conventions (all flows are in pixels, channel 0 = x, channel 1 = y):
   integer flow shifts an image exactly (up to float32 rounding of the normalised grid, ~1e-6 px; exact
   when H-1 and W-1 are powers of two). Samples outside the frame use ``padding_mode="border"``
   (repeat the edge instead of pulling latents to 0); those pixels are occluded anyway.
-* Occlusion (Sundaram et al. 2010, squared form): ``|f + W(b, f)|^2 > alpha (|f|^2 + |W(b, f)|^2) + beta``,
-  or p + f(p) outside the frame. 1 = occluded.
+* Occlusion (forward-backward check; |.| is the Euclidean norm of a flow vector), or p + f(p) outside
+  the frame; 1 = occluded. ``flow.occlusion``: ``linear`` (the default; the architecture document and
+  MGLD-VSR) ``|f + W(b, f)| > alpha (|f| + |W(b, f)|) + beta``, or ``squared`` (Sundaram et al. 2010,
+  Ruder et al. 2016, Lai et al. 2018's warping error) ``|f + W(b, f)|^2 > alpha (|f|^2 + |W(b, f)|^2) + beta``.
 * Loss: for each adjacent pair, the mean over all C*H*W elements of the masked L1 difference (occluded
   elements count as 0), summed over the two directions and over pairs. ``eta_t`` refers to this loss.
 """
@@ -44,6 +46,7 @@ RAFT_HELP = (
 )
 # RAFT's correlation pyramid pools the 1/8 feature map 3 times and needs >= 16 cells: inputs >= 128 px.
 RAFT_MIN_SIZE = 128
+OCCLUSION_FORMS = ("linear", "squared")
 
 
 @dataclasses.dataclass
@@ -55,13 +58,18 @@ class FlowConfig:
     required: bool = False  # True: missing weights is an error; False: guidance off with one warning
     step_size: Literal["log_sigma", "sigma"] = "log_sigma"  # eta = scale*|log sigma^2| or scale*sigma^2
     scale: float = 10.0
+    # Forward-backward occlusion test: linear |f + W(b)| > alpha (|f| + |W(b)|) + beta (the architecture
+    # document, MGLD-VSR), or squared |f + W(b)|^2 > alpha (|f|^2 + |W(b)|^2) + beta (Sundaram et al. 2010).
+    occlusion: Literal["linear", "squared"] = "linear"
     occlusion_alpha: float = 0.01
-    occlusion_beta: float = 0.5
+    occlusion_beta: float = 0.5  # pixels (linear) or squared pixels (squared)
     raft_iters: int = 12
 
     def __post_init__(self) -> None:
         if self.step_size not in ("log_sigma", "sigma"):
             raise ValueError(f"step_size must be 'log_sigma' or 'sigma', got {self.step_size!r}")
+        if self.occlusion not in OCCLUSION_FORMS:
+            raise ValueError(f"occlusion must be one of {list(OCCLUSION_FORMS)}, got {self.occlusion!r}")
         if self.scale < 0:
             raise ValueError(f"scale must be >= 0, got {self.scale}")
         if self.raft_iters < 1:
@@ -196,26 +204,33 @@ def backward_warp(x: Tensor, flow: Tensor) -> Tensor:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
 
 
-def occlusion_mask(fwd: Tensor, bwd: Tensor, alpha: float, beta: float) -> Tensor:
-    """Forward-backward consistency occlusion of ``fwd`` (squared norms, Sundaram et al. 2010).
+def occlusion_mask(fwd: Tensor, bwd: Tensor, alpha: float, beta: float, form: str) -> Tensor:
+    """Forward-backward consistency occlusion of ``fwd``.
 
-    Occluded where ``|f + W(b, f)|^2 > alpha (|f|^2 + |W(b, f)|^2) + beta`` or where p + f(p) leaves
-    the frame.
+    Occluded where p + f(p) leaves the frame, or (|.| the Euclidean norm of a flow vector) where
+    ``linear``: ``|f + W(b, f)| > alpha (|f| + |W(b, f)|) + beta`` (architecture document, MGLD-VSR);
+    ``squared``: ``|f + W(b, f)|^2 > alpha (|f|^2 + |W(b, f)|^2) + beta`` (Sundaram et al. 2010).
 
     Args:
         fwd: (N, 2, H, W) flow from frame a to frame b.
         bwd: (N, 2, H, W) flow from frame b to frame a.
         alpha: relative tolerance.
-        beta: absolute tolerance in squared pixels.
+        beta: absolute tolerance in pixels (linear) or squared pixels (squared).
+        form: ``"linear"`` or ``"squared"``.
 
     Returns:
         (N, 1, H, W) float mask, 1 = occluded.
     """
+    if form not in OCCLUSION_FORMS:
+        raise ValueError(f"occlusion form must be one of {list(OCCLUSION_FORMS)}, got {form!r}")
     _, _, h, w = fwd.shape
     bwd_w = backward_warp(bwd, fwd)  # (N, 2, H, W): b at the target of f
-    diff2 = (fwd + bwd_w).pow(2).sum(1, keepdim=True)  # (N, 1, H, W)
-    mag2 = fwd.pow(2).sum(1, keepdim=True) + bwd_w.pow(2).sum(1, keepdim=True)
-    occ = diff2 > alpha * mag2 + beta
+    diff2 = (fwd + bwd_w).pow(2).sum(1, keepdim=True)  # (N, 1, H, W) squared norms
+    f2, b2 = fwd.pow(2).sum(1, keepdim=True), bwd_w.pow(2).sum(1, keepdim=True)
+    if form == "linear":
+        occ = diff2.sqrt() > alpha * (f2.sqrt() + b2.sqrt()) + beta
+    else:
+        occ = diff2 > alpha * (f2 + b2) + beta
     xs = torch.arange(w, device=fwd.device, dtype=fwd.dtype).view(1, 1, 1, w) + fwd[:, :1]  # (N, 1, H, W)
     ys = torch.arange(h, device=fwd.device, dtype=fwd.dtype).view(1, 1, h, 1) + fwd[:, 1:]
     outside = (xs < 0) | (xs > w - 1) | (ys < 0) | (ys > h - 1)
@@ -264,11 +279,11 @@ class FlowGuidance:
             return
         if fwd.shape != bwd.shape or fwd.ndim != 4 or fwd.shape[1] != 2:
             raise ValueError(f"fwd/bwd must both be (T-1, 2, h, w), got {tuple(fwd.shape)} and {tuple(bwd.shape)}")
-        a, b = cfg.occlusion_alpha, cfg.occlusion_beta
+        occ = (cfg.occlusion_alpha, cfg.occlusion_beta, cfg.occlusion)
         self.fwd = resize_flow(fwd.float(), self.latent_size)  # (T-1, 2, H, W)
         self.bwd = resize_flow(bwd.float(), self.latent_size)
-        self.occ_fwd = occlusion_mask(self.fwd, self.bwd, a, b)  # (T-1, 1, H, W)
-        self.occ_bwd = occlusion_mask(self.bwd, self.fwd, a, b)
+        self.occ_fwd = occlusion_mask(self.fwd, self.bwd, *occ)  # (T-1, 1, H, W)
+        self.occ_bwd = occlusion_mask(self.bwd, self.fwd, *occ)
 
     @property
     def active(self) -> bool:

@@ -53,17 +53,58 @@ def test_resize_flow_scales_vectors():
     torch.testing.assert_close(out[:, 1], torch.full((1, 32, 64), 2.0))
 
 
-def test_occlusion_consistent_flows_only_out_of_frame():
+@pytest.mark.parametrize("form", ["linear", "squared"])
+def test_occlusion_consistent_flows_only_out_of_frame(form):
     fwd, bwd = const_flow(1, 12, 16, 3, 0), const_flow(1, 12, 16, -3, 0)
-    occ = occlusion_mask(fwd, bwd, 0.01, 0.5)
+    occ = occlusion_mask(fwd, bwd, 0.01, 0.5, form)
     assert occ.shape == (1, 1, 12, 16)
     assert occ[..., :-3].sum() == 0
     assert (occ[..., -3:] == 1).all()
 
 
-def test_occlusion_inconsistent_flows_all_occluded():
-    occ = occlusion_mask(const_flow(1, 12, 16, 3, 0), torch.zeros(1, 2, 12, 16), 0.01, 0.5)
+@pytest.mark.parametrize("form", ["linear", "squared"])
+def test_occlusion_inconsistent_flows_all_occluded(form):
+    occ = occlusion_mask(const_flow(1, 12, 16, 3, 0), torch.zeros(1, 2, 12, 16), 0.01, 0.5, form)
     assert (occ == 1).all()
+
+
+def occluded(f: tuple[float, float], b: tuple[float, float], form: str, h: int = 12, w: int = 128) -> bool:
+    """Whether pixel (0, 0) is occluded for constant flows f and b (in the frame: W(b, f) = b)."""
+    return bool(occlusion_mask(const_flow(1, h, w, *f), const_flow(1, h, w, *b), 0.01, 0.5, form)[0, 0, 0, 0])
+
+
+def test_occlusion_forms_disagree():
+    # |f| = 5, |b| = |(-2.64, -3.52)| = 4.4, |f + b| = |(0.36, 0.48)| = 0.6 (Euclidean norms of 2-vectors)
+    # linear:  0.6  > 0.01 * (5 + 4.4) + 0.5      = 0.594  -> occluded
+    # squared: 0.36 > 0.01 * (25 + 19.36) + 0.5   = 0.9436 -> not occluded
+    assert occluded((3, 4), (-2.64, -3.52), "linear") and not occluded((3, 4), (-2.64, -3.52), "squared")
+    # large motion, 3 px inconsistency: linear 3 > 0.01 * (100 + 97) + 0.5 = 2.47 -> occluded;
+    # squared 9 > 0.01 * (10000 + 9409) + 0.5 = 194.59 -> not occluded
+    assert occluded((100, 0), (-97, 0), "linear") and not occluded((100, 0), (-97, 0), "squared")
+
+
+def test_occlusion_thresholds_as_written():
+    # b = 0, f = (d, 0): linear occludes when d > 0.01 d + 0.5, i.e. d > 0.5 / 0.99 = 0.50505
+    assert not occluded((0.505, 0), (0, 0), "linear")  # 0.505 <= 0.50505
+    assert occluded((0.506, 0), (0, 0), "linear")  # 0.506 > 0.50506
+    # squared occludes when d^2 > 0.01 d^2 + 0.5, i.e. d > sqrt(0.5 / 0.99) = 0.71067
+    assert not occluded((0.710, 0), (0, 0), "squared")  # 0.504100 <= 0.505041
+    assert occluded((0.711, 0), (0, 0), "squared")  # 0.505521 > 0.505055
+    # the norm is Euclidean: f = (0.3, 0.4) has |f| = 0.5 <= 0.505 (an L1 norm, 0.7, would occlude)
+    assert not occluded((0.3, 0.4), (0, 0), "linear") and occluded((0.3, 0.41), (0, 0), "linear")
+    with pytest.raises(ValueError, match="occlusion form"):
+        occlusion_mask(const_flow(1, 4, 4, 0, 0), const_flow(1, 4, 4, 0, 0), 0.01, 0.5, "cubic")
+
+
+def test_flow_config_picks_the_occlusion_form():
+    fwd, bwd = const_flow(1, 12, 16, 0.6, 0), torch.zeros(1, 2, 12, 16)
+    assert FlowConfig().occlusion == "linear"
+    linear = FlowGuidance.from_flows(fwd, bwd, (12, 16), FlowConfig())
+    squared = FlowGuidance.from_flows(fwd, bwd, (12, 16), FlowConfig(occlusion="squared"))
+    assert (linear.occ_fwd == 1).all()  # 0.6 > 0.506
+    assert squared.occ_fwd[..., :-1].sum() == 0 and (squared.occ_fwd[..., -1] == 1).all()  # 0.36 <= 0.5036
+    with pytest.raises(ValueError, match="occlusion must be one of"):
+        FlowConfig(occlusion="cubic")
 
 
 def shifted_pair(h: int = 16, w: int = 20) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
