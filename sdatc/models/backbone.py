@@ -5,11 +5,14 @@
 
 Never touches the network. The empty-prompt text embedding (1, 77, C) is computed once and cached
 beside the weights (``sdatc_empty_prompt.safetensors``), so inference never loads the text encoder.
+The noise schedule and ``prediction_type`` (epsilon for SD 2.1-base, v_prediction for SD 2.1 768)
+come from the folder's ``scheduler/scheduler_config.json``; a non-null config value overrides it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
 from sdatc.errors import SdatcError
+from sdatc.models.prediction import PREDICTION_TYPES, check_prediction_type
 
 ENV_SD21 = "SDATC_SD21_PATH"
 EMPTY_PROMPT_FILE = "sdatc_empty_prompt.safetensors"
@@ -49,15 +53,28 @@ SD21_TEXT = dict(
 )
 
 
+# SD 2.1-base's schedule (LDM's "linear" = diffusers' scaled_linear): the defaults with random weights.
+SD21_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                      prediction_type="epsilon")
+# What a folder's scheduler_config.json may set besides those (passed on to DDPMScheduler when present).
+FOLDER_SCHEDULE_KEYS = ("trained_betas", "rescale_betas_zero_snr")
+
+
 @dataclasses.dataclass
 class SchedulerConfig:
-    """The diffusion schedule SD 2.1 was trained with (LDM's "linear" = diffusers' scaled_linear)."""
+    """The diffusion schedule and what the UNet predicts. null: from the SD folder's
+    ``scheduler/scheduler_config.json`` (random weights: SD 2.1-base's, ``SD21_SCHEDULER``)."""
 
-    num_train_timesteps: int = 1000
-    beta_start: float = 0.00085
-    beta_end: float = 0.012
-    beta_schedule: str = "scaled_linear"
-    prediction_type: str = "epsilon"
+    num_train_timesteps: int | None = None
+    beta_start: float | None = None
+    beta_end: float | None = None
+    beta_schedule: str | None = None
+    prediction_type: str | None = None  # epsilon | v_prediction
+
+    def __post_init__(self):
+        if self.prediction_type is not None and self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {list(PREDICTION_TYPES)} or null, "
+                             f"got {self.prediction_type!r}")
 
 
 @dataclasses.dataclass
@@ -101,9 +118,26 @@ def _config_name(sub: str) -> str:
     return "scheduler_config.json" if sub == "scheduler" else "config.json"
 
 
-def make_scheduler(cfg: SchedulerConfig) -> DDPMScheduler:
-    return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_start=cfg.beta_start, beta_end=cfg.beta_end,
-                         beta_schedule=cfg.beta_schedule, prediction_type=cfg.prediction_type, clip_sample=False)
+def make_scheduler(cfg: SchedulerConfig, folder: Path | None = None) -> DDPMScheduler:
+    """DDPMScheduler from ``folder/scheduler/scheduler_config.json`` (or SD 2.1-base's schedule without
+    a folder), with the non-null values of ``cfg`` on top; one note line when they differ from the folder."""
+    ours = {k: v for k, v in dataclasses.asdict(cfg).items() if v is not None}  # the config's overrides
+    if folder is None:
+        return DDPMScheduler(**{**SD21_SCHEDULER, **ours}, clip_sample=False)
+    file = folder / "scheduler" / _config_name("scheduler")
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise SdatcError(f"cannot read {file}: {str(e).splitlines()[0]}") from None
+    # what the file omits takes diffusers' defaults (as DDPMScheduler.from_pretrained would)
+    theirs = {k: data[k] for k in (*SD21_SCHEDULER, *FOLDER_SCHEDULE_KEYS) if data.get(k) is not None}
+    theirs.setdefault("prediction_type", "epsilon")
+    if "prediction_type" not in ours:
+        check_prediction_type(theirs["prediction_type"], str(file))
+    changed = [f"{k}={v} (folder: {theirs[k]})" for k, v in ours.items() if k in theirs and v != theirs[k]]
+    if changed:
+        print(f"note: backbone.scheduler overrides {file}: {', '.join(changed)}")
+    return DDPMScheduler(**{**theirs, **ours}, clip_sample=False)
 
 
 def build_text_encoder(cfg: dict[str, Any]):
@@ -115,6 +149,7 @@ def build_text_encoder(cfg: dict[str, Any]):
 def load_backbone(cfg: BackboneConfig, with_text_encoder: bool = False) -> Backbone:
     """UNet, VAE, scheduler and the cached empty-prompt embedding (frozen, eval mode)."""
     path = resolve_pretrained(cfg)
+    scheduler = make_scheduler(cfg.scheduler, path)  # first: a bad scheduler config fails before the weights load
     if path is None:
         torch.manual_seed(cfg.seed)
         unet = UNet2DConditionModel(**cfg.unet)
@@ -135,7 +170,7 @@ def load_backbone(cfg: BackboneConfig, with_text_encoder: bool = False) -> Backb
         source = str(path)
     for m in (unet, vae):
         m.requires_grad_(False).eval()
-    return Backbone(unet, vae, embeds, make_scheduler(cfg.scheduler), n_text, source)
+    return Backbone(unet, vae, embeds, scheduler, n_text, source)
 
 
 def _encode_empty_prompt(text_encoder, tokenizer) -> torch.Tensor:

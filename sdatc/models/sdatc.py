@@ -3,7 +3,8 @@
     model = SDATC.from_config(load_config(ModelConfig, "configs/model/sdatc_tiny.yaml"))
     i_c = model.restore(lq)                             # (N,3,h,w) [0,1] -> (N,3,4h,4w), DCM
     z_c, feats = model.encode(i_c)                      # VAE encoder, CFW features
-    eps = model.predict_noise(z_t, t, z_c)              # guidance encoder + zero convs + UNet (+ CAPM)
+    out = model.predict_noise(z_t, t, z_c)              # guidance encoder + zero convs + UNet (+ CAPM)
+    x0, eps = split_prediction(out, z_t, model.scheduler.alphas_cumprod[t], model.prediction_type)  # eps or v
     y = model.decode(z_0, feats, num_frames=5, w=0.75)  # VAE decoder + STAM + CAPM + CFW, [-1, 1]
 
 Frames of a window are stacked on the batch axis: N = B * T. Only the new modules train; every SD
@@ -28,6 +29,7 @@ from sdatc.models.capm import CAPM, CAPMConfig
 from sdatc.models.cfw import CFW, CFWConfig
 from sdatc.models.dcm import DCM, DCMConfig
 from sdatc.models.guidance import GuidanceConfig, GuidanceEncoder
+from sdatc.models.prediction import split_prediction
 from sdatc.models.stam import STAM, STAMConfig
 
 WEIGHTS_NAME = "sdatc_modules.safetensors"
@@ -57,12 +59,11 @@ class ModelConfig:
     cfw: CFWConfig = dataclasses.field(default_factory=CFWConfig)
     enabled: ModuleSwitches = dataclasses.field(default_factory=ModuleSwitches)
     cfw_levels: list[int] = dataclasses.field(default_factory=lambda: [1, 2])  # VAE encoder levels fused by CFW
-    cfw_weight: float = 0.75  # fidelity weight w at inference (training uses 1.0)
     upscale: int = 4
+    # retired keys, dropped from old config.yaml files with a note (sdatc.config)
+    _legacy_keys = {"cfw_weight": "the CFW weight w is now the inference setting pipeline.cfw_weight; training uses 1"}
 
     def __post_init__(self):
-        if not 0.0 <= self.cfw_weight <= 1.0:
-            raise ValueError(f"cfw_weight must be in [0, 1], got {self.cfw_weight}")
         if self.upscale != self.dcm.upscale:
             raise ValueError(f"upscale {self.upscale} differs from dcm.upscale {self.dcm.upscale}")
 
@@ -74,6 +75,7 @@ class SDATC(nn.Module):
         super().__init__()
         self.cfg, on = cfg, cfg.enabled
         self.unet, self.vae, self.scheduler = backbone.unet, backbone.vae, backbone.scheduler
+        self.prediction_type = self.scheduler.config.prediction_type  # what the UNet predicts: epsilon | v_prediction
         self.backbone_source, self.text_encoder_params = backbone.source, backbone.text_encoder_params
         self.register_buffer("empty_prompt_embeds", backbone.empty_prompt_embeds, persistent=False)
         self.latent_scale = float(self.vae.config.scaling_factor)
@@ -121,7 +123,8 @@ class SDATC(nn.Module):
             m.requires_grad_(True)
 
     def enable_gradient_checkpointing(self) -> None:
-        """Recompute activations in backward: UNet (diffusers), guidance encoder, DCM, VAE levels."""
+        """Recompute activations in backward: UNet (diffusers), guidance encoder, DCM, and in the VAE each
+        resnet with its STAM, CFW and the decoder-side CAPM."""
         self.gradient_checkpointing = True
         self.unet.enable_gradient_checkpointing()
         for m in (self.guidance, self.dcm):
@@ -171,7 +174,8 @@ class SDATC(nn.Module):
         return mean * self.latent_scale, feats
 
     def predict_noise(self, z_t: torch.Tensor, t: torch.Tensor, z_c: torch.Tensor) -> torch.Tensor:
-        """Epsilon for (N, 4, h, w) noisy latents at timesteps t (N,) given the condition latent z_c."""
+        """The UNet output (epsilon or v: ``prediction_type``) for (N, 4, h, w) noisy latents at timesteps
+        t (N,) given the condition latent z_c."""
         t = torch.as_tensor(t, device=z_t.device).expand(z_t.shape[0])
         ctx = self.empty_prompt_embeds.to(z_t.dtype).expand(z_t.shape[0], -1, -1)  # (N, 77, D)
         down_res, mid_res = (None, None)
@@ -181,13 +185,12 @@ class SDATC(nn.Module):
                          mid_block_additional_residual=mid_res, return_dict=False)[0]
 
     def decode(self, z: torch.Tensor, feats: dict[int, torch.Tensor] | None = None, num_frames: int = 1,
-               w: float | None = None) -> torch.Tensor:
+               w: float = 1.0) -> torch.Tensor:
         """VAE decoder with STAM (over windows of ``num_frames``), CFW (weight ``w``) and CAPM.
         z: (N, 4, h, w) scaled latents, N = B * num_frames -> (N, 3, 8h, 8w) in [-1, 1]."""
         if num_frames < 1 or z.shape[0] % num_frames:
             raise SdatcError(f"cannot split a batch of {z.shape[0]} frames into windows of {num_frames}")
-        w = self.cfg.cfw_weight if w is None else w
-        if not 0.0 <= w <= 1.0:
+        if not 0.0 <= w <= 1.0:  # w: 1 in training; inference passes pipeline.cfw_weight
             raise SdatcError(f"CFW weight w must be in [0, 1], got {w}")
         dec = self.vae.decoder
         h = z / self.latent_scale
@@ -205,9 +208,9 @@ class SDATC(nn.Module):
                 h = self._ckpt(_res_stam, resnet, _next(stam), h, num_frames)  # (N, C_i, h * 2^i, w * 2^i)
             level = n_levels - 1 - i  # the encoder level at this resolution
             if self.cfw is not None and str(level) in self.cfw and feats is not None:
-                h = self.cfw[str(level)](h, feats[level], w)
+                h = self._ckpt(self.cfw[str(level)], h, feats[level], w)
             if self.capm_vae is not None:  # at the level's resolution, before upsampling
-                h = self.capm_vae[i](h)
+                h = self._ckpt(self.capm_vae[i], h)
             for u in up.upsamplers or []:
                 h = u(h)
         return dec.conv_out(dec.conv_act(dec.conv_norm_out(h)))  # (N, 3, 8h, 8w)
@@ -215,7 +218,7 @@ class SDATC(nn.Module):
     # ------------------------------------------------------------------ one-pass reconstruction
 
     def forward(self, lq: torch.Tensor, num_frames: int, t: torch.Tensor | int = 999, noise: torch.Tensor | None = None,
-                w: float | None = None) -> torch.Tensor:
+                w: float = 1.0) -> torch.Tensor:
         """One denoising pass: (N, 3, h, w) LQ in [0, 1] -> (N, 3, 4h, 4w) in [0, 1] from the x0
         prediction at timestep t of q_sample(z_c, t). Any LR size: padded (reflect), cropped back."""
         n, _, h, w_ = lq.shape
@@ -229,9 +232,9 @@ class SDATC(nn.Module):
         t = torch.as_tensor(t, device=lq.device).expand(n)
         noise = torch.randn_like(z_c) if noise is None else noise
         z_t = self.scheduler.add_noise(z_c, noise, t)
-        eps = self.predict_noise(z_t, t, z_c)
-        a = self.scheduler.alphas_cumprod.to(lq.device)[t].view(-1, 1, 1, 1).to(z_t.dtype)
-        z0 = (z_t - (1 - a).sqrt() * eps) / a.sqrt()
+        a = self.scheduler.alphas_cumprod.to(lq.device)[t]  # (N,)
+        z0, _ = split_prediction(self.predict_noise(z_t, t, z_c), z_t, a, self.prediction_type)
+        z0 = z0.to(z_t.dtype)
         y = self.decode(z0, feats, num_frames, w)
         s = self.cfg.upscale
         return ((y[:, :, : s * h, : s * w_] + 1) / 2).clamp(0, 1)

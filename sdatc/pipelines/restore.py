@@ -63,11 +63,21 @@ class PipelineConfig:
     window: WindowConfig = dataclasses.field(default_factory=WindowConfig)
     tiling: TilingConfig = dataclasses.field(default_factory=TilingConfig)
     colour: Literal["adain", "wavelet", "none"] = "adain"
-    cfw_weight: float = 0.75
+    cfw_weight: float = 0.75  # the CFW weight w at inference (A7): fidelity (1) vs realism (0); training uses 1
 
     def __post_init__(self):
         if not 0.0 <= self.cfw_weight <= 1.0:
             raise ValueError(f"cfw_weight must be in [0, 1], got {self.cfw_weight}")
+
+
+def autocast(device: torch.device, dtype: torch.dtype, enabled: bool = True):
+    """Autocast to ``dtype`` on ``device`` (CUDA: bf16 or fp16; CPU: bf16), a null context for fp32
+    or ``enabled=False``; any other combination is an error (never a silent fallback)."""
+    if not enabled or dtype == torch.float32:
+        return contextlib.nullcontext()
+    if device.type == "cpu" and dtype != torch.bfloat16:
+        raise SdatcError(f"{str(dtype).removeprefix('torch.')} autocast needs a GPU; use bf16 or fp32 on the CPU")
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def frame_noise(seed: int, frame: int, step: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -82,8 +92,9 @@ class RestorePipeline:
     def __init__(self, model, cfg: PipelineConfig, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, raft=None, progress: bool = True):
         self.model, self.cfg, self.device, self.dtype, self.progress = model, cfg, torch.device(device), dtype, progress
+        autocast(self.device, dtype)  # fp16 on the CPU: an error now, not at the first frame
         self.raft = raft if raft is not None else load_raft(cfg.flow, self.device)
-        self.sampler = Sampler(cfg.sampler, model.scheduler.alphas_cumprod)
+        self.sampler = Sampler(cfg.sampler, model.scheduler.alphas_cumprod, model.prediction_type)
         self.unet_calls = 0
         self.vae_factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
         self.unet_factor = 2 ** (len(model.unet.config.block_out_channels) - 1)
@@ -95,9 +106,7 @@ class RestorePipeline:
         return mode == "on" or (mode == "auto" and size > tile)
 
     def _autocast(self, enabled: bool = True):
-        if self.device.type == "cuda" and self.dtype != torch.float32 and enabled:
-            return torch.autocast("cuda", dtype=self.dtype)
-        return contextlib.nullcontext()
+        return autocast(self.device, self.dtype, enabled)
 
     def _dcm(self, lq: torch.Tensor) -> torch.Tensor:
         """(T, 3, h, w) -> (T, 3, 4h, 4w)."""
@@ -124,8 +133,8 @@ class RestorePipeline:
                 out = enc(img, None)
         return out[0].float(), {lv: f for lv, f in zip(levels, out[1:])}
 
-    def _eps(self, z: torch.Tensor, t: int, z_c: torch.Tensor) -> torch.Tensor:
-        """(T, 4, h, w) -> epsilon, over latent tiles with Gaussian blending when large."""
+    def _predict(self, z: torch.Tensor, t: int, z_c: torch.Tensor) -> torch.Tensor:
+        """(T, 4, h, w) -> the UNet output (epsilon or v), over latent tiles with Gaussian blending when large."""
         cfg = self.cfg.tiling
         tt = torch.full((z.shape[0],), t, device=z.device, dtype=torch.long)
 
@@ -226,9 +235,9 @@ class RestorePipeline:
         trajectory = {idx[j]: [] for j in keep}
         bar = tqdm(range(len(s)), desc="steps", unit="step", leave=False, disable=not self.progress)
         for step in bar:
-            eps = self._eps(z, s.timesteps[step], z_c)
+            out = self._predict(z, s.timesteps[step], z_c)  # epsilon or v (model.prediction_type)
             noise = torch.stack([frame_noise(cfg.sampler.seed, i, step, shape) for i in idx]).to(z)
-            z = s.step(step, z, eps, noise)
+            z = s.step(step, z, out, noise)
             if guide is not None:
                 z = guide.step(z, s.posterior_variance(step))
             for j, i in enumerate(idx):
@@ -240,6 +249,20 @@ class RestorePipeline:
         shared.clear()
         shared.update(trajectory)
         return z
+
+    @torch.no_grad()
+    def sample_window(self, lq: torch.Tensor, first_frame: int = 0) -> torch.Tensor:
+        """The sampled latents of one window, not decoded (stage-2 training data): (T, 3, h, w) LR in
+        [0, 1] -> z_0 (T, 4, h'/2, w'/2) on the padded grid; frame j's noise is seeded as frame
+        ``first_frame + j`` of a clip."""
+        if lq.ndim != 4 or lq.shape[1] != 3:
+            raise SdatcError(f"lq must be (T, 3, h, w), got {tuple(lq.shape)}")
+        self._check_size(*lq.shape[-2:])
+        t = lq.shape[0]
+        idx = list(range(first_frame, first_frame + t))
+        lq_p = self._pad(lq.to(self.device).float())
+        z_c, _ = self._encode(self._dcm(lq_p))
+        return self._sample(idx, z_c, lq_p, torch.ones(t), {}, [(idx[0], idx[-1] + 1)], 0)
 
     def _check_size(self, h: int, w: int) -> None:
         if min(h, w) < 8:
@@ -279,6 +302,7 @@ class DCMPipeline:
                  dtype: torch.dtype = torch.float32, progress: bool = True, batch: int = 4):
         self.dcm, self.cfg, self.device, self.dtype, self.progress = dcm, cfg, torch.device(device), dtype, progress
         self.batch = batch
+        autocast(self.device, dtype)  # fp16 on the CPU: an error now, not at the first frame
 
     @torch.no_grad()
     def restore(self, frames: Iterable[np.ndarray], num_frames: int) -> Iterator[np.ndarray]:
@@ -286,8 +310,6 @@ class DCMPipeline:
         if num_frames < 1:
             raise SdatcError("the clip has no frames")
         t, size, buf = self.cfg.tiling, None, []
-        autocast = (torch.autocast("cuda", dtype=self.dtype)
-                    if self.device.type == "cuda" and self.dtype != torch.float32 else contextlib.nullcontext())
         count = 0
         for frame in frames:
             if size is None:
@@ -301,7 +323,7 @@ class DCMPipeline:
             if len(buf) == self.batch or count == num_frames:
                 lq = torch.stack(buf).to(self.device).float().div(255)  # (B, 3, h, w)
                 buf = []
-                with autocast:
+                with autocast(self.device, self.dtype):
                     if t.mode == "on" or (t.mode == "auto" and max(lq.shape[-2:]) > t.dcm_tile):
                         out = tiled_apply(lambda x, box: self.dcm(x), lq, t.dcm_tile, t.dcm_overlap)
                     else:

@@ -1,15 +1,18 @@
 """Respaced DDPM (the paper's sampler) and DDIM, starting from the noised condition latent.
 
-    sampler = Sampler(SamplerConfig(steps=50), model.scheduler.alphas_cumprod)
+    sampler = Sampler(SamplerConfig(steps=50), model.scheduler.alphas_cumprod, model.prediction_type)
     z = sampler.start(z_c, noise)                                  # q_sample(z_c, 999)
     for i, t in enumerate(sampler.timesteps):
-        eps = model.predict_noise(z, t, z_c)
-        z = sampler.step(i, z, eps, noise=step_noise)              # posterior sample at the previous timestep
+        out = model.predict_noise(z, t, z_c)                       # epsilon or v
+        z = sampler.step(i, z, out, noise=step_noise)              # posterior sample at the previous timestep
 
 Respacing follows guided-diffusion's ``space_timesteps(1000, [50])``: timesteps round(k * 999 / 49),
 k = 0..49 (so 0 and 999 are both included), with the betas of the respaced chain recomputed from
 alphas_cumprod. DDPM uses the posterior variance (``fixed_small``); DDIM uses eta (0 = deterministic).
-Noise is passed in by the caller, so each frame can draw its own seeded noise.
+The model output is split into (x0, eps) by ``prediction_type`` (epsilon or v_prediction). Noise is
+passed in by the caller, so each frame can draw its own seeded noise. The steps equal diffusers'
+DDPMScheduler with ``set_timesteps(timesteps=...)`` (tests); DDIMScheduler cannot take respaced
+timesteps, hence our own math.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import math
 from typing import Literal
 
 import torch
+
+from sdatc.models.prediction import check_prediction_type, split_prediction
 
 
 @dataclasses.dataclass
@@ -48,8 +53,9 @@ def respaced_timesteps(start_t: int, steps: int) -> list[int]:
 class Sampler:
     """One reverse-diffusion chain over the respaced timesteps."""
 
-    def __init__(self, cfg: SamplerConfig, alphas_cumprod: torch.Tensor):
+    def __init__(self, cfg: SamplerConfig, alphas_cumprod: torch.Tensor, prediction_type: str):
         self.cfg = cfg
+        self.prediction_type = check_prediction_type(prediction_type, "the model's scheduler")
         self.timesteps = respaced_timesteps(cfg.start_t, cfg.steps)
         acp = alphas_cumprod.double()
         self.acp = [float(acp[t]) for t in self.timesteps]  # alpha-bar at each used timestep
@@ -73,14 +79,15 @@ class Sampler:
             return self.posterior_variance(i - 1) if i > 0 else beta
         return var
 
-    def predict_x0(self, i: int, z: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        a = self.acp[i]
-        return (z - math.sqrt(1 - a) * eps) / math.sqrt(a)
+    def split(self, i: int, z: torch.Tensor, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0, eps) from the model output (epsilon or v) for z at timesteps[i]; float32."""
+        return split_prediction(output, z, self.acp[i], self.prediction_type)
 
-    def step(self, i: int, z: torch.Tensor, eps: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """z at timesteps[i] -> z at the next (lower) timestep; noise (like z) for the stochastic part."""
+    def step(self, i: int, z: torch.Tensor, output: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """z at timesteps[i] -> z at the next (lower) timestep, from the model output (epsilon or v);
+        noise (like z) for the stochastic part."""
         a, a_prev = self.acp[i], self.acp_prev[i]
-        x0 = self.predict_x0(i, z, eps)
+        x0, eps = self.split(i, z, output)
         last = i == len(self) - 1
         if self.cfg.kind == "ddim":
             var = self.cfg.ddim_eta**2 * (1 - a_prev) / (1 - a) * (1 - a / a_prev)
