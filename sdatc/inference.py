@@ -47,7 +47,7 @@ class InferConfig:
     allow_random_weights: bool = False  # run without SD 2.1 / checkpoint weights (tests, smoke runs)
     pipeline: PipelineConfig = dataclasses.field(default_factory=PipelineConfig)
     device: str = "auto"  # auto: this process's GPU if any, else CPU
-    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU; bf16 also on CPU
     save_frames: bool = False
     overwrite: bool = False
     output_crf: int = 15  # x264 quality of the restored mp4 (lower is better)
@@ -115,17 +115,26 @@ def _build_dcm(cfg: InferConfig, model_cfg: ModelConfig, ckpt: Path | None) -> D
     return dcm.eval()
 
 
-def describe_model(cfg: InferConfig, model) -> str:
-    """One line saying which model runs (printed by infer.py)."""
+def describe_model(cfg: InferConfig, model, device: torch.device | None = None, dtype: torch.dtype | None = None) -> str:
+    """One line saying which model runs (printed by infer.py), and in which dtype when given."""
     n = sum(p.numel() for p in model.parameters())
     weights = cfg.checkpoint or "untrained (random weights)"
     if cfg.mode == "bicubic":
         return "model: bicubic x4 (MATLAB imresize), the baseline: no weights"
     if cfg.mode == "dcm":
-        return f"model: DCM only ({n / 1e6:.2f} M parameters, no diffusion), weights {weights}"
-    s = cfg.pipeline.sampler
-    return (f"model: SDATC, SD 2.1 from {model.backbone_source}, modules {weights}, "
-            f"{len(respaced_timesteps(s.start_t, s.steps))} {s.kind} steps")
+        line = f"model: DCM only ({n / 1e6:.2f} M parameters, no diffusion), weights {weights}"
+    else:
+        s = cfg.pipeline.sampler
+        line = (f"model: SDATC, SD 2.1 from {model.backbone_source}, modules {weights}, "
+                f"{len(respaced_timesteps(s.start_t, s.steps))} {s.kind} steps")
+    if dtype is None:
+        return line
+    where = f" on {device}" if device is not None else ""
+    if dtype == torch.float32:
+        return f"{line}; fp32{where}"
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    decoder = " (VAE decoder fp32)" if dtype == torch.float16 and cfg.mode == "sdatc" else ""
+    return f"{line}; {name} autocast{where}{decoder}, fp32 weights"
 
 
 def make_pipeline(model, cfg: InferConfig, device, dtype, progress: bool = True):
@@ -148,8 +157,8 @@ def pick_device(cfg: InferConfig, state) -> tuple[torch.device, torch.dtype]:
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     else:
         dtype = torch.float32
-    if device.type == "cpu" and dtype != torch.float32:
-        raise SdatcError(f"dtype {cfg.dtype} is for GPUs; use fp32 on CPU")
+    if device.type == "cpu" and dtype == torch.float16:
+        raise SdatcError("dtype fp16 needs a GPU; use bf16 (CPU autocast) or fp32 on the CPU")
     return device, dtype
 
 
@@ -203,7 +212,7 @@ def run(cfg: InferConfig, progress: bool = True) -> list[dict]:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // state.num_processes))
         model = build_model(cfg).to(device)
         if state.is_main_process:
-            print(describe_model(cfg, model))
+            print(describe_model(cfg, model, device, dtype))
         pipe = make_pipeline(model, cfg, device, dtype, progress)
         for name, path in tqdm(todo, desc=f"clips (rank {state.process_index})", unit="clip", disable=not progress):
             t0 = time.perf_counter()
