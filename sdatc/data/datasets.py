@@ -181,7 +181,7 @@ class ShardSampler(Sampler[int]):
 
 
 def _collate(items: list[dict]) -> dict:
-    out = {k: torch.stack([it[k] for it in items]) for k in ("gt", "lq")}  # (B, N, 3, H, W)
+    out = {k: torch.stack([it[k] for it in items]) for k in ("gt", "lq", "z") if k in items[0]}  # (B, N, C, H, W)
     for k in ("index", "start", "bitrate"):
         out[k] = torch.tensor([it[k] for it in items])
     out["clip"] = [it["clip"] for it in items]

@@ -7,6 +7,7 @@ from typing import Literal
 
 from sdatc.data.datasets import TrainDataConfig
 from sdatc.pipelines.flow import FlowConfig
+from sdatc.training.latents import LatentsConfig
 
 # The new modules each stage trains (ARCHITECTURE.md section 5); the rest stays frozen.
 STAGE_MODULES = {0: ("dcm",), 1: ("dcm", "guidance", "capm_unet"), 2: ("cfw", "stam", "capm_vae")}
@@ -91,7 +92,8 @@ class TrainConfig:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     flow: FlowConfig = dataclasses.field(default_factory=lambda: FlowConfig(required=False))  # RAFT for flow_warp
-    latent_source: Literal["gt_noise", "stage1_x0"] = "gt_noise"  # stage 2 latents (see training/stages.py)
+    latent_source: Literal["generated", "gt_noise", "stage1_x0"] = "generated"  # stage 2 latents (training/stages.py)
+    latents: LatentsConfig = dataclasses.field(default_factory=LatentsConfig)  # generated: where and how many
     latent_noise_std: float = 0.1  # gt_noise: z = z_gt + std * noise
     proxy_t: tuple[int, int] = (0, 500)  # stage1_x0: timestep range of the one-step x0 prediction
     end_to_end_dcm: bool = True  # stage 1: epsilon loss reaches the DCM through the frozen VAE encoder

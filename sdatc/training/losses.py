@@ -29,7 +29,7 @@ def alexnet_weights_path() -> Path:
 
 
 class LPIPSLoss(nn.Module):
-    """LPIPS (AlexNet, v0.1) on [0, 1] images, frozen; mean over the batch."""
+    """LPIPS (AlexNet, v0.1) on [0, 1] images, frozen, always eval, fp32; mean over the batch."""
 
     def __init__(self, pretrained_backbone: bool = True):
         super().__init__()
@@ -52,8 +52,9 @@ class LPIPSLoss(nn.Module):
         return super().train(False)
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        # x, y: (N, 3, H, W) in [0, 1] -> scalar
-        return self.net(x * 2 - 1, y * 2 - 1).mean()
+        # x, y: (N, 3, H, W) in [0, 1] -> scalar; fp32 with autocast off (a frozen helper network)
+        with torch.autocast(x.device.type, enabled=False):
+            return self.net(x.float() * 2 - 1, y.float() * 2 - 1).mean()
 
 
 def frame_difference_l1(y: Tensor, gt: Tensor, num_frames: int) -> Tensor:

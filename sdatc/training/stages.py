@@ -4,14 +4,21 @@ Batches are ``lq`` (B, T, 3, h, w) and ``gt`` (B, T, 3, 4h, 4w) in [0, 1]; frame
 axis (N = B * T) for the per-frame parts and back to windows of T for STAM and the temporal losses.
 
 * Stage 0 (:class:`DCMStage`): the DCM alone, ``l1`` (+ ``lpips``) to GT.
-* Stage 1 (:class:`LatentStage`): DCM + guidance encoder + zero convs + UNet CAPM. ``eps_mse``: epsilon
-  MSE on ``q_sample(z_gt, t)`` with an independent t per frame (A12), conditioned on z_c = E(DCM(lq));
-  the loss reaches the DCM through the frozen VAE encoder (end to end); ``dcm_l1`` = L1(DCM(lq), GT) (A3).
-* Stage 2 (:class:`PixelStage`): CFW + STAM + VAE CAPM on latents that stand in for stage-1 samples:
-  ``gt_noise`` (z_gt + std * noise, cheap) or ``stage1_x0`` (the frozen stage-1 model's one-step x0
-  prediction from ``q_sample(z_gt, t)``, t in ``proxy_t``). Losses: ``l1``, ``lpips``,
-  ``frame_diff``, ``flow_warp`` (RAFT flows of the GT frames, occlusion-masked) and, from
-  ``gan_start_step``, the hinge ``gan`` generator term (the discriminator trains in the trainer).
+* Stage 1 (:class:`LatentStage`): DCM + guidance encoder + zero convs + UNet CAPM. ``eps_mse``: MSE of
+  the UNet output against its target (epsilon, or v for a v-prediction SD) on ``q_sample(z_gt, t)``
+  with an independent t per frame (A12), conditioned on z_c = E(clamp(DCM(lq))) as at inference (the
+  clamp passes gradients straight through); the loss reaches the DCM through the frozen VAE encoder
+  (end to end); ``dcm_l1`` = L1(DCM(lq), GT) (A3).
+* Stage 2 (:class:`PixelStage`): CFW + STAM + VAE CAPM on latents of the stage-1 model:
+  ``generated`` (the default: sampled by the trained stage-1 model, read from the shards that
+  ``scripts/make_stage2_latents.py`` writes, passed in as ``z``), or cheaper proxies: ``gt_noise``
+  (z_gt + std * noise) or ``stage1_x0`` (the frozen stage-1 model's one-step x0 prediction from
+  ``q_sample(z_gt, t)``, t in ``proxy_t``). Losses: ``l1``, ``lpips``, ``frame_diff``, ``flow_warp``
+  (RAFT flows of the GT frames, occlusion-masked) and, from ``gan_start_step``, the hinge ``gan``
+  generator term (the discriminator trains in the trainer).
+
+Frozen parts stay in eval mode whatever ``train()`` says (:func:`keep_frozen_in_eval`); RAFT and LPIPS
+run in fp32 with autocast off.
 """
 
 from __future__ import annotations
@@ -21,16 +28,30 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sdatc.models.dcm import DCM
+from sdatc.models.prediction import split_prediction, training_target
 from sdatc.pipelines.flow import compute_flows, occlusion_mask
 from sdatc.training.config import TrainConfig
 from sdatc.training.losses import LPIPSLoss, flow_warp_l1, frame_difference_l1, hinge_g_loss
+from sdatc.training.precision import keep_frozen_in_eval
 
 
 def _frames(x: Tensor) -> Tensor:
     return x.flatten(0, 1)  # (B, T, C, H, W) -> (B*T, C, H, W)
 
 
-class DCMStage(nn.Module):
+def clamp_straight_through(x: Tensor) -> Tensor:
+    """``x.clamp(0, 1)`` in the forward pass, identity gradient in the backward pass."""
+    return x.clamp(0, 1).detach() + (x - x.detach())  # exact clamp forward: the added term is exactly 0
+
+
+class _Stage(nn.Module):
+    def train(self, mode: bool = True):
+        super().train(mode)
+        keep_frozen_in_eval(self)  # frozen SD parts, frozen earlier-stage modules, helpers
+        return self
+
+
+class DCMStage(_Stage):
     """Stage 0: DCM pre-training."""
 
     def __init__(self, dcm: DCM, cfg: TrainConfig, lpips: LPIPSLoss | None = None):
@@ -46,7 +67,7 @@ class DCMStage(nn.Module):
         return losses, out
 
 
-class LatentStage(nn.Module):
+class LatentStage(_Stage):
     """Stage 1: epsilon MSE through the guided UNet, plus L1 on the DCM output."""
 
     def __init__(self, model, cfg: TrainConfig):
@@ -58,43 +79,51 @@ class LatentStage(nn.Module):
         lq, gt = _frames(lq), _frames(gt)  # (N, 3, h, w), (N, 3, 4h, 4w)
         n = lq.shape[0]
         i_c = m.restore(lq)  # (N, 3, 4h, 4w), trainable DCM
+        i_enc = clamp_straight_through(i_c)  # what inference encodes: the clamped DCM output
         with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.end_to_end_dcm):
-            z_c, _ = m.encode(i_c if cfg.end_to_end_dcm else i_c.detach())  # (N, 4, h/2, w/2)
+            z_c, _ = m.encode(i_enc if cfg.end_to_end_dcm else i_enc.detach())  # (N, 4, h/2, w/2)
         with torch.no_grad():
             z_gt, _ = m.encode(gt)  # (N, 4, h/2, w/2), frozen VAE
         noise = torch.randn_like(z_gt)
         t = torch.randint(0, m.scheduler.config.num_train_timesteps, (n,), device=lq.device)  # one t per frame (A12)
         z_t = m.scheduler.add_noise(z_gt, noise, t)
-        eps = m.predict_noise(z_t, t, z_c)  # (N, 4, h/2, w/2)
-        losses = {"eps_mse": F.mse_loss(eps.float(), noise.float())}
+        out = m.predict_noise(z_t, t, z_c)  # (N, 4, h/2, w/2): epsilon or v, as the SD folder says
+        a = m.scheduler.alphas_cumprod.to(z_t.device)[t]
+        losses = {"eps_mse": F.mse_loss(out.float(), training_target(z_gt, noise, a, m.prediction_type))}
         if cfg.loss.dcm_l1 > 0:
             losses["dcm_l1"] = F.l1_loss(i_c.float(), gt.float())
         return losses, i_c
 
 
-class PixelStage(nn.Module):
+class PixelStage(_Stage):
     """Stage 2: the temporal VAE decoder (STAM, CAPM, CFW at w = 1) on proxy latents."""
 
     def __init__(self, model, cfg: TrainConfig, lpips: LPIPSLoss | None = None, raft: nn.Module | None = None,
-                 disc: nn.Module | None = None):
+                 disc: nn.Module | None = None, decode_fp32: bool = False):
         super().__init__()
         self.model, self.cfg, self.lpips, self.raft = model, cfg, lpips, raft
+        self.decode_fp32 = decode_fp32  # fp16 runs: the frozen VAE decoder stays fp32, autocast off there
         self.disc = [disc]  # a plain list: the discriminator is its own (DDP) module, not a submodule
 
     @torch.no_grad()
-    def latents(self, lq: Tensor, gt: Tensor) -> tuple[Tensor, dict[int, Tensor]]:
-        """Proxy latents (N, 4, H/8, W/8) and the CFW features of the DCM output."""
+    def latents(self, lq: Tensor, gt: Tensor, z: Tensor | None = None) -> tuple[Tensor, dict[int, Tensor]]:
+        """Latents (N, 4, H/8, W/8) to decode and the CFW features of the DCM output; ``z``: the
+        generated stage-1 latents of the batch (``latent_source: generated``)."""
         m, cfg = self.model, self.cfg
         z_c, feats = m.encode(m.restore(lq).clamp(0, 1))
+        if cfg.latent_source == "generated":
+            if z is None:
+                raise ValueError("latent_source=generated needs the batch's generated latents")
+            return z.to(z_c.dtype), feats
         z_gt, _ = m.encode(gt)
         noise = torch.randn_like(z_gt)
         if cfg.latent_source == "gt_noise":
             return z_gt + cfg.latent_noise_std * noise, feats
         t = torch.randint(cfg.proxy_t[0], cfg.proxy_t[1] + 1, (z_gt.shape[0],), device=z_gt.device)
         z_t = m.scheduler.add_noise(z_gt, noise, t)
-        eps = m.predict_noise(z_t, t, z_c)
-        a = m.scheduler.alphas_cumprod.to(z_t.device)[t].view(-1, 1, 1, 1).to(z_t.dtype)
-        return (z_t - (1 - a).sqrt() * eps) / a.sqrt(), feats
+        a = m.scheduler.alphas_cumprod.to(z_t.device)[t]
+        x0, _ = split_prediction(m.predict_noise(z_t, t, z_c), z_t, a, m.prediction_type)
+        return x0, feats
 
     @torch.no_grad()
     def flows(self, gt: Tensor, num_frames: int) -> tuple[Tensor, Tensor] | None:
@@ -105,14 +134,22 @@ class PixelStage(nn.Module):
         windows = gt.unflatten(0, (-1, num_frames))  # (B, T, 3, H, W)
         fwd, bwd = zip(*(compute_flows(self.raft, w, f.raft_iters) for w in windows))
         fwd, bwd = torch.cat(fwd), torch.cat(bwd)  # (B*(T-1), 2, H, W)
-        return fwd, occlusion_mask(fwd, bwd, f.occlusion_alpha, f.occlusion_beta)
+        return fwd, occlusion_mask(fwd, bwd, f.occlusion_alpha, f.occlusion_beta, f.occlusion)
 
-    def forward(self, lq: Tensor, gt: Tensor, step: int = 0) -> tuple[dict[str, Tensor], Tensor]:
+    def decode(self, z: Tensor, feats: dict[int, Tensor], num_frames: int) -> Tensor:
+        """(N, 4, h, w) -> (N, 3, 8h, 8w) in [0, 1] at the training weight w = 1 (A7)."""
+        if not self.decode_fp32:
+            return (self.model.decode(z, feats, num_frames=num_frames, w=1.0).float() + 1) / 2
+        with torch.autocast(z.device.type, enabled=False):  # fp16 run: decoder weights are fp32
+            feats = {k: v.float() for k, v in feats.items()}
+            return (self.model.decode(z.float(), feats, num_frames=num_frames, w=1.0) + 1) / 2
+
+    def forward(self, lq: Tensor, gt: Tensor, step: int = 0, z: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor]:
         cfg = self.cfg.loss
         t = lq.shape[1]
         lq, gt = _frames(lq), _frames(gt)  # (N, 3, h, w), (N, 3, 4h, 4w)
-        z, feats = self.latents(lq, gt)
-        y = (self.model.decode(z, feats, num_frames=t, w=1.0).float() + 1) / 2  # (N, 3, 4h, 4w), train w = 1 (A7)
+        z, feats = self.latents(lq, gt, None if z is None else _frames(z))
+        y = self.decode(z, feats, t)  # (N, 3, 4h, 4w)
         losses = {"l1": F.l1_loss(y, gt)}
         if self.lpips is not None:
             losses["lpips"] = self.lpips(y.clamp(0, 1), gt)
@@ -124,6 +161,9 @@ class PixelStage(nn.Module):
         disc = self.disc[0]
         if disc is not None and cfg.gan > 0 and step >= cfg.gan_start_step:
             inner = getattr(disc, "module", disc)  # no DDP sync here: the discriminator is not updated by this loss
-            losses["gan"] = hinge_g_loss(inner(y))
+            # real and fake together, as in the discriminator's own step: its BatchNorm never normalises
+            # a fake-only batch with that batch's statistics
+            logits = inner(torch.cat([gt.to(y.dtype), y]))
+            losses["gan"] = hinge_g_loss(logits[gt.shape[0]:])
         return losses, y
 

@@ -1,4 +1,4 @@
-"""The training loop (accelerate): any stage, DDP / FSDP / DeepSpeed through ``accelerate launch``.
+"""The training loop (accelerate): any stage, one process or DDP through ``accelerate launch``.
 
     summary = train(load_config(TrainConfig, "configs/train/tiny_stage1.yaml", ["data.root=clips"]))
 
@@ -10,6 +10,12 @@ process, step and data position, discriminator) plus the trainable weights as
 ``sdatc_modules.safetensors`` with the model's ``config.yaml``, the resolved ``train_config.yaml`` and
 ``info.json`` (step, git revision). A checkpoint is written to a hidden temporary folder and renamed
 when complete, so a run killed at any moment resumes (``resume=latest``) from the last complete one.
+
+Precision (``mixed_precision``): ``bf16`` runs on GPUs and on the CPU (torch's CPU bf16 autocast);
+SD's own frozen weights are cast to bf16 once, every new module (trainable or frozen) stays fp32, so
+checkpoints hold exactly what was trained. ``fp16`` needs a GPU and keeps the frozen VAE decoder in
+fp32 (SD's VAE overflows in fp16). The precision used is printed, written at the top of
+``config.yaml`` and on every ``metrics.jsonl`` line.
 """
 
 from __future__ import annotations
@@ -39,7 +45,15 @@ from sdatc.models.dcm import DCM, init_as_interpolation, load_swinir_checkpoint
 from sdatc.models.sdatc import CONFIG_NAME, NEW_MODULES, SDATC, WEIGHTS_NAME, ModelConfig
 from sdatc.pipelines.flow import RAFT_WEIGHTS_NAME, load_raft
 from sdatc.training.config import TrainConfig
+from sdatc.training.latents import GeneratedLatents, plan
 from sdatc.training.losses import LPIPSLoss, PatchDiscriminator, hinge_d_loss
+from sdatc.training.precision import (
+    FrozenHelper,
+    cast_frozen_backbone,
+    describe_precision,
+    keep_frozen_in_eval,
+    resolve_precision,
+)
 from sdatc.training.stages import DCMStage, LatentStage, PixelStage
 from sdatc.training.validation import Validator, dcm_restorer, pipeline_restorer
 from sdatc.utils import atomic_write_text
@@ -178,6 +192,16 @@ def build_model(cfg: TrainConfig):
     return model, mcfg, modules, notes
 
 
+def generated_latents(cfg: TrainConfig, data_cfg) -> GeneratedLatents:
+    """Stage 2's samples with latents of the stage-1 model, checked against this run's model and init."""
+    if not cfg.latents.dir:
+        raise SdatcError("latent_source=generated needs latents.dir: write the stage-1 model's latents first with "
+                         "scripts/make_stage2_latents.py --config <this config> latents.dir=DIR (or set "
+                         "latent_source=gt_noise|stage1_x0, cheaper proxies)")
+    want = plan(cfg)
+    return GeneratedLatents(cfg.latents.dir, {k: want[k] for k in ("stage1", "model")}, data_cfg)
+
+
 def _fingerprint(tensors) -> str:
     """A hash of the exact bytes of some tensors (frozen weights, or the trainable ones across ranks)."""
     h = hashlib.sha256()
@@ -203,11 +227,15 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     val_root = cfg.val.root or data_cfg.root
     if cfg.val.clip and Path(val_root or "") == Path(data_cfg.root or "") and cfg.val.clip not in data_cfg.exclude:
         data_cfg = dataclasses.replace(data_cfg, exclude=[*data_cfg.exclude, cfg.val.clip])  # held out
-    clips = scan_clips(data_cfg)
+    if cfg.stage == 2 and cfg.latent_source == "generated":
+        ds = generated_latents(cfg, data_cfg)
+    else:
+        ds = VideoClipDataset(data_cfg, scan_clips(data_cfg))
     cuda = torch.cuda.is_available()
-    mp = cfg.mixed_precision if cuda else "no"
-    if cfg.mixed_precision != "no" and not cuda:
-        print(f"note: mixed_precision={cfg.mixed_precision} needs a GPU; training in fp32 on the CPU")
+    mp = resolve_precision(cfg.mixed_precision, cuda)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()  # another run in this process may have used another precision
     acc = Accelerator(cpu=not cuda, mixed_precision=mp, log_with="tensorboard" if cfg.tensorboard else None,
                       project_dir=str(out), kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
     world, rank, main = acc.num_processes, acc.process_index, acc.is_main_process
@@ -222,10 +250,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     device = acc.device
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp, torch.float32)
     model.to(device)
-    if weight_dtype != torch.float32:  # frozen parts in the low dtype, trainable ones stay fp32
-        for p in model.parameters():
-            if not p.requires_grad:
-                p.data = p.data.to(weight_dtype)
+    if cfg.stage > 0:
+        cast_frozen_backbone(model, weight_dtype)
     if cfg.gradient_checkpointing:
         if cfg.stage == 0:
             model.gradient_checkpointing = True
@@ -248,11 +274,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # load_raft's warning speaks of inference; say it for training
                 raft = load_raft(cfg.flow, device)
+            raft = FrozenHelper(raft) if raft is not None else None
             if raft is None and main:
                 print(f"note: flow_warp loss off: no RAFT weights (flow.raft_weights=.../{RAFT_WEIGHTS_NAME})")
         if cfg.loss.gan > 0:
             disc = PatchDiscriminator().to(device)
-        stage = PixelStage(model, cfg, lp, raft, None)
+        stage = PixelStage(model, cfg, lp, raft, None, decode_fp32=mp == "fp16")
     opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
                             weight_decay=cfg.optim.weight_decay)
     from diffusers.optimization import get_scheduler
@@ -296,7 +323,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
 
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, out / "config.yaml")
+        atomic_write_text(out / "config.yaml", f"# {describe_precision(mp)}\n" + dump_config(cfg))
         for n in notes:
             print(f"init: {n}")
     set_seed(cfg.seed + 1 + rank)  # noise and timesteps differ across processes; a resume restores the RNG below
@@ -319,16 +346,15 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     if main:
         print(f"stage {cfg.stage}: {n_trainable / 1e6:.2f} M trainable ({', '.join(cfg.trainable)}), "
               f"{world} process(es), batch {cfg.batch_size} x accumulation {cfg.grad_accum} = effective batch "
-              f"{cfg.batch_size * cfg.grad_accum}, device {device}, mixed precision {mp}")
+              f"{cfg.batch_size * cfg.grad_accum}, device {device}; {describe_precision(mp)}")
 
-    ds = VideoClipDataset(data_cfg, clips)
     loader = make_loader(ds, per_rank, start=state.position, rank=rank, world_size=world)
     batches = iter(loader)
     weights = dataclasses.asdict(cfg.loss)
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc=f"stage {cfg.stage}", unit="step",
                disable=not (progress and main))
     last: dict = {}
-    stage.train()
+    stage.train()  # the stages keep their frozen parts in eval mode (training/stages.py)
     while state.step < cfg.max_steps:
         t0 = time.perf_counter()
         terms: dict[str, float] = {}
@@ -337,12 +363,13 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
             batch = next(batches)
             indices += batch["index"].tolist()
             lq, gt = batch["lq"].to(device), batch["gt"].to(device)  # (B, T, 3, h, w), (B, T, 3, H, W)
+            extra = {"z": batch["z"].to(device)} if "z" in batch else {}  # (B, T, 4, H/8, W/8) generated latents
             if disc is not None:
                 disc.requires_grad_(False)
             sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else acc.no_sync(stage)
             with sync:
                 with acc.autocast():
-                    losses, output = stage(lq, gt, state.step)
+                    losses, output = stage(lq, gt, state.step, **extra)
                     total = sum(weights[k] * v for k, v in losses.items())
                 acc.backward(total / cfg.grad_accum)
             for k, v in {**losses, "total": total}.items():
@@ -372,7 +399,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         row = {"step": state.step, **{k: float(v) for k, v in zip(keys, vec.tolist())},
                "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm), "sec_per_step": seconds,
                "samples_per_s": cfg.batch_size * cfg.grad_accum / seconds,
-               "effective_batch": cfg.batch_size * cfg.grad_accum}
+               "effective_batch": cfg.batch_size * cfg.grad_accum, "precision": mp}
         if cfg.log_rank_checksums:
             _log_rank(out, rank, world, state.step, indices, _fingerprint(params))
         if main:
@@ -383,12 +410,13 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         bar.update(1)
         last = row
         if validator is not None and (state.step % cfg.val.every == 0 or state.step == cfg.max_steps):
-            _validate(validator, cfg, modules, model, device, state.step, out)
+            _validate(validator, cfg, modules, model, device, weight_dtype, state.step, out)
         if state.step % cfg.checkpoint_every == 0 or state.step == cfg.max_steps:
             save_checkpoint(acc, cfg, mcfg, state.step, out, trainable_state, ema, params)
     bar.close()
     summary = {"step": state.step, "last": last, "checkpoint": str(out / f"checkpoint-{state.step}"),
-               "trainable_params": n_trainable}
+               "trainable_params": n_trainable, "precision": mp,
+               "weight_dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})}
     if frozen_print is not None:
         now = _fingerprint(frozen)
         if now != frozen_print:
@@ -399,15 +427,17 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     return summary
 
 
-def _validate(validator: Validator, cfg: TrainConfig, modules, model, device, step: int, out: Path) -> None:
+def _validate(validator: Validator, cfg: TrainConfig, modules, model, device, dtype, step: int, out: Path) -> None:
+    """Validation runs as inference does: eval mode, the run's dtype (autocast over the cast weights)."""
     was = model.training
     model.eval()
     try:
-        restore = (dcm_restorer(modules["dcm"], device) if cfg.stage == 0
-                   else pipeline_restorer(model, cfg.val.steps, cfg.val.num_frames, device))
+        restore = (dcm_restorer(modules["dcm"], device, dtype) if cfg.stage == 0
+                   else pipeline_restorer(model, cfg.val.steps, cfg.val.num_frames, device, dtype))
         row = {"step": step, **validator(restore, step)}
     finally:
         model.train(was)
+        keep_frozen_in_eval(model)
     _append_jsonl(out / "metrics.jsonl", row)
     print(f"step {step}: val PSNR-Y {row['val_psnr_y']:.2f} dB (bicubic {row['val_bicubic_psnr_y']:.2f} dB), "
           f"{row['val_picture']}")

@@ -63,26 +63,29 @@ class Validator:
         return {"val_psnr_y": psnr, "val_bicubic_psnr_y": self.bicubic_psnr, "val_picture": str(path)}
 
 
-def dcm_restorer(dcm, device):
-    """``restore`` for stage 0: the DCM alone, frame by frame."""
+def dcm_restorer(dcm, device, dtype: torch.dtype = torch.float32):
+    """``restore`` for stage 0: the DCM alone, frame by frame (under the run's autocast dtype)."""
+    device = torch.device(device)
 
     def restore(lq: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(lq).permute(0, 3, 1, 2).float().div(255).to(device)  # (T, 3, h, w)
-        y = torch.cat([dcm(f[None]) for f in x]).clamp(0, 1)  # (T, 3, 4h, 4w)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            y = torch.cat([dcm(f[None]) for f in x]).float().clamp(0, 1)  # (T, 3, 4h, 4w)
         return (y * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
     return restore
 
 
-def pipeline_restorer(model, steps: int, num_frames: int, device):
-    """``restore`` for stages 1 and 2: the inference pipeline with ``steps`` steps, one window."""
+def pipeline_restorer(model, steps: int, num_frames: int, device, dtype: torch.dtype = torch.float32):
+    """``restore`` for stages 1 and 2: the inference pipeline with ``steps`` steps, one window, in the
+    run's dtype (the frozen SD weights were cast to it by the trainer)."""
     from sdatc.pipelines.flow import FlowConfig
     from sdatc.pipelines.restore import PipelineConfig, RestorePipeline, WindowConfig
     from sdatc.pipelines.sampler import SamplerConfig
 
     cfg = PipelineConfig(sampler=SamplerConfig(steps=steps), flow=FlowConfig(enabled=False),
                          window=WindowConfig(length=num_frames, stride=num_frames))
-    pipe = RestorePipeline(model, cfg, device=device, progress=False)
+    pipe = RestorePipeline(model, cfg, device=device, dtype=dtype, progress=False)
 
     def restore(lq: np.ndarray) -> np.ndarray:
         return np.stack(list(pipe.restore(list(lq), len(lq))))

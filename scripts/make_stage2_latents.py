@@ -1,0 +1,24 @@
+"""Sample stage 2's training latents with the trained stage-1 model (run before stage 2).
+
+    python scripts/make_stage2_latents.py --config configs/train/stage2.yaml data.root=datasets/REDS/train_sharp \
+        pretrained=weights/stable-diffusion-2-1-base init=[runs/stage1/checkpoint-100000] latents.dir=runs/stage2_latents
+    accelerate launch --num_processes 8 scripts/make_stage2_latents.py --config ...   # shards split over 8 GPUs
+
+Takes the stage-2 training config itself (model, init = the stage-1 checkpoint, data, latents.*), so
+stage 2 then reads exactly these latents. Shards are written under temporary names; a rerun skips
+finished ones; a folder made with other settings is refused. See sdatc/training/latents.py.
+"""
+
+from sdatc.config import run_config_script
+from sdatc.errors import run_cli
+
+
+def main(argv=None) -> int:
+    from sdatc.training.config import TrainConfig
+    from sdatc.training.latents import generate
+
+    return run_config_script(TrainConfig, "configs/train/stage2.yaml", __doc__, generate, argv)
+
+
+if __name__ == "__main__":
+    run_cli(main)
