@@ -1,9 +1,13 @@
-"""Stable Diffusion 2.1-base through diffusers: load from a local folder, or build with random weights.
+"""Stable Diffusion 2.1-base through diffusers: load from a local folder or a Hugging Face Hub repo id,
+or build with random weights.
 
     bb = load_backbone(BackboneConfig(pretrained="weights/stable-diffusion-2-1-base"))
+    bb = load_backbone(BackboneConfig(pretrained="stabilityai/stable-diffusion-2-1-base"))  # or org/name@revision
     bb = load_backbone(BackboneConfig())        # pretrained: null -> every part from its architecture config
 
-Never touches the network. The empty-prompt text embedding (1, 77, C) is computed once and cached
+A repo id is resolved through huggingface_hub into its standard cache ($HF_HUB_CACHE, else $HF_HOME/hub):
+only the files sdatc needs, downloaded only when online; with HF_HUB_OFFLINE=1 only from the cache.
+A local folder never touches the network. The empty-prompt text embedding (1, 77, C) is computed once and cached
 beside the weights (``sdatc_empty_prompt.safetensors``), so inference never loads the text encoder.
 The noise schedule and ``prediction_type`` (epsilon for SD 2.1-base, v_prediction for SD 2.1 768)
 come from the folder's ``scheduler/scheduler_config.json``; a non-null config value overrides it.
@@ -14,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +35,19 @@ SD21_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SD21_HELP = (
     "get Stable Diffusion 2.1-base in diffusers layout (the 'stabilityai/stable-diffusion-2-1-base' "
     "repository: unet/, vae/, text_encoder/, tokenizer/, scheduler/ with their config and weight files) "
-    f"and point model.backbone.pretrained or ${ENV_SD21} at that folder"
+    f"and point model.backbone.pretrained or ${ENV_SD21} at that folder, or at the Hub id "
+    "(downloaded into the Hugging Face cache when online; HF_HUB_OFFLINE=1 reads the cache only)"
 )
+# What a Hub repo id fetches: configs and safetensors weights of the parts sdatc uses (no fp16/.bin/.ckpt copies).
+HUB_FILES = [
+    "model_index.json", EMPTY_PROMPT_FILE,
+    "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+    "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
+    "scheduler/scheduler_config.json",
+    "text_encoder/config.json", "text_encoder/model.safetensors",
+    "tokenizer/*",
+]
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@\S+)?")
 
 # SD 2.1-base architectures (diffusers config kwargs); used when no pretrained folder is given.
 SD21_UNET = dict(
@@ -97,21 +113,98 @@ class Backbone:
     empty_prompt_embeds: torch.Tensor  # (1, 77, cross_attention_dim)
     scheduler: DDPMScheduler
     text_encoder_params: int  # counted for reports; the text encoder itself is not kept
-    source: str  # folder path, or "random"
+    source: str  # folder path, "org/name@revision (snapshot path)" for a Hub id, or "random"
 
 
 def resolve_pretrained(cfg: BackboneConfig) -> Path | None:
-    path = cfg.pretrained or os.environ.get(ENV_SD21) or None
-    if path is None:
+    """The local SD 2.1 folder of ``pretrained`` (or $SDATC_SD21_PATH): a folder as given, a Hub id as its
+    cached snapshot; None when neither is set (random weights)."""
+    resolved = _resolve(cfg)
+    return None if resolved is None else resolved[0]
+
+
+def _resolve(cfg: BackboneConfig) -> tuple[Path, str] | None:
+    """(folder, source) where source names the folder, or ``repo@revision (snapshot path)`` for a Hub id."""
+    value = cfg.pretrained or os.environ.get(ENV_SD21) or None
+    if value is None:
         return None
-    path = Path(path).expanduser()
-    if not path.is_dir():
+    path = Path(value).expanduser()
+    if not path.exists() and HUB_ID.fullmatch(value):
+        path, source = _hub_snapshot(value)
+    elif not path.is_dir():
         raise SdatcError(f"SD 2.1 folder not found: {path}; {SD21_HELP}")
+    else:
+        source = str(path)
     missing = [s for s in ("unet", "vae", "scheduler") if not (path / s / _config_name(s)).is_file()]
     if missing:
         raise SdatcError(f"{path} is not a complete SD 2.1 diffusers folder (missing {', '.join(s + '/' for s in missing)}; "
                          f"expected {', '.join(s + '/' for s in SD21_SUBFOLDERS)}); {SD21_HELP}")
-    return path
+    return path, source
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache, read from the environment now (huggingface_hub reads it once, at import)."""
+    from huggingface_hub import constants
+
+    env = os.environ
+    if env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE"):
+        return Path(env.get("HF_HUB_CACHE") or env["HUGGINGFACE_HUB_CACHE"]).expanduser()
+    if env.get("HF_HOME"):
+        return Path(env["HF_HOME"]).expanduser() / "hub"
+    return Path(constants.HF_HUB_CACHE)
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) as set now, or as huggingface_hub read it at import."""
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return flag.upper() in ("1", "ON", "YES", "TRUE") or constants.HF_HUB_OFFLINE
+
+
+_ONLINE: dict[tuple[str, str | None, str], tuple[Path, str]] = {}  # resolved online once per process
+
+
+def _hub_snapshot(value: str) -> tuple[Path, str]:
+    """Snapshot folder of Hub id ``org/name[@revision]`` in the cache; downloads what is missing when online."""
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    repo, _, revision = value.partition("@")
+    revision = revision or None
+    cache, offline = hub_cache_dir(), hub_offline()
+    key = (repo, revision, str(cache))
+    if not offline and key in _ONLINE:
+        return _ONLINE[key]
+    name = f"{repo}@{revision or 'main'}"
+    both = (f"give pretrained= (or ${ENV_SD21}) as a local diffusers folder (unet/ vae/ scheduler/ text_encoder/ "
+            "tokenizer/) or as a Hub id such as stabilityai/stable-diffusion-2-1-base")
+    if not offline:
+        print(f"fetching {name} from the Hugging Face Hub into {cache} (configs + safetensors of "
+              f"unet/ vae/ scheduler/ text_encoder/ tokenizer/; cached files are not downloaded again)")
+    try:
+        folder = huggingface_hub.snapshot_download(repo, revision=revision, allow_patterns=HUB_FILES,
+                                                   cache_dir=str(cache), local_files_only=offline)
+    except errors.IncompleteSnapshotError as e:  # a LocalEntryNotFoundError: the cache holds part of the files
+        raise SdatcError(f"{name} in the Hugging Face cache {cache} is incomplete: {str(e).splitlines()[0]}") from None
+    except errors.LocalEntryNotFoundError as e:
+        why = ("HF_HUB_OFFLINE=1: the cache only" if offline
+               else f"the Hub cannot be reached ({str(e).splitlines()[0][:120]})")
+        raise SdatcError(f"SD 2.1 folder not found: {value}, and Hub repo {name} is not in the Hugging Face cache "
+                         f"{cache} ({why}); {both} that is in the cache or, online (HF_HUB_OFFLINE unset), "
+                         "is downloaded there") from None
+    except (errors.RepositoryNotFoundError, errors.GatedRepoError) as e:
+        raise SdatcError(f"SD 2.1 folder not found: {value}, and the Hub has no accessible repo {repo} "
+                         f"({type(e).__name__}: private or gated repos need `hf auth login`); {both}") from None
+    except errors.RevisionNotFoundError:
+        raise SdatcError(f"Hub repo {repo} has no revision {revision!r}; {both}") from None
+    except (errors.HfHubHTTPError, OSError, ValueError) as e:
+        raise SdatcError(f"cannot get {name} from the Hugging Face Hub: {str(e).splitlines()[0]}; {both}") from None
+    folder = Path(folder)
+    result = folder, f"{name} ({folder})"
+    if not offline:
+        _ONLINE[key] = result
+    return result
 
 
 def _config_name(sub: str) -> str:
@@ -148,7 +241,8 @@ def build_text_encoder(cfg: dict[str, Any]):
 
 def load_backbone(cfg: BackboneConfig, with_text_encoder: bool = False) -> Backbone:
     """UNet, VAE, scheduler and the cached empty-prompt embedding (frozen, eval mode)."""
-    path = resolve_pretrained(cfg)
+    resolved = _resolve(cfg)
+    path, source = resolved if resolved is not None else (None, "random")
     scheduler = make_scheduler(cfg.scheduler, path)  # first: a bad scheduler config fails before the weights load
     if path is None:
         torch.manual_seed(cfg.seed)
@@ -159,7 +253,6 @@ def load_backbone(cfg: BackboneConfig, with_text_encoder: bool = False) -> Backb
         n_text = sum(p.numel() for p in text.parameters())
         if not with_text_encoder:
             del text
-        source = "random"
     else:
         try:
             unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True)
@@ -167,7 +260,6 @@ def load_backbone(cfg: BackboneConfig, with_text_encoder: bool = False) -> Backb
         except (OSError, ValueError) as e:
             raise SdatcError(f"cannot load SD 2.1 from {path}: {str(e).splitlines()[0]}; {SD21_HELP}") from None
         embeds, n_text = _cached_empty_prompt(path)
-        source = str(path)
     for m in (unet, vae):
         m.requires_grad_(False).eval()
     return Backbone(unet, vae, embeds, scheduler, n_text, source)
@@ -187,7 +279,9 @@ def _encode_empty_prompt(text_encoder, tokenizer) -> torch.Tensor:
 
 
 def _cached_empty_prompt(path: Path) -> tuple[torch.Tensor, int]:
-    """Read the cached embedding beside the weights, or compute it once with the text encoder."""
+    """Read the cached embedding beside the weights, or compute it once with the text encoder.
+    For a Hub id the folder is the commit's snapshot in the HF cache: the file is written there as a plain
+    file (tied to that commit, deleted with it by ``hf cache delete``; huggingface_hub tolerates it)."""
     cache = path / EMPTY_PROMPT_FILE
     if cache.is_file():
         data = load_file(cache)

@@ -1,0 +1,121 @@
+"""backbone.pretrained as a Hub repo id: resolved from a hand-made Hugging Face cache, never the network."""
+
+import dataclasses
+import hashlib
+import os
+import socket
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from safetensors.torch import save_file
+
+from sdatc.errors import SdatcError
+from sdatc.models import backbone as bb_mod
+from sdatc.models.backbone import EMPTY_PROMPT_FILE, load_backbone, resolve_pretrained
+from sdatc.models.sdatc import SDATC
+
+REV = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError("network access in a test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.delenv("SDATC_SD21_PATH", raising=False)
+
+
+def _write_sd_folder(cfg, root):
+    """unet/ vae/ scheduler/ and the cached empty-prompt embedding (no text encoder or tokenizer needed)."""
+    torch.manual_seed(5)
+    unet, vae = UNet2DConditionModel(**cfg.unet), AutoencoderKL(**cfg.vae)
+    unet.save_pretrained(root / "unet")
+    vae.save_pretrained(root / "vae")
+    DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(root / "scheduler")
+    embeds = torch.randn(1, 77, cfg.unet["cross_attention_dim"])
+    save_file({"embeds": embeds, "text_encoder_params": torch.tensor([123])}, str(root / EMPTY_PROMPT_FILE))
+    return unet, vae, embeds
+
+
+def _as_hub_cache(src, cache, repo="org/name"):
+    """Lay ``src`` out as the hub does: blobs/<sha256>, snapshots/REV/<file> -> ../../blobs/<sha256>, refs/main."""
+    repo_dir = cache / ("models--" + repo.replace("/", "--"))
+    (repo_dir / "blobs").mkdir(parents=True)
+    for f in sorted(p for p in src.rglob("*") if p.is_file()):
+        data = f.read_bytes()
+        blob = repo_dir / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        rel = f.relative_to(src)
+        link = repo_dir / "snapshots" / REV / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(REV)
+    return repo_dir / "snapshots" / REV
+
+
+@pytest.fixture
+def hub_cache(tiny_model_config, tmp_path, monkeypatch):
+    unet, vae, embeds = _write_sd_folder(tiny_model_config.backbone, tmp_path / "src")
+    snapshot = _as_hub_cache(tmp_path / "src", tmp_path / "hf" / "hub")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return snapshot, unet, vae, embeds
+
+
+def test_hub_id_loads_from_the_cache_offline(tiny_model_config, hub_cache, monkeypatch):
+    snapshot, unet, vae, embeds = hub_cache
+    cfg = dataclasses.replace(tiny_model_config.backbone, pretrained="org/name")
+    bb = load_backbone(cfg)
+    assert all(torch.equal(v, unet.state_dict()[k]) for k, v in bb.unet.state_dict().items())
+    assert torch.equal(bb.vae.decoder.conv_out.weight, vae.decoder.conv_out.weight)
+    assert torch.equal(bb.empty_prompt_embeds, embeds) and bb.text_encoder_params == 123
+    assert bb.source == f"org/name@main ({snapshot})" and resolve_pretrained(cfg) == snapshot
+    # a commit revision, and the id through $SDATC_SD21_PATH
+    assert load_backbone(dataclasses.replace(cfg, pretrained=f"org/name@{REV}")).source.startswith(f"org/name@{REV} (")
+    monkeypatch.setenv("SDATC_SD21_PATH", "org/name")
+    assert resolve_pretrained(dataclasses.replace(cfg, pretrained=None)) == snapshot
+    # the full model
+    model = SDATC.from_config(dataclasses.replace(tiny_model_config, backbone=cfg))
+    assert model.backbone_source == bb.source
+    assert torch.equal(model.unet.conv_in.weight, unet.conv_in.weight)
+
+
+def test_missing_hub_id_offline_and_missing_folder(tiny_model_config, hub_cache, tmp_path):
+    cfg = dataclasses.replace(tiny_model_config.backbone, pretrained="org/missing")
+    with pytest.raises(SdatcError) as e:
+        load_backbone(cfg)
+    msg = str(e.value)
+    assert "\n" not in msg and "HF_HUB_OFFLINE" in msg and "org/missing@main" in msg
+    assert "local diffusers folder (unet/ vae/ scheduler/" in msg and "Hub id" in msg and str(tmp_path / "hf") in msg
+    with pytest.raises(SdatcError, match="SD 2.1 folder not found: .*nope; get Stable Diffusion 2.1-base"):
+        load_backbone(dataclasses.replace(cfg, pretrained=str(tmp_path / "nope")))
+
+
+def test_online_hub_id_fetches_only_what_sdatc_needs(tiny_model_config, hub_cache, monkeypatch, capsys):
+    snapshot = hub_cache[0]
+    import huggingface_hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    calls = []
+
+    def fake_snapshot_download(repo_id, **kwargs):
+        calls.append((repo_id, kwargs))
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    cfg = dataclasses.replace(tiny_model_config.backbone, pretrained="org/name@v1")
+    assert resolve_pretrained(cfg) == snapshot and resolve_pretrained(cfg) == snapshot  # resolved once
+    assert len(calls) == 1 and capsys.readouterr().out.startswith("fetching org/name@v1 from the Hugging Face Hub")
+    repo, kw = calls[0]
+    assert repo == "org/name" and kw["revision"] == "v1" and kw["local_files_only"] is False
+    assert kw["cache_dir"] == str(snapshot.parents[2])
+    pats = kw["allow_patterns"]
+    assert {"unet/diffusion_pytorch_model.safetensors", "vae/config.json", "scheduler/scheduler_config.json",
+            "text_encoder/model.safetensors", "tokenizer/*"} <= set(pats)
+    assert not any(p.endswith((".bin", ".ckpt")) or "fp16" in p for p in pats)
+    assert bb_mod.hub_offline() is False
