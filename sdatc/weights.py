@@ -1,6 +1,8 @@
 """The offline weights folder: which files each component needs, where they go, whether they are there.
 
-Nothing is ever downloaded. Get the files once (on a machine with a network) and lay them out as
+Nothing is downloaded at run time. ``scripts/check_weights.py --fetch`` (:func:`fetch_missing`) gets
+the missing metric and RAFT files from their official URLs, checking each hash; or get them by hand
+(on a machine with a network) and lay them out as
 
     <root>/hub/pyiqa/         LPIPS_v0.1_alex-df73285e.pth  DISTS_weights-f5e65c96.pth
                               pt_inception-2015-12-05-6726825d.pth  niqe_modelparameters.mat  ckpt_koniq10k.pt
@@ -20,14 +22,20 @@ needs no timm ViT file: ``ckpt_koniq10k.pt`` holds the whole network and is load
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 from sdatc.errors import SdatcError
-from sdatc.utils import sha256_file
+from sdatc.utils import atomic_path, sha256_file
 
 ENV_WEIGHTS = "SDATC_WEIGHTS"
 ENV_SD21 = "SDATC_SD21_PATH"  # same variable as sdatc.models.backbone.ENV_SD21
+ENV_MIRROR = "SDATC_WEIGHTS_MIRROR"  # base URL replacing the host of every download (check_weights.py --fetch)
 SD21_DIR = "stable-diffusion-2-1-base"
 SDATC_DIR = "sdatc"
 PYIQA_URL = "https://huggingface.co/chaofengc/IQA-PyTorch-Weights/resolve/main/"
@@ -42,7 +50,8 @@ class WeightsMissing(SdatcError):
 class WeightFile:
     """One file of the weights folder.
 
-    ``sha256_prefix`` is the torch-hub style hash in the name (``name-<first 8 hex of sha256>.ext``);
+    ``sha256`` is the full hash where one is known; ``sha256_prefix`` the torch-hub style hash in the
+    name (``name-<first 8 hex of sha256>.ext``); ``hash_note`` says where the hash comes from.
     ``verified`` says whether the loader itself rejects a file whose hash differs (torchvision and
     CLIP do; pyiqa does not, so a mismatch there is only reported).
     """
@@ -54,34 +63,49 @@ class WeightFile:
     sha256: str | None = None
     sha256_prefix: str | None = None
     verified: bool = False
+    hash_note: str = ""
 
     def path(self, root: Path) -> Path:
         return root / self.subdir / self.name
 
 
-def _pyiqa(name: str, used_by: tuple[str, ...], prefix: str | None = None) -> WeightFile:
-    return WeightFile(name, "hub/pyiqa", used_by, PYIQA_URL + name, sha256_prefix=prefix)
+_PREFIX_NOTE = "prefix only: torch hub's name convention (first 8 hex of the sha256); no full hash published"
+_NO_HASH_NOTE = "none known: only the download's length is checked (its sha256 is printed, to pin it)"
+
+
+def _pyiqa(name: str, used_by: tuple[str, ...], prefix: str | None = None, sha256: str | None = None,
+           note: str = _NO_HASH_NOTE) -> WeightFile:
+    return WeightFile(name, "hub/pyiqa", used_by, PYIQA_URL + name, sha256=sha256, sha256_prefix=prefix, hash_note=note)
 
 
 def _torchvision(name: str, used_by: tuple[str, ...], prefix: str) -> WeightFile:
-    return WeightFile(name, "hub/checkpoints", used_by, TORCHVISION_URL + name, sha256_prefix=prefix, verified=True)
+    return WeightFile(name, "hub/checkpoints", used_by, TORCHVISION_URL + name, sha256_prefix=prefix, verified=True,
+                      hash_note=_PREFIX_NOTE)
 
 
 RAFT_FILE = _torchvision("raft_large_C_T_SKHT_V2-ff5fadd5.pth", ("warping_error", "flow guidance"), "ff5fadd5")
 CLIP_RN50_SHA256 = "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762"
 
 # Files per metric (the metric names of sdatc.metrics); RAFT is also used by inference's flow guidance.
+# The one table of URLs and hashes: check_weights.py checks present files against it, --fetch downloads.
 METRIC_FILES: dict[str, tuple[WeightFile, ...]] = {
-    "lpips": (_pyiqa("LPIPS_v0.1_alex-df73285e.pth", ("lpips", "tlp"), "df73285e"),
+    "lpips": (_pyiqa("LPIPS_v0.1_alex-df73285e.pth", ("lpips", "tlp"), "df73285e",
+                     "df73285e35b22355a2df87cdb6b70b343713b667eddbda73e1977e0c860835c0",
+                     "full: computed from the identical weights/v0.1/alex.pth in the lpips wheel"),
               _torchvision("alexnet-owt-7be5be79.pth", ("lpips", "tlp"), "7be5be79")),
-    "dists": (_pyiqa("DISTS_weights-f5e65c96.pth", ("dists",), "f5e65c96"),
+    "dists": (_pyiqa("DISTS_weights-f5e65c96.pth", ("dists",), "f5e65c96",
+                     "f5e65c96230b7f6ca995691647d482237e4cab8a50c5c4a5784f219ef0748218",
+                     "full: the published sha256 of DISTS' official weights.pt (this file renamed; name prefix agrees)"),
               _torchvision("vgg16-397923af.pth", ("dists",), "397923af")),
-    "fid": (_pyiqa("pt_inception-2015-12-05-6726825d.pth", ("fid",), "6726825d"),),
+    "fid": (_pyiqa("pt_inception-2015-12-05-6726825d.pth", ("fid",), "6726825d",
+                   "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2",
+                   "full: the published sha256 of pytorch-fid's release file of the same name (95,628,359 bytes)"),),
     "niqe": (_pyiqa("niqe_modelparameters.mat", ("niqe",)),),
     "maniqa": (_pyiqa("ckpt_koniq10k.pt", ("maniqa",)),),
     "clipiqa": (WeightFile("RN50.pt", "hub/clip", ("clipiqa",),
                            f"https://openaipublic.azureedge.net/clip/models/{CLIP_RN50_SHA256}/RN50.pt",
-                           sha256=CLIP_RN50_SHA256, verified=True),),
+                           sha256=CLIP_RN50_SHA256, verified=True,
+                           hash_note="full: in CLIP's own URL, checked by clip.load"),),
     "warping_error": (RAFT_FILE,),
 }
 METRIC_FILES["tlp"] = METRIC_FILES["lpips"]
@@ -202,3 +226,99 @@ def format_rows(rows: list[dict]) -> str:
                  r["status"].ljust(widths["status"]), r["location"], digest]
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)
+
+
+# ---- check_weights.py --fetch: the only place that downloads ----------------------------------------
+
+class FetchFailed(SdatcError):
+    """One file could not be fetched (HTTP error, short read, wrong hash); nothing was left behind."""
+
+
+def weight_files() -> list[WeightFile]:
+    """Every metric / RAFT file once (LPIPS' files serve lpips and tlp)."""
+    out: dict[str, WeightFile] = {}
+    for files in METRIC_FILES.values():
+        for f in files:
+            out.setdefault(f"{f.subdir}/{f.name}", f)
+    return list(out.values())
+
+
+def mirrored(url: str, mirror: str | None) -> str:
+    """``url`` with its scheme and host replaced by ``mirror`` (``https://host[/prefix]``); the path is kept."""
+    if not mirror:
+        return url
+    m = urllib.parse.urlsplit(mirror)
+    if m.scheme not in ("http", "https") or not m.netloc:
+        raise SdatcError(f"weights mirror must be a URL like https://host[/prefix], got {mirror!r}")
+    u = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit((m.scheme, m.netloc, m.path.rstrip("/") + u.path, u.query, ""))
+
+
+def fetch_missing(root: Path, mirror: str | None = None, progress: bool = True) -> dict:
+    """Download every missing metric / RAFT file of :data:`METRIC_FILES` into ``root``, checking its hash.
+
+    Present files are left as they are (never re-downloaded). Each download goes to a hidden temporary
+    name beside its place and is renamed only once its sha256 (full, else the name's prefix) matches;
+    any failure deletes it, is printed in one line (stderr) and the next file is tried. ``mirror``
+    (else $SDATC_WEIGHTS_MIRROR) replaces scheme and host of every URL. Returns lists of file names
+    ``{"fetched", "present", "failed"}`` and the failures' one-line ``"errors"``.
+    """
+    mirror = mirror or os.environ.get(ENV_MIRROR) or None
+    report: dict[str, list[str]] = {"fetched": [], "present": [], "failed": [], "errors": []}
+    for f in weight_files():
+        path = f.path(root)
+        if path.is_file():
+            report["present"].append(f.name)
+            continue
+        url = mirrored(f.url, mirror)
+        try:
+            digest = _download(f, url, path, progress)
+        except FetchFailed as e:
+            print(f"error: {e}", file=sys.stderr)
+            report["failed"].append(f.name)
+            report["errors"].append(str(e))
+            continue
+        known = "sha256 ok" if f.sha256 else "sha256 prefix ok" if f.sha256_prefix else "no known hash"
+        print(f"fetched {f.name} -> {path} ({known}: {digest})")
+        report["fetched"].append(f.name)
+    return report
+
+
+def _download(f: WeightFile, url: str, path: Path, progress: bool) -> str:
+    """Stream ``url`` to a temporary sibling of ``path``; rename it there only if it is whole and its hash matches."""
+    from tqdm import tqdm
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    request = urllib.request.Request(url, headers={"User-Agent": "sdatc-check-weights"})
+    try:
+        with atomic_path(path, keep_suffix=False) as tmp, urllib.request.urlopen(request, timeout=60) as response:
+            kind = response.headers.get("Content-Type", "")
+            if kind.startswith("text/html"):
+                raise FetchFailed(f"{f.name}: {url} returned a web page (text/html), not the file")
+            length = response.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+            h = hashlib.sha256()
+            size = 0
+            with open(tmp, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                                              desc=f.name, leave=False, disable=not progress) as bar:
+                while block := response.read(1 << 20):
+                    out.write(block)
+                    h.update(block)
+                    size += len(block)
+                    bar.update(len(block))
+                out.flush()
+                os.fsync(out.fileno())
+            if total is not None and size != total:
+                raise FetchFailed(f"{f.name}: incomplete download from {url}: {size} of {total} bytes")
+            digest = h.hexdigest()
+            expected = f.sha256 or f.sha256_prefix
+            if expected and not digest.startswith(expected):
+                shown = expected if f.sha256 else f"{expected}..."
+                raise FetchFailed(f"{f.name}: sha256 mismatch: expected {shown}, got {digest} (from {url}); not kept")
+    except urllib.error.HTTPError as e:
+        raise FetchFailed(f"{f.name}: HTTP {e.code} {e.reason} from {url}") from None
+    except urllib.error.URLError as e:
+        raise FetchFailed(f"{f.name}: cannot reach {url}: {e.reason}") from None
+    except (OSError, ValueError) as e:  # connection reset, timeout, malformed response
+        raise FetchFailed(f"{f.name}: download from {url} failed: {e}") from None
+    return digest
