@@ -4,7 +4,7 @@
     python scripts/make_testsets.py --gt-root clip.mp4 --out testsets/mine --crf 25 --fps 10
     python scripts/make_testsets.py --gt-root datasets/REDS/train_sharp --out testsets/REDS4 clip_list=reds4
 
-GT is a folder of clip folders (frames), a video file, or a folder of videos. See EVALUATION.md.
+GT is a folder of clip folders (frames), a video file, or a folder of videos. See docs/evaluation.md.
 """
 
 import argparse

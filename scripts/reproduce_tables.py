@@ -5,10 +5,11 @@
     python scripts/reproduce_tables.py --config configs/eval/tables.yaml data_root=datasets sets=[REDS4] crf=[25] \
         methods=[bicubic,sdatc] weights=weights/ runtime=true
 
-Writes OUT/per_clip.csv, OUT/summary.csv (paper_tables.csv columns), OUT/tables.json (versions,
-metric variants, seeds, steps, manifest hashes), OUT/tables.md (the paper's layout, its numbers
-beside ours and the difference), OUT/figures/ (OUT = results/tables by default); restored frames in
-results/<method>/<set>/crf<q>/<clip>/. Rerunning resumes: finished clips are not recomputed.
+Writes OUT/per_clip.csv, OUT/summary.csv (the columns of sdatc/reference/paper_tables.csv),
+OUT/tables.json (versions, metric variants, seeds, steps, manifest hashes), OUT/tables.md (the
+paper's layout, its numbers beside ours and the difference), OUT/figures/ (OUT = results/tables by
+default); restored frames in results/<method>/<set>/crf<q>/<clip>/. Rerunning resumes: finished
+clips are not recomputed. The protocol: docs/evaluation.md.
 Weights: python scripts/check_weights.py. Missing metric weights or methods are skipped, with the reason.
 """
 

@@ -1,4 +1,4 @@
-"""Build the compressed x4 test sets (EVALUATION.md): BIx4 LR, x264 CRF mp4s, decoded PNGs, manifest.
+"""Build the compressed x4 test sets (docs/evaluation.md): BIx4 LR, x264 CRF mp4s, decoded PNGs, manifest.
 
     OUT/GT/<clip>/%08d.png            (only when GT came as video files: frames extracted first)
     OUT/BIx4/<clip>/%08d.png          MATLAB bicubic 1/4 of GT

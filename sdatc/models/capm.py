@@ -52,7 +52,7 @@ class CAPMConfig:
     prompt_dim: int = 32
     prompt_size: int = 32
     max_width: int = 512
-    cnn_width: int = 144  # sized so the trainable total lands on the paper's 135.1 M (ARCHITECTURE.md 4)
+    cnn_width: int = 144  # sized so the trainable total lands on the paper's 135.1 M (docs/architecture.md 4)
     num_heads: int = 8
     ffn_expansion: float = 2.66
     weight_norm: WeightNorm = "none"

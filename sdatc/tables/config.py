@@ -8,7 +8,7 @@ from typing import Literal
 # The paper's test sets: name -> packaged clip list (sdatc/data/clip_lists) and paper table.
 SETS = {"REDS4": "reds4", "Vid4": "vid4", "UDM10": "udm10"}
 TABLE_OF_SET = {"REDS4": "I", "Vid4": "I", "UDM10": "II"}
-# Column order of ../reference/paper_tables.csv, then our additions.
+# Column order of sdatc/reference/paper_tables.csv, then our additions.
 TABLE_METRICS = ("psnr_y", "ssim_y", "lpips", "dists", "fid", "niqe", "maniqa", "clipiqa")
 EXTRA_METRICS = ("vmaf", "warping_error", "tlp", "tof")
 

@@ -1,4 +1,4 @@
-"""The paper's published numbers (sdatc/reference/paper_tables.csv, a copy of the project's reference).
+"""The paper's published numbers, shipped with the package as sdatc/reference/paper_tables.csv.
 
 The file holds three CSV blocks, each with its own header line: Tables I/II (per set, CRF, method),
 Table III (parameters and runtime per method) and Table VII (VMAF etc. on REDS4 at CRF 25).

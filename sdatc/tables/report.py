@@ -1,6 +1,6 @@
 """The reproduction's outputs: per-clip and summary CSV, the JSON sidecar, the Markdown tables.
 
-summary.csv has the columns of ../reference/paper_tables.csv (``table,dataset,crf,method,psnr_y,...,
+summary.csv has the columns of sdatc/reference/paper_tables.csv (``table,dataset,crf,method,psnr_y,...,
 clipiqa``) then ``vmaf,warping_error,tlp,tof,clips,frames``. A metric whose weights are missing is
 ``missing``; one not asked for is empty. A (set, CRF, method) group appears only when every clip of
 it is scored.
@@ -190,7 +190,7 @@ def markdown(cfg: TablesConfig, summary: list[dict], meta: dict) -> str:
     lines = ["# SDATC tables: paper vs this run", "",
              f"Created {meta['created']} with sdatc {meta['versions']['sdatc']} (git {meta['versions']['git'] or 'unknown'}), "
              f"torch {meta['versions']['torch']}, pyiqa {meta['versions']['pyiqa']}, {meta['versions']['ffmpeg']}, "
-             f"{', '.join(meta['versions']['x264']) or 'x264 unknown'}. Protocol: ../shared/design/EVALUATION.md; "
+             f"{', '.join(meta['versions']['x264']) or 'x264 unknown'}. Protocol: docs/evaluation.md of sdatc; "
              "every setting is in tables.json.", ""]
     if not cfg.official_clips or cfg.max_frames is not None:
         what = [*(["not the paper's clip lists"] if not cfg.official_clips else []),

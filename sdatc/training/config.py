@@ -9,7 +9,7 @@ from sdatc.data.datasets import TrainDataConfig
 from sdatc.pipelines.flow import FlowConfig
 from sdatc.training.latents import LatentsConfig
 
-# The new modules each stage trains (ARCHITECTURE.md section 5); the rest stays frozen.
+# The new modules each stage trains (docs/architecture.md section 5); the rest stays frozen.
 STAGE_MODULES = {0: ("dcm",), 1: ("dcm", "guidance", "capm_unet"), 2: ("cfw", "stam", "capm_vae")}
 
 
