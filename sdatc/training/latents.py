@@ -53,12 +53,12 @@ def shard_name(k: int) -> str:
 
 def plan(cfg) -> dict:
     """What the latents depend on (compared on every rerun and by stage 2): a TrainConfig ``cfg``."""
-    from sdatc.training.trainer import _model_config
+    from sdatc.training.checkpoints import model_config
 
     lat = cfg.latents
     init = [{"path": str(p), "sha256": sha256_file(_weights_file(p))} for p in cfg.init]
     return {"format": FORMAT, "num_samples": lat.num_samples, "shard_size": lat.shard_size, "steps": lat.steps,
-            "seed": lat.seed, "stage1": init, "model": to_dict(_model_config(cfg)), "data": to_dict(cfg.data),
+            "seed": lat.seed, "stage1": init, "model": to_dict(model_config(cfg)), "data": to_dict(cfg.data),
             "flow": to_dict(cfg.flow), "mixed_precision": cfg.mixed_precision}
 
 

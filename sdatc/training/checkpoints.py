@@ -1,0 +1,125 @@
+"""Training checkpoints on disk: the run's position, finding and checking the one to resume from,
+and writing one atomically (a hidden temporary folder renamed when complete)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from sdatc.config import REPO_ROOT, dump_config, load_config, to_dict
+from sdatc.errors import SdatcError
+from sdatc.models.sdatc import CONFIG_NAME, WEIGHTS_NAME, ModelConfig
+from sdatc.training.config import TrainConfig
+from sdatc.utils import atomic_write_text
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+class TrainState:
+    """Step and data position (samples consumed by all processes), saved with every checkpoint."""
+
+    def __init__(self):
+        self.step, self.position = 0, 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.position = int(state["step"]), int(state["position"])
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete ``checkpoint-<step>`` folders, oldest first (temporary folders are ignored)."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    found = [p for p in out.iterdir() if p.is_dir() and CHECKPOINT_RE.match(p.name)]
+    return sorted(found, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))
+
+
+def resolve_resume(cfg: TrainConfig) -> Path | None:
+    """The checkpoint to resume from, checked against this config before any compute."""
+    if cfg.resume is None:
+        return None
+    if cfg.resume == "latest":
+        found = list_checkpoints(cfg.output_dir)
+        if not found:
+            print(f"resume=latest: no checkpoint in {cfg.output_dir}, starting a new run")
+            return None
+        path = found[-1]
+    else:
+        path = Path(cfg.resume)
+        if not path.is_dir():
+            raise SdatcError(f"resume checkpoint not found: {path} (a checkpoint-<step> folder, or resume=latest)")
+    saved = path / "train_config.yaml"
+    if not saved.is_file():
+        raise SdatcError(f"{path} is not a training checkpoint of sdatc (no train_config.yaml)")
+    old = load_config(TrainConfig, saved)
+    mine = model_config(cfg)
+    theirs = load_config(ModelConfig, path / CONFIG_NAME)
+    if old.stage != cfg.stage or to_dict(theirs) != to_dict(mine):
+        what = "stage" if old.stage != cfg.stage else "model config"
+        raise SdatcError(f"checkpoint {path} comes from another config ({what} differs: stage {old.stage}, "
+                         f"model {old.model}); resume it with its own train_config.yaml")
+    return path
+
+
+def _git_revision() -> str | None:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=10)
+        return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if rev.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def model_config(cfg: TrainConfig) -> ModelConfig:
+    overrides = list(cfg.model_overrides) + ([f"backbone.pretrained={cfg.pretrained}"] if cfg.pretrained else [])
+    return load_config(ModelConfig, cfg.model, overrides)
+
+
+
+def save_checkpoint(acc, cfg: TrainConfig, mcfg: ModelConfig, step: int, out: Path, trainable_state, ema, params) -> Path:
+    """Full state into a temporary folder, renamed to ``checkpoint-<step>`` when complete."""
+    final, tmp = out / f"checkpoint-{step}", out / f".checkpoint-{step}.tmp"
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp))
+    acc.wait_for_everyone()  # every process has written its RNG state before the folder is renamed
+    if acc.is_main_process:
+        save_file(trainable_state(), str(tmp / WEIGHTS_NAME), metadata={"format": "sdatc/1", "step": str(step)})
+        if ema is not None:
+            ema.store(params)
+            ema.copy_to(params)
+            (tmp / "ema").mkdir(exist_ok=True)
+            save_file(trainable_state(), str(tmp / "ema" / WEIGHTS_NAME), metadata={"format": "sdatc/1", "step": str(step)})
+            dump_config(mcfg, tmp / "ema" / CONFIG_NAME)
+            ema.restore(params)
+        dump_config(mcfg, tmp / CONFIG_NAME)
+        dump_config(cfg, tmp / "train_config.yaml")
+        atomic_write_text(tmp / "info.json", json.dumps({"step": step, "git": _git_revision(), "stage": cfg.stage,
+                                                         "time": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        if cfg.checkpoints_total_limit is not None:
+            for old in list_checkpoints(out)[: -cfg.checkpoints_total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
+    return final
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop log lines after ``step`` (written after the checkpoint a run resumes from)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
