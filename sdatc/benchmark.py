@@ -150,7 +150,7 @@ def bench_train(cfg, steps: int) -> dict:
     cuda = torch.cuda.is_available()
     return {
         "config": None, "stage": cfg.stage, "model": cfg.model, "steps": steps, "batch_size": cfg.batch_size,
-        "num_frames": cfg.data.num_frames, "gt_size": cfg.data.gt_size, "mixed_precision": cfg.mixed_precision if cuda else "no",
+        "num_frames": cfg.data.num_frames, "gt_size": cfg.data.gt_size, "mixed_precision": summary["precision"],
         "gradient_checkpointing": cfg.gradient_checkpointing, "trainable_params": summary["trainable_params"],
         "seconds_per_step": secs[len(secs) // 2], "first_step_seconds": log[0]["sec_per_step"],
         "samples_per_s": cfg.batch_size / secs[len(secs) // 2],

@@ -64,14 +64,13 @@ class Validator:
 
 
 def dcm_restorer(dcm, device, dtype: torch.dtype = torch.float32):
-    """``restore`` for stage 0: the DCM alone, frame by frame (under the run's autocast dtype)."""
-    device = torch.device(device)
+    """``restore`` for stage 0: the DCM alone, as ``infer.py mode=dcm`` runs it (the run's dtype)."""
+    from sdatc.pipelines.restore import DCMPipeline, PipelineConfig, TilingConfig
+
+    pipe = DCMPipeline(dcm, PipelineConfig(tiling=TilingConfig(mode="off")), device=device, dtype=dtype, progress=False)
 
     def restore(lq: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(lq).permute(0, 3, 1, 2).float().div(255).to(device)  # (T, 3, h, w)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            y = torch.cat([dcm(f[None]) for f in x]).float().clamp(0, 1)  # (T, 3, 4h, 4w)
-        return (y * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        return np.stack(list(pipe.restore(list(lq), len(lq))))
 
     return restore
 
