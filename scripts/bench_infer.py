@@ -5,14 +5,19 @@
         allow_random_weights=true pipeline.sampler.steps=2 --json bench_sd21.json
 
 Also measures the peak-memory ratio of a 64-frame clip over a 16-frame clip (each in a fresh
-process; streaming keeps it near 1) unless --no-memory-ratio.
+process; streaming keeps it near 1) unless --no-memory-ratio. ``--versus CONFIG [--versus-set K=V ...]``
+benchmarks a second config at the same size in the same run and reports the ratios, e.g. UltraVSR
+against SDATC at 50 steps:
+
+    python scripts/bench_infer.py --config configs/infer/ultravsr_tiny.yaml --versus configs/infer/tiny.yaml \
+        --versus-set pipeline.sampler.steps=50 --frames 8 --no-memory-ratio --json bench_versus.json
 """
 
 import argparse
 import json
 import sys
 
-from sdatc.config import add_config_arguments, config_from_args
+from sdatc.config import add_config_arguments, config_from_args, load_config
 from sdatc.errors import run_cli
 from sdatc.inference import InferConfig
 from sdatc.utils import report_json
@@ -28,6 +33,8 @@ def main(argv=None) -> int:
     p.add_argument("--frames", type=int, default=16, help="frames in the timed clip (default 16)")
     p.add_argument("--json", help="write the result here")
     p.add_argument("--no-memory-ratio", action="store_true", help="skip the 64/16-frame memory ratio")
+    p.add_argument("--versus", help="a second infer config to benchmark at the same size (ratios reported)")
+    p.add_argument("--versus-set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides of --versus")
     p.add_argument("--single", action="store_true", help=argparse.SUPPRESS)  # child process mode
     args = p.parse_args(argv)
     cfg = config_from_args(InferConfig, args)
@@ -39,6 +46,11 @@ def main(argv=None) -> int:
     result["overrides"] = args.overrides
     if not args.no_memory_ratio:
         result.update(memory_ratio(sys.argv[0] if argv is None else __file__, args.config, args.overrides, args.height, args.width))
+    if args.versus:
+        other = bench(load_config(InferConfig, args.versus, args.versus_set), args.height, args.width, args.frames)
+        result["versus"] = {"config": args.versus, "overrides": args.versus_set, **other}
+        result["speedup_vs"] = other["seconds_per_frame"] / result["seconds_per_frame"]
+        result["unet_calls_ratio_vs"] = other["unet_calls_per_frame"] / max(result["unet_calls_per_frame"], 1e-9)
     report_json(result, args.json)
     return 0
 

@@ -21,7 +21,7 @@ import torch
 
 from sdatc.config import to_dict
 from sdatc.inference import InferConfig, build_model, make_pipeline, pick_device
-from sdatc.models.report import count_flops
+from sdatc.models.report import count_flops, count_flops_ultravsr
 from sdatc.pipelines.windows import plan_windows
 from sdatc.utils import process_state
 
@@ -73,7 +73,8 @@ def bench(cfg: InferConfig, height: int, width: int, frames: int, seed: int = 0)
     pipe = make_pipeline(model, cfg, device, dtype, progress=False)
     rng = np.random.default_rng(seed)
     clip = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(frames)]
-    warm = min(frames, cfg.pipeline.window.length)
+    win = cfg.ultravsr.window if cfg.mode == "ultravsr" else cfg.pipeline.window
+    warm = min(frames, win.length)
     for _ in pipe.restore(clip[:warm], warm):  # warm-up window
         pass
     pipe.unet_calls = 0
@@ -84,20 +85,24 @@ def bench(cfg: InferConfig, height: int, width: int, frames: int, seed: int = 0)
     _sync(device)
     seconds = time.perf_counter() - t0
     peak = peak_memory_mb(device)
-    windows = plan_windows(frames, cfg.pipeline.window.length, cfg.pipeline.window.stride)
+    windows = plan_windows(frames, win.length, win.stride)
     window_factor = sum(e - s for s, e in windows) / frames  # times each frame is denoised/decoded
     if cfg.mode == "dcm":  # the DCM alone, once per frame
         flops, steps, window_factor = {"dcm": dcm_flops(model, height, width)}, 0, 1.0
+    elif cfg.mode == "ultravsr":  # one step, no DCM (bicubic x4 is not counted)
+        flops, steps = {"dcm": 0, **count_flops_ultravsr(model.cfg, 4 * height, 4 * width)}, 1
     else:
         flops, steps = count_flops(model.cfg, 4 * height, 4 * width), len(pipe.sampler)
     return {
         "input": [height, width], "output": [4 * height, 4 * width], "frames": frames, "frames_out": n_out,
         "seconds_per_frame": seconds / frames, "seconds_total": seconds,
         "peak_memory_mb": peak, "memory_kind": "cuda_max_allocated" if device.type == "cuda" else "peak_rss",
-        "unet_calls_per_frame": pipe.unet_calls / frames, "steps": steps, "window": to_dict(cfg.pipeline.window),
-        "window_factor": window_factor, "tiling": to_dict(cfg.pipeline.tiling),
-        "flops_per_frame": flops["dcm"] + (0 if cfg.mode == "dcm" else flops["vae_encode"] + window_factor * (
-            steps * flops["denoise_step"] + flops["vae_decode"])), "mode": cfg.mode,
+        "unet_calls_per_frame": pipe.unet_calls / frames, "steps": steps, "window": to_dict(win),
+        "window_factor": window_factor,
+        "tiling": to_dict(cfg.ultravsr.tiling if cfg.mode == "ultravsr" else cfg.pipeline.tiling),
+        "flops_per_frame": flops["dcm"] + (0 if cfg.mode == "dcm" else window_factor * (
+            flops["vae_encode"] * (cfg.mode == "ultravsr") + steps * flops["denoise_step"] + flops["vae_decode"])
+            + flops["vae_encode"] * (cfg.mode != "ultravsr")), "mode": cfg.mode,
         "flops_stages": flops, "flow_guidance": getattr(pipe, "raft", None) is not None,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
         "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(), "torch": torch.__version__,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import time
 from pathlib import Path
@@ -28,8 +29,12 @@ from sdatc.errors import SdatcError
 from sdatc.models.backbone import ENV_SD21, SD21_HELP, resolve_pretrained
 from sdatc.models.dcm import DCM
 from sdatc.models.sdatc import CONFIG_NAME, SDATC, WEIGHTS_NAME, ModelConfig
+from sdatc.models.ultravsr import WEIGHTS_NAME as ULTRAVSR_WEIGHTS
+from sdatc.models.ultravsr import UltraVSR, UltraVSRConfig
 from sdatc.pipelines.restore import Bicubic, DCMPipeline, PipelineConfig, RestorePipeline
 from sdatc.pipelines.sampler import respaced_timesteps
+from sdatc.pipelines.sdatc_pipeline import SDATCPipeline
+from sdatc.pipelines.ultravsr import UltraVSRPipelineConfig, UltraVSRRunner
 from sdatc.utils import process_state
 
 
@@ -37,7 +42,7 @@ from sdatc.utils import process_state
 class InferConfig:
     """Settings of ``scripts/infer.py``."""
 
-    mode: Literal["sdatc", "dcm", "bicubic"] = "sdatc"  # dcm: the DCM alone (preview model, DCM-only baseline)
+    mode: Literal["sdatc", "ultravsr", "dcm", "bicubic"] = "sdatc"  # dcm: the DCM alone (preview, DCM-only baseline)
     input: str | None = None  # a video file, a frame folder, or a folder of clips
     output: str | None = None
     model_config: str = "configs/model/sdatc_sd21.yaml"  # used when the checkpoint carries no config.yaml
@@ -45,7 +50,8 @@ class InferConfig:
     pretrained: str | None = None  # SD 2.1-base diffusers folder (else $SDATC_SD21_PATH)
     checkpoint: str | None = None  # trained SDATC modules: a save_pretrained folder or a .safetensors file
     allow_random_weights: bool = False  # run without SD 2.1 / checkpoint weights (tests, smoke runs)
-    pipeline: PipelineConfig = dataclasses.field(default_factory=PipelineConfig)
+    pipeline: PipelineConfig = dataclasses.field(default_factory=PipelineConfig)  # mode sdatc (dcm: its tiling)
+    ultravsr: UltraVSRPipelineConfig = dataclasses.field(default_factory=UltraVSRPipelineConfig)  # mode ultravsr
     device: str = "auto"  # auto: this process's GPU if any, else CPU
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU; bf16 also on CPU
     save_frames: bool = False
@@ -77,6 +83,8 @@ def build_model(cfg: InferConfig) -> SDATC | DCM:
                          f"and {CONFIG_NAME}, as written by train.py, or a .safetensors file)")
     config_file = ckpt / CONFIG_NAME if ckpt is not None and ckpt.is_dir() and (ckpt / CONFIG_NAME).is_file() else cfg.model_config
     overrides = list(cfg.model_overrides) + ([f"backbone.pretrained={cfg.pretrained}"] if cfg.pretrained else [])
+    if cfg.mode == "ultravsr":
+        return _build_ultravsr(cfg, load_config(UltraVSRConfig, config_file, overrides), ckpt)
     model_cfg = load_config(ModelConfig, config_file, overrides)
     if cfg.mode == "dcm":
         return _build_dcm(cfg, model_cfg, ckpt)
@@ -91,6 +99,22 @@ def build_model(cfg: InferConfig) -> SDATC | DCM:
         weights = ckpt / WEIGHTS_NAME if ckpt.is_dir() else ckpt
         if not weights.is_file():
             raise SdatcError(f"no {WEIGHTS_NAME} in {ckpt}")
+        model.load_trainable_state_dict(load_file(weights), str(weights))
+    return model.eval()
+
+
+def _build_ultravsr(cfg: InferConfig, model_cfg: UltraVSRConfig, ckpt: Path | None) -> UltraVSR:
+    if resolve_pretrained(model_cfg.backbone) is None and not cfg.allow_random_weights:
+        raise SdatcError(f"no SD 2.1 weights: set pretrained=PATH or ${ENV_SD21} ({SD21_HELP}); "
+                         "allow_random_weights=true runs random weights for smoke tests")
+    if ckpt is None and not cfg.allow_random_weights:
+        raise SdatcError(f"no trained UltraVSR modules: set checkpoint=PATH (a folder with {ULTRAVSR_WEIGHTS} and "
+                         f"{CONFIG_NAME} from train.py); allow_random_weights=true runs untrained modules")
+    model = UltraVSR.from_config(model_cfg)
+    if ckpt is not None:
+        weights = ckpt / ULTRAVSR_WEIGHTS if ckpt.is_dir() else ckpt
+        if not weights.is_file():
+            raise SdatcError(f"no {ULTRAVSR_WEIGHTS} in {ckpt}")
         model.load_trainable_state_dict(load_file(weights), str(weights))
     return model.eval()
 
@@ -123,6 +147,10 @@ def describe_model(cfg: InferConfig, model, device: torch.device | None = None, 
         return "model: bicubic x4 (MATLAB imresize), the baseline: no weights"
     if cfg.mode == "dcm":
         line = f"model: DCM only ({n / 1e6:.2f} M parameters, no diffusion), weights {weights}"
+    elif cfg.mode == "ultravsr":
+        u = cfg.ultravsr
+        line = (f"model: UltraVSR (one step), SD 2.1 from {model.backbone_source}, modules {weights}, DRS "
+                f"{u.drs.estimator}, windows of {u.window.length}, chunks of {u.chunk_frames or 'all'} frames")
     else:
         s = cfg.pipeline.sampler
         line = (f"model: SDATC, SD 2.1 from {model.backbone_source}, modules {weights}, "
@@ -133,7 +161,7 @@ def describe_model(cfg: InferConfig, model, device: torch.device | None = None, 
     if dtype == torch.float32:
         return f"{line}; fp32{where}"
     name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-    decoder = " (VAE decoder fp32)" if dtype == torch.float16 and cfg.mode == "sdatc" else ""
+    decoder = " (VAE decoder fp32)" if dtype == torch.float16 and cfg.mode in ("sdatc", "ultravsr") else ""
     return f"{line}; {name} autocast{where}{decoder}, fp32 weights"
 
 
@@ -143,6 +171,8 @@ def make_pipeline(model, cfg: InferConfig, device, dtype, progress: bool = True)
         return DCMPipeline(model, untiled, device=device, dtype=torch.float32, progress=progress)
     if cfg.mode == "dcm":
         return DCMPipeline(model, cfg.pipeline, device=device, dtype=dtype, progress=progress)
+    if cfg.mode == "ultravsr":
+        return UltraVSRRunner(model, cfg.ultravsr, device=device, dtype=dtype, progress=progress)
     return RestorePipeline(model, cfg.pipeline, device=device, dtype=dtype, progress=progress)
 
 
@@ -167,23 +197,38 @@ def outputs_of(cfg: InferConfig, name: str) -> list[Path]:
     return [out / f"{name}.mp4"] + ([out / name] if cfg.save_frames else [])
 
 
-def restore_clip(pipe: RestorePipeline, cfg: InferConfig, name: str, src: Path) -> int:
-    """Restore one clip to its outputs; returns the number of frames written."""
-    reader = VideoReader(src, fps=cfg.fps)
-    meta = reader.meta
-    n = len(reader)
-    mp4, *frames_dir = outputs_of(cfg, name)
-    audio = src if cfg.copy_audio and meta.has_audio else None
-    writer = VideoWriter(mp4, fps=meta.rate or cfg.fps, crf=cfg.output_crf, preset=cfg.output_preset, audio_from=audio)
-    frames = FrameWriter(frames_dir[0], overwrite=True) if frames_dir else contextlib.nullcontext()
+def write_restored(stream, src: Path, mp4: Path, frames_dir: Path | None = None, crf: int = 15,
+                   preset: str = "medium", copy_audio: bool = True, fps: float = 25.0, name: str | None = None,
+                   progress: bool = True) -> int:
+    """Restore the clip ``src`` (a video or a frame folder at ``fps``) through ``stream(reader, n)`` into
+    ``mp4`` (and PNGs in ``frames_dir``), each under a temporary name; returns the frames written."""
+    reader = VideoReader(src, fps=fps)
+    meta, n, name = reader.meta, len(reader), name or src.stem
+    audio = src if copy_audio and meta.has_audio else None
+    writer = VideoWriter(mp4, fps=meta.rate or fps, crf=crf, preset=preset, audio_from=audio)
+    frames = FrameWriter(frames_dir, overwrite=True) if frames_dir else contextlib.nullcontext()
     with writer, frames:
-        for frame in tqdm(pipe.restore(reader, n), total=n, desc=name, unit="fr", leave=False, disable=not pipe.progress):
+        for frame in tqdm(stream(reader, n), total=n, desc=name, unit="fr", leave=False, disable=not progress):
             writer.write(frame)
             if frames_dir:
                 frames.write(frame)
         if writer.count != n:
             raise SdatcError(f"{name}: wrote {writer.count} of {n} frames")
     return n
+
+
+def restore_clip(pipe, cfg: InferConfig, name: str, src: Path) -> int:
+    """Restore one clip to its outputs; returns the number of frames written."""
+    mp4, *frames_dir = outputs_of(cfg, name)
+    if isinstance(pipe, SDATCPipeline):
+        stream = pipe.stream
+    elif isinstance(pipe, UltraVSRRunner):  # DRS's bitstream estimator reads the clip's own file
+        stream = functools.partial(pipe.restore, source=src)
+    else:
+        stream = pipe.restore
+    return write_restored(stream, src, mp4, frames_dir[0] if frames_dir else None, crf=cfg.output_crf,
+                          preset=cfg.output_preset, copy_audio=cfg.copy_audio, fps=cfg.fps, name=name,
+                          progress=pipe.progress)
 
 
 def run(cfg: InferConfig, progress: bool = True) -> list[dict]:
@@ -213,12 +258,16 @@ def run(cfg: InferConfig, progress: bool = True) -> list[dict]:
         model = build_model(cfg).to(device)
         if state.is_main_process:
             print(describe_model(cfg, model, device, dtype))
-        pipe = make_pipeline(model, cfg, device, dtype, progress)
+        pipe = (SDATCPipeline(model, cfg.pipeline, device, dtype, progress) if cfg.mode == "sdatc"
+                else make_pipeline(model, cfg, device, dtype, progress))
         for name, path in tqdm(todo, desc=f"clips (rank {state.process_index})", unit="clip", disable=not progress):
             t0 = time.perf_counter()
             row = {"clip": name, "status": "done", "frames": 0, "seconds": 0.0, "rank": state.process_index}
             try:
                 row["frames"] = restore_clip(pipe, cfg, name, path)
+                if isinstance(pipe, UltraVSRRunner) and pipe.last_drs is not None:
+                    d, t, how = pipe.last_drs
+                    row["drs"] = f"d={d:.3f}, t={t} ({how})"
             except Exception as e:  # one bad clip must not stop the others
                 row.update(status="failed", error=str(e) if isinstance(e, SdatcError) else f"{type(e).__name__}: {e}")
             row["seconds"] = time.perf_counter() - t0
@@ -235,7 +284,7 @@ def summary(results: list[dict]) -> str:
     lines = [f"{len(done)} done, {sum(r['status'] == 'skipped' for r in results)} skipped (output exists), "
              f"{len(failed)} failed; {frames} frames, {secs / frames if frames else 0:.2f} s per output frame"]
     for r in results:
-        detail = r.get("error") or f"{r['frames']} frames in {r['seconds']:.1f} s"
+        detail = r.get("error") or f"{r['frames']} frames in {r['seconds']:.1f} s" + (f"; DRS {r['drs']}" if "drs" in r else "")
         lines.append(f"  {r['clip']}: {r['status']} (rank {r['rank']}) {detail if r['status'] != 'skipped' else ''}".rstrip())
     return "\n".join(lines)
 

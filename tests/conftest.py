@@ -73,3 +73,67 @@ def lq_small_clip(tmp_path_factory, bunny_frames) -> Path:
 
     lr = np.stack([bicubic_down(f, 4) for f in bunny_frames[:5, 288:432, 512:768]])
     return write_video(tmp_path_factory.mktemp("small") / "small.mp4", lr, fps=25, crf=30)
+
+
+HUB_REV = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture
+def as_hub_cache():
+    """``as_hub_cache(src, cache, repo)`` lays folder ``src`` out as the Hugging Face hub cache does: blobs/<sha256>,
+    snapshots/REV/<file> -> ../../blobs/<sha256>, refs/main; returns the snapshot folder."""
+    import hashlib
+    import os
+
+    def make(src: Path, cache: Path, repo: str = "org/name") -> Path:
+        repo_dir = cache / ("models--" + repo.replace("/", "--"))
+        (repo_dir / "blobs").mkdir(parents=True)
+        for f in sorted(p for p in src.rglob("*") if p.is_file()):
+            data = f.read_bytes()
+            blob = repo_dir / "blobs" / hashlib.sha256(data).hexdigest()
+            blob.write_bytes(data)
+            link = repo_dir / "snapshots" / HUB_REV / f.relative_to(src)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(os.path.relpath(blob, link.parent))
+        (repo_dir / "refs").mkdir()
+        (repo_dir / "refs" / "main").write_text(HUB_REV)
+        return repo_dir / "snapshots" / HUB_REV
+
+    return make
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any socket connect fails (a test that touches the network fails loudly); $SDATC_SD21_PATH unset."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise OSError("network access in a test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.delenv("SDATC_SD21_PATH", raising=False)
+
+
+@pytest.fixture(scope="session")
+def write_sd_folder():
+    """``write_sd_folder(root, backbone_cfg, seed=5, **scheduler)``: a diffusers-written SD folder (unet/ vae/
+    scheduler/ and the cached empty-prompt embedding; no text encoder needed) with random weights; returns
+    (unet, vae, embeds)."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    from sdatc.models.backbone import EMPTY_PROMPT_FILE
+
+    def make(root: Path, cfg, seed: int = 5, **scheduler):
+        torch.manual_seed(seed)
+        unet, vae = UNet2DConditionModel(**cfg.unet), AutoencoderKL(**cfg.vae)
+        unet.save_pretrained(root / "unet")
+        vae.save_pretrained(root / "vae")
+        sched = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, **scheduler}
+        DDPMScheduler(**sched).save_pretrained(root / "scheduler")
+        embeds = torch.randn(1, 77, cfg.unet["cross_attention_dim"])
+        save_file({"embeds": embeds, "text_encoder_params": torch.tensor([123])}, str(root / EMPTY_PROMPT_FILE))
+        return unet.eval(), vae.eval(), embeds
+
+    return make

@@ -94,11 +94,13 @@ def _config_classes():
     from sdatc.evaluation import EvalConfig
     from sdatc.inference import InferConfig
     from sdatc.models.sdatc import ModelConfig
+    from sdatc.models.ultravsr import UltraVSRConfig
     from sdatc.tables.config import TablesConfig
     from sdatc.training.config import TrainConfig
 
     return {"data": TestSetConfig, "eval": EvalConfig, "model": ModelConfig, "infer": InferConfig,
-            "train": TrainConfig, "eval/tables.yaml": TablesConfig}
+            "train": TrainConfig, "eval/tables.yaml": TablesConfig,
+            "model/ultravsr_sd21.yaml": UltraVSRConfig, "model/ultravsr_tiny.yaml": UltraVSRConfig}
 
 
 def test_every_config_file_loads():

@@ -46,7 +46,8 @@ def restore(config, clip, out, dtype: str, hooks: bool = False) -> tuple[np.ndar
         model = build(c)
         for name, m in model.named_modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
-                stage = next((s for s in SDATC_STAGES if name == s or name.startswith(s + ".")), "other")
+                stage = "cfw" if ".mid.cfw." in name else next(  # CFW sits inside the VAE decoder
+                    (s for s in SDATC_STAGES if name == s or name.startswith(s + ".")), "other")
                 m.register_forward_hook(lambda _m, _a, y, s=stage: seen.setdefault(s, set()).add(y.dtype))
         return model
 

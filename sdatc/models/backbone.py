@@ -130,7 +130,7 @@ def _resolve(cfg: BackboneConfig) -> tuple[Path, str] | None:
         return None
     path = Path(value).expanduser()
     if not path.exists() and HUB_ID.fullmatch(value):
-        path, source = _hub_snapshot(value)
+        path, source = hub_snapshot(value)
     elif not path.is_dir():
         raise SdatcError(f"SD 2.1 folder not found: {path}; {SD21_HELP}")
     else:
@@ -162,18 +162,19 @@ def hub_offline() -> bool:
     return flag.upper() in ("1", "ON", "YES", "TRUE") or constants.HF_HUB_OFFLINE
 
 
-_ONLINE: dict[tuple[str, str | None, str], tuple[Path, str]] = {}  # resolved online once per process
+_ONLINE: dict[tuple, tuple[Path, str]] = {}  # resolved online once per process
 
 
-def _hub_snapshot(value: str) -> tuple[Path, str]:
-    """Snapshot folder of Hub id ``org/name[@revision]`` in the cache; downloads what is missing when online."""
+def hub_snapshot(value: str, patterns: list[str] | None = None) -> tuple[Path, str]:
+    """Snapshot folder of Hub id ``org/name[@revision]`` in the cache; downloads what is missing (the files
+    matching ``patterns``, default: an SD 2.1 folder's) when online."""
     import huggingface_hub
     from huggingface_hub import errors
 
     repo, _, revision = value.partition("@")
     revision = revision or None
     cache, offline = hub_cache_dir(), hub_offline()
-    key = (repo, revision, str(cache))
+    key = (repo, revision, str(cache), tuple(patterns or ()))
     if not offline and key in _ONLINE:
         return _ONLINE[key]
     name = f"{repo}@{revision or 'main'}"
@@ -183,7 +184,7 @@ def _hub_snapshot(value: str) -> tuple[Path, str]:
         print(f"fetching {name} from the Hugging Face Hub into {cache} (configs + safetensors of "
               f"unet/ vae/ scheduler/ text_encoder/ tokenizer/; cached files are not downloaded again)")
     try:
-        folder = huggingface_hub.snapshot_download(repo, revision=revision, allow_patterns=HUB_FILES,
+        folder = huggingface_hub.snapshot_download(repo, revision=revision, allow_patterns=patterns or HUB_FILES,
                                                    cache_dir=str(cache), local_files_only=offline)
     except errors.IncompleteSnapshotError as e:  # a LocalEntryNotFoundError: the cache holds part of the files
         raise SdatcError(f"{name} in the Hugging Face cache {cache} is incomplete: {str(e).splitlines()[0]}") from None

@@ -243,8 +243,8 @@ class CAPM(nn.Module):
         p = F.interpolate(p, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return self.prompt_conv(p)  # (N, C_p, H, W)
 
-    def forward(self, x: Tensor) -> Tensor:
-        # x: (N, C, H, W)
+    def forward(self, x: Tensor, ctx=None) -> Tensor:
+        # x: (N, C, H, W); ctx (a Site's per-call inputs) is not used
         p = self.prompt(x)  # (N, C_p, H, W)
         fused = self.reduce(torch.cat([x, p], dim=1))  # (N, C + C_p, H, W) -> (N, d, H, W)
         fused = self.block(fused)  # (N, d, H, W)

@@ -89,9 +89,10 @@ class CFW(nn.Module):
     Args:
         channels: channels C of both features.
         cfg: hyper-parameters.
+        level: the VAE-encoder level whose feature it fuses when called at a Site (``ctx.enc_feats[level]``).
     """
 
-    def __init__(self, channels: int, cfg: CFWConfig):
+    def __init__(self, channels: int, cfg: CFWConfig, level: int | None = None):
         super().__init__()
         if not isinstance(channels, int) or channels < 1:
             raise ValueError(f"CFW: channels must be a positive int, got {channels!r}")
@@ -101,8 +102,7 @@ class CFW(nn.Module):
                 f"CFW: GroupNorm groups {groups} do not divide channels {channels}; "
                 "set CFWConfig.groups to a divisor"
             )
-        self.channels = channels
-        self.cfg = cfg
+        self.channels, self.cfg, self.level = channels, cfg, level
         self.res_in = _resblock(2 * channels, channels, groups)
         self.rdbs = nn.Sequential(
             *(ResidualDenseBlock(channels, cfg.growth) for _ in range(cfg.num_rdb))
@@ -126,8 +126,12 @@ class CFW(nn.Module):
         x = self.res_out(x, None)  # (N, C, H, W)
         return self.zero_out(x)  # (N, C, H, W)
 
-    def forward(self, dec_feat: Tensor, enc_feat: Tensor, w: float = 1.0) -> Tensor:
-        # dec_feat, enc_feat: (N, C, H, W) -> (N, C, H, W)
+    def forward(self, dec_feat: Tensor, enc_feat: Tensor | None = None, w: float = 1.0, ctx=None) -> Tensor:
+        # dec_feat, enc_feat: (N, C, H, W) -> (N, C, H, W). At a Site: enc_feat, w from ctx (no features: pass)
+        if ctx is not None:
+            if ctx.enc_feats is None:
+                return dec_feat
+            enc_feat, w = ctx.enc_feats[self.level], ctx.cfw_weight
         if isinstance(w, bool) or not isinstance(w, numbers.Real) or not 0.0 <= w <= 1.0:
             raise ValueError(f"CFW: w must be a number in [0, 1], got {w!r}")
         return dec_feat + w * self.fuse(dec_feat, enc_feat)

@@ -30,15 +30,42 @@ def count_flops(cfg, out_h: int = 720, out_w: int = 1280) -> dict:
         return int(fc.get_total_flops())
 
     lq = torch.zeros(1, 3, hp, wp, **meta)
-    out["dcm"] = run(lambda: model.restore(lq))
+    out["dcm"] = run(lambda: model.upscale(lq))
     i_c = torch.zeros(1, 3, hp * s, wp * s, **meta)
     out["vae_encode"] = run(lambda: model.encode(i_c))
     z = torch.zeros(1, 4, hp * s // lat, wp * s // lat, **meta)
     t = torch.zeros(1, dtype=torch.long, **meta)
-    out["denoise_step"] = run(lambda: model.predict_noise(z, t, z))
+    out["denoise_step"] = run(lambda: model.predict(z, t, z))
     _, feats = model.encode(i_c)
     out["vae_decode"] = run(lambda: model.decode(z, feats, num_frames=1))
     out["per_frame_50_steps"] = out["dcm"] + out["vae_encode"] + 50 * out["denoise_step"] + out["vae_decode"]
+    return out
+
+
+def count_flops_ultravsr(cfg, out_h: int = 720, out_w: int = 1280) -> dict:
+    """UltraVSR's FLOPs for one (out_h, out_w) output frame: bicubic x4 (not counted), VAE encode, one UNet
+    call, VAE decode, at the padded size (windows of one frame: RTS's neighbour terms are then zero-cost)."""
+    from sdatc.models.ultravsr import UltraVSR
+
+    with torch.device("meta"):
+        model = UltraVSR.from_config(cfg)
+    h, w = out_h // 4, out_w // 4
+    m = model.pad_multiple
+    hp, wp = h + (-h % m), w + (-w % m)
+    lat = 2 ** (len(model.vae.config.block_out_channels) - 1)
+    out = {"frame": [out_h, out_w], "lr": [h, w], "lr_padded": [hp, wp]}
+
+    def run(fn):
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            fn()
+        return int(fc.get_total_flops())
+
+    img = torch.zeros(1, 3, hp * 4, wp * 4, device="meta")
+    z = torch.zeros(1, 4, hp * 4 // lat, wp * 4 // lat, device="meta")
+    out["vae_encode"] = run(lambda: model.encode(img))
+    out["denoise_step"] = run(lambda: model.predict(z, 500, num_frames=1))
+    out["vae_decode"] = run(lambda: model.decode(z, num_frames=1))
+    out["per_frame_one_step"] = out["vae_encode"] + out["denoise_step"] + out["vae_decode"]
     return out
 
 
@@ -52,6 +79,7 @@ def format_report(report: dict) -> str:
         f = report["flops"]
         rows.append(f"\nFLOPs per {f['frame'][1]}x{f['frame'][0]} output frame (LR {f['lr'][1]}x{f['lr'][0]}, "
                     f"padded {f['lr_padded'][1]}x{f['lr_padded'][0]}):")
-        for k in ("dcm", "vae_encode", "denoise_step", "vae_decode", "per_frame_50_steps"):
-            rows.append(f"  {k:<20}{f[k] / 1e12:>10.2f} TFLOP")
+        for k in ("dcm", "vae_encode", "denoise_step", "vae_decode", "per_frame_50_steps", "per_frame_one_step"):
+            if k in f:
+                rows.append(f"  {k:<20}{f[k] / 1e12:>10.2f} TFLOP")
     return "\n".join(rows)

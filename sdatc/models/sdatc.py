@@ -1,14 +1,16 @@
 """SDATC: the one place that composes the frozen SD 2.1 backbone with the new modules.
 
     model = SDATC.from_config(load_config(ModelConfig, "configs/model/sdatc_tiny.yaml"))
-    i_c = model.restore(lq)                             # (N,3,h,w) [0,1] -> (N,3,4h,4w), DCM
+    i_c = model.upscale(lq)                             # (N,3,h,w) [0,1] -> (N,3,4h,4w), DCM
     z_c, feats = model.encode(i_c)                      # VAE encoder, CFW features
-    out = model.predict_noise(z_t, t, z_c)              # guidance encoder + zero convs + UNet (+ CAPM)
+    out = model.predict(z_t, t, z_c)                    # guidance encoder + zero convs + UNet (+ CAPM)
     x0, eps = split_prediction(out, z_t, model.scheduler.alphas_cumprod[t], model.prediction_type)  # eps or v
     y = model.decode(z_0, feats, num_frames=5, w=0.75)  # VAE decoder + STAM + CAPM + CFW, [-1, 1]
 
 Frames of a window are stacked on the batch axis: N = B * T. Only the new modules train; every SD
-weight is frozen. Modules can be switched off (``enabled.*``) for ablations.
+weight is frozen. Modules can be switched off (``enabled.*``) for ablations. CAPM, STAM and CFW are
+explicit children of the frozen UNet / VAE decoder (:mod:`sdatc.models.sites`), run by the drivers of
+:mod:`sdatc.models.drivers`; ``print(model)`` shows each where it acts. No hooks.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -28,13 +29,16 @@ from sdatc.models.backbone import Backbone, BackboneConfig, load_backbone
 from sdatc.models.capm import CAPM, CAPMConfig
 from sdatc.models.cfw import CFW, CFWConfig
 from sdatc.models.dcm import DCM, DCMConfig
+from sdatc.models.drivers import check_unet, unet_forward, vae_decode, vae_encode
 from sdatc.models.guidance import GuidanceConfig, GuidanceEncoder
 from sdatc.models.prediction import split_prediction
+from sdatc.models.sites import Ctx, Placement, insert, pretrained_modules, sites
 from sdatc.models.stam import STAM, STAMConfig
 
 WEIGHTS_NAME = "sdatc_modules.safetensors"
 CONFIG_NAME = "config.yaml"
 NEW_MODULES = ("dcm", "guidance", "capm_unet", "capm_vae", "stam", "cfw")
+FORMAT = "sdatc/2"  # keys are module paths (unet.up_blocks.0.mid.capm.*); sdatc/1 keys (capm_unet.0.*) load too
 
 
 @dataclasses.dataclass
@@ -69,12 +73,19 @@ class ModelConfig:
 
 
 class SDATC(nn.Module):
-    """Frozen SD 2.1 UNet + VAE with DCM, guidance encoder + zero convs, CAPM, STAM and CFW."""
+    """Frozen SD 2.1 UNet + VAE with DCM, guidance encoder + zero convs, CAPM, STAM and CFW.
+
+    DCM and the guidance encoder are top-level children; CAPM, STAM and CFW sit inside the frozen UNet
+    and VAE decoder as Site children where they act (``unet.up_blocks.0.mid.capm``,
+    ``vae.decoder.up_blocks.1.block.resnets.0.post.stam``): see :mod:`sdatc.models.sites`.
+    ``new_modules()`` also gives them by group (``capm_unet``, ``capm_vae``, ``stam``, ``cfw``).
+    """
 
     def __init__(self, cfg: ModelConfig, backbone: Backbone):
         super().__init__()
         self.cfg, on = cfg, cfg.enabled
         self.unet, self.vae, self.scheduler = backbone.unet, backbone.vae, backbone.scheduler
+        check_unet(self.unet)
         self.prediction_type = self.scheduler.config.prediction_type  # what the UNet predicts: epsilon | v_prediction
         self.backbone_source, self.text_encoder_params = backbone.source, backbone.text_encoder_params
         self.register_buffer("empty_prompt_embeds", backbone.empty_prompt_embeds, persistent=False)
@@ -87,22 +98,30 @@ class SDATC(nn.Module):
 
         self.dcm = DCM(cfg.dcm) if on.dcm else None
         self.guidance = GuidanceEncoder(cfg.guidance, self.unet.config) if on.guidance else None
-        # CAPM at each UNet up level and each VAE-decoder level, at the level's resolution before
-        # its upsampler (PromptIR's placement; 4x cheaper than after it). Widths: reversed channels.
-        self.capm_unet = nn.ModuleList(CAPM(c, cfg.capm) for c in reversed(unet_boc)) if on.capm_unet else None
-        self.capm_vae = nn.ModuleList(CAPM(c, cfg.capm) for c in reversed(vae_boc)) if on.capm_vae else None
-        # STAM after every VAE-decoder ResnetBlock: mid block's first, then each up level's.
-        stam_widths = [vae_boc[-1]] + [c for c in reversed(vae_boc) for _ in range(self.vae.config.layers_per_block + 1)]
-        self.stam = nn.ModuleList(STAM(c, cfg.stam) for c in stam_widths) if on.stam else None
-        self.cfw = nn.ModuleDict({str(lv): CFW(vae_boc[lv], cfg.cfw) for lv in cfg.cfw_levels}) if on.cfw else None
+        # groups in the order of the first checkpoint format (sdatc/1): (old key prefix, module, where, slot)
+        n_vae, per_level = len(vae_boc), self.vae.config.layers_per_block + 1
+        groups: dict[str, list] = {"capm_unet": [], "capm_vae": [], "stam": [], "cfw": []}
+        if on.capm_unet:  # at each UNet up level, before its upsampler (PromptIR's placement)
+            groups["capm_unet"] = [(str(i), CAPM(c, cfg.capm), f"unet.up_blocks.{i}", "mid")
+                                   for i, c in enumerate(reversed(unet_boc))]
+        if on.capm_vae:  # at each VAE-decoder level, after CFW, before its upsampler
+            groups["capm_vae"] = [(str(i), CAPM(c, cfg.capm), f"vae.decoder.up_blocks.{i}", "mid")
+                                  for i, c in enumerate(reversed(vae_boc))]
+        if on.stam:  # after every VAE-decoder ResnetBlock: the mid block's first, then each up level's
+            groups["stam"] = [("0", STAM(vae_boc[-1], cfg.stam), "vae.decoder.mid_block.resnets.0", "post")] + [
+                (str(1 + i * per_level + j), STAM(c, cfg.stam), f"vae.decoder.up_blocks.{i}.resnets.{j}", "post")
+                for i, c in enumerate(reversed(vae_boc)) for j in range(per_level)]
+        if on.cfw:  # at decoder level i = n - 1 - l, the resolution of encoder level l
+            groups["cfw"] = [(str(lv), CFW(vae_boc[lv], cfg.cfw, level=lv), f"vae.decoder.up_blocks.{n_vae - 1 - lv}", "mid")
+                             for lv in cfg.cfw_levels]
+        kinds = {"capm_unet": "capm", "capm_vae": "capm", "stam": "stam", "cfw": "cfw"}
+        order = ("cfw", "capm_unet", "capm_vae", "stam")  # in a mid slot CFW acts before CAPM
+        insert(self, [Placement(where, slot, kinds[g], m) for g in order for _, m, where, slot in groups[g]])
+        path_of = {id(m): name for name, m in self.named_modules()}
+        # old key prefix -> module path, e.g. "stam.1" -> "vae.decoder.up_blocks.0.block.resnets.0.post.stam"
+        self.module_paths = {f"{g}.{k}": path_of[id(m)] for g, items in groups.items() for k, m, _, _ in items}
+        self._groups = {g: [k for k, *_ in items] for g, items in groups.items() if items}
         self.gradient_checkpointing = False
-        self._hooks = []
-        if self.capm_unet is not None:  # at each UNet up level, before its upsampler (as PromptIR)
-            for block, capm in zip(self.unet.up_blocks, self.capm_unet):
-                if block.upsamplers:
-                    self._hooks.append(block.upsamplers[0].register_forward_pre_hook(_input_hook(capm)))
-                else:
-                    self._hooks.append(block.register_forward_hook(_output_hook(capm)))
         self.freeze_pretrained()
 
     # ------------------------------------------------------------------ construction, freezing
@@ -112,29 +131,36 @@ class SDATC(nn.Module):
         return cls(cfg, load_backbone(cfg.backbone))
 
     def new_modules(self) -> dict[str, nn.Module]:
-        """The enabled new (trainable) modules by name."""
-        return {n: getattr(self, n) for n in NEW_MODULES if getattr(self, n) is not None}
+        """The enabled new (trainable) modules by group: ``dcm``, ``guidance`` and views (ModuleList /
+        ModuleDict by level for ``cfw``) of the Site modules, keyed as in the first checkpoint format."""
+        out = {n: getattr(self, n) for n in ("dcm", "guidance") if getattr(self, n) is not None}
+        for g, keys in self._groups.items():
+            mods = {k: self.get_submodule(self.module_paths[f"{g}.{k}"]) for k in keys}
+            out[g] = nn.ModuleDict(mods) if g == "cfw" else nn.ModuleList(mods.values())
+        return {n: out[n] for n in NEW_MODULES if n in out}
+
+    # the Site modules by group (views; None when switched off), e.g. ``for stam in model.stam``
+    capm_unet = property(lambda self: self.new_modules().get("capm_unet"))
+    capm_vae = property(lambda self: self.new_modules().get("capm_vae"))
+    stam = property(lambda self: self.new_modules().get("stam"))
+    cfw = property(lambda self: self.new_modules().get("cfw"))
 
     def freeze_pretrained(self) -> None:
         """Freeze every SD weight; the new modules train."""
-        self.unet.requires_grad_(False)
-        self.vae.requires_grad_(False)
+        self.requires_grad_(False)
         for m in self.new_modules().values():
             m.requires_grad_(True)
 
     def enable_gradient_checkpointing(self) -> None:
-        """Recompute activations in backward: UNet (diffusers), guidance encoder, DCM, and in the VAE each
-        resnet with its STAM, CFW and the decoder-side CAPM."""
+        """Recompute activations in backward: UNet blocks (diffusers), guidance encoder, DCM, the VAE encoder's
+        resnets, and every Site's modules (in the VAE decoder each resnet with its STAM)."""
         self.gradient_checkpointing = True
         self.unet.enable_gradient_checkpointing()
         for m in (self.guidance, self.dcm):
             if m is not None:
                 m.gradient_checkpointing = True
-
-    def _ckpt(self, fn, *args):
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
-        return fn(*args)
+        for _, site in sites(self):
+            site.gradient_checkpointing = True
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for m in self.new_modules().values() for p in m.parameters() if p.requires_grad]
@@ -148,7 +174,7 @@ class SDATC(nn.Module):
 
     # ------------------------------------------------------------------ the four stages
 
-    def restore(self, lq: torch.Tensor) -> torch.Tensor:
+    def upscale(self, lq: torch.Tensor) -> torch.Tensor:
         """(N, 3, h, w) LQ in [0, 1] -> (N, 3, 4h, 4w) I_c: DCM, or bicubic x4 when the DCM is off."""
         if self.dcm is not None:
             return self.dcm(lq)
@@ -157,23 +183,11 @@ class SDATC(nn.Module):
     def encode(self, img: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """VAE encoder on (N, 3, H, W) in [0, 1] -> scaled latent mode (N, 4, H/8, W/8) and the
         features at ``cfw_levels`` (after each level's resblocks, before downsampling)."""
-        enc = self.vae.encoder
-        h = enc.conv_in(img * 2 - 1)  # (N, 128, H, W)
-        feats = {}
-        for level, down in enumerate(enc.down_blocks):
-            for resnet in down.resnets:
-                h = self._ckpt(resnet, h, None)
-            if level in self.cfg.cfw_levels:
-                feats[level] = h  # (N, C_level, H/2^level, W/2^level)
-            for d in down.downsamplers or []:
-                h = d(h)
-        h = enc.conv_out(enc.conv_act(enc.conv_norm_out(enc.mid_block(h))))  # (N, 8, H/8, W/8)
-        if self.vae.quant_conv is not None:
-            h = self.vae.quant_conv(h)
-        mean = h[:, : self.vae.config.latent_channels]  # the posterior mode
-        return mean * self.latent_scale, feats
+        ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        mode, feats = vae_encode(self.vae, img * 2 - 1, self.cfg.cfw_levels, checkpoint=ckpt)
+        return mode * self.latent_scale, feats
 
-    def predict_noise(self, z_t: torch.Tensor, t: torch.Tensor, z_c: torch.Tensor) -> torch.Tensor:
+    def predict(self, z_t: torch.Tensor, t: torch.Tensor, z_c: torch.Tensor) -> torch.Tensor:
         """The UNet output (epsilon or v: ``prediction_type``) for (N, 4, h, w) noisy latents at timesteps
         t (N,) given the condition latent z_c."""
         t = torch.as_tensor(t, device=z_t.device).expand(z_t.shape[0])
@@ -181,8 +195,7 @@ class SDATC(nn.Module):
         down_res, mid_res = (None, None)
         if self.guidance is not None:
             down_res, mid_res = self.guidance(z_t, z_c, t)  # 12 x (N, C_i, h_i, w_i), (N, C_mid, h/8, w/8)
-        return self.unet(z_t, t, encoder_hidden_states=ctx, down_block_additional_residuals=down_res,
-                         mid_block_additional_residual=mid_res, return_dict=False)[0]
+        return unet_forward(self.unet, z_t, t, ctx, Ctx(num_frames=1), down_res, mid_res)
 
     def decode(self, z: torch.Tensor, feats: dict[int, torch.Tensor] | None = None, num_frames: int = 1,
                w: float = 1.0) -> torch.Tensor:
@@ -192,34 +205,11 @@ class SDATC(nn.Module):
             raise SdatcError(f"cannot split a batch of {z.shape[0]} frames into windows of {num_frames}")
         if not 0.0 <= w <= 1.0:  # w: 1 in training; inference passes pipeline.cfw_weight
             raise SdatcError(f"CFW weight w must be in [0, 1], got {w}")
-        dec = self.vae.decoder
-        h = z / self.latent_scale
-        if self.vae.post_quant_conv is not None:
-            h = self.vae.post_quant_conv(h)
-        h = dec.conv_in(h)  # (N, 512, h, w)
-        stam = iter(self.stam) if self.stam is not None else None
-        mid = dec.mid_block
-        h = self._ckpt(_res_stam, mid.resnets[0], _next(stam), h, num_frames)
-        for attn, resnet in zip(mid.attentions, mid.resnets[1:]):
-            h = resnet(attn(h) if attn is not None else h, None)
-        n_levels = len(dec.up_blocks)
-        for i, up in enumerate(dec.up_blocks):
-            for resnet in up.resnets:
-                h = self._ckpt(_res_stam, resnet, _next(stam), h, num_frames)  # (N, C_i, h * 2^i, w * 2^i)
-            level = n_levels - 1 - i  # the encoder level at this resolution
-            if self.cfw is not None and str(level) in self.cfw and feats is not None:
-                h = self._ckpt(self.cfw[str(level)], h, feats[level], w)
-            if self.capm_vae is not None:  # at the level's resolution, before upsampling
-                h = self._ckpt(self.capm_vae[i], h)
-            for u in up.upsamplers or []:
-                h = u(h)
-        return dec.conv_out(dec.conv_act(dec.conv_norm_out(h)))  # (N, 3, 8h, 8w)
+        return vae_decode(self.vae, z / self.latent_scale, Ctx(num_frames=num_frames, enc_feats=feats, cfw_weight=w))
 
-    # ------------------------------------------------------------------ one-pass reconstruction
-
-    def forward(self, lq: torch.Tensor, num_frames: int, t: torch.Tensor | int = 999, noise: torch.Tensor | None = None,
-                w: float = 1.0) -> torch.Tensor:
-        """One denoising pass: (N, 3, h, w) LQ in [0, 1] -> (N, 3, 4h, 4w) in [0, 1] from the x0
+    def reconstruct(self, lq: torch.Tensor, num_frames: int, t: torch.Tensor | int = 999,
+                    noise: torch.Tensor | None = None, w: float = 1.0) -> torch.Tensor:
+        """One denoising pass, for checks: (N, 3, h, w) LQ in [0, 1] -> (N, 3, 4h, 4w) in [0, 1] from the x0
         prediction at timestep t of q_sample(z_c, t). Any LR size: padded (reflect), cropped back."""
         n, _, h, w_ = lq.shape
         m = self.pad_multiple
@@ -227,25 +217,55 @@ class SDATC(nn.Module):
         if ph or pw:
             mode = "reflect" if ph < h and pw < w_ else "replicate"
             lq = F.pad(lq, (0, pw, 0, ph), mode=mode)
-        i_c = self.restore(lq)
-        z_c, feats = self.encode(i_c)
+        z_c, feats = self.encode(self.upscale(lq))
         t = torch.as_tensor(t, device=lq.device).expand(n)
         noise = torch.randn_like(z_c) if noise is None else noise
         z_t = self.scheduler.add_noise(z_c, noise, t)
         a = self.scheduler.alphas_cumprod.to(lq.device)[t]  # (N,)
-        z0, _ = split_prediction(self.predict_noise(z_t, t, z_c), z_t, a, self.prediction_type)
-        z0 = z0.to(z_t.dtype)
-        y = self.decode(z0, feats, num_frames, w)
+        z0, _ = split_prediction(self.predict(z_t, t, z_c), z_t, a, self.prediction_type)
+        y = self.decode(z0.to(z_t.dtype), feats, num_frames, w)
         s = self.cfg.upscale
         return ((y[:, :, : s * h, : s * w_] + 1) / 2).clamp(0, 1)
 
     # ------------------------------------------------------------------ save / load, report
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"{n}.{k}": v.detach().contiguous() for n, m in self.new_modules().items() for k, v in m.state_dict().items()}
+        """The new modules' tensors under their module paths (``dcm.*``, ``guidance.*``,
+        ``unet.up_blocks.0.mid.capm.*``, ...), in group order."""
+        out = {f"{n}.{k}": v for n in ("dcm", "guidance") if getattr(self, n) is not None
+               for k, v in getattr(self, n).state_dict().items()}
+        for path in self.module_paths.values():
+            out |= {f"{path}.{k}": v for k, v in self.get_submodule(path).state_dict().items()}
+        return {k: v.detach().contiguous() for k, v in out.items()}
+
+    def upgrade_keys(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Keys of the first format (``capm_unet.0.x``, ``stam.3.x``, ``cfw.1.x``) as module paths; other keys
+        unchanged. The map comes from this model's config (levels, resnets per level)."""
+        out = {}
+        for k, v in state.items():
+            group, _, rest = k.partition(".")
+            idx, _, tail = rest.partition(".")
+            path = self.module_paths.get(f"{group}.{idx}") if group in ("capm_unet", "capm_vae", "stam", "cfw") else None
+            out[f"{path}.{tail}" if path else k] = v
+        return out
+
+    def group_state_dicts(self, state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+        """A checkpoint (either format) split by group, keyed as ``new_modules()[group].state_dict()``;
+        keys of modules this model does not have are grouped by their first name segment."""
+        old_of = {path: old for old, path in self.module_paths.items()}
+        out: dict[str, dict] = {}
+        for k, v in state.items():
+            if k.startswith("_"):
+                continue
+            path = next((p for p in old_of if k.startswith(p + ".")), None)
+            key = f"{old_of[path]}.{k[len(path) + 1:]}" if path else k
+            group, _, rest = key.partition(".")
+            out.setdefault(group, {})[rest] = v
+        return out
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
-        """Strict: any missing/unexpected key or shape mismatch is an error naming the first few."""
+        """Strict (either format): any missing/unexpected key or shape mismatch is an error naming the first few."""
+        state = self.upgrade_keys(state)
         own = self.trainable_state_dict()
         missing = [k for k in own if k not in state]
         unexpected = [k for k in state if k not in own and not k.startswith("_")]
@@ -260,8 +280,9 @@ class SDATC(nn.Module):
                 k = shapes[0]
                 parts.append(f"{len(shapes)} of another shape (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
             raise SdatcError(f"{source} does not match this model: " + "; ".join(parts))
-        for name, m in self.new_modules().items():
-            m.load_state_dict({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")})
+        modules = self.new_modules()
+        for name, sd in self.group_state_dicts(state).items():
+            modules[name].load_state_dict(sd)
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """``folder/sdatc_modules.safetensors`` (trainable weights + empty-prompt embedding) and
@@ -272,7 +293,7 @@ class SDATC(nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {**self.trainable_state_dict(), "_empty_prompt_embeds": self.empty_prompt_embeds.cpu().contiguous()}
         with atomic_path(folder / WEIGHTS_NAME) as tmp:
-            save_file(tensors, str(tmp), metadata={"format": "sdatc/1"})
+            save_file(tensors, str(tmp), metadata={"format": FORMAT})
         dump_config(self.cfg, folder / CONFIG_NAME)
         return folder
 
@@ -301,10 +322,16 @@ class SDATC(nn.Module):
         zero = count(g.zero_convs) if g is not None else count(None)
         guid = count(g)
         guid = {k: guid[k] - zero[k] for k in guid}
-        modules = {  # CAPMs are hooked onto the UNet, not its submodules: counted once, here
-            "dcm": count(self.dcm), "guidance": guid, "zero_convs": zero, "capm_unet": count(self.capm_unet),
-            "capm_vae": count(self.capm_vae), "stam": count(self.stam), "cfw": count(self.cfw),
-            "unet": count(self.unet), "vae": count(self.vae),
+        new, pretrained = self.new_modules(), set(map(id, pretrained_modules(self)))
+
+        def count_pretrained(m):  # the SD part only: its Site modules are counted in their groups
+            ps = [p for x in m.modules() if id(x) in pretrained for p in x.parameters(recurse=False)]
+            return {"trainable": sum(p.numel() for p in ps if p.requires_grad), "total": sum(p.numel() for p in ps)}
+
+        modules = {
+            "dcm": count(self.dcm), "guidance": guid, "zero_convs": zero,
+            **{g: count(new.get(g)) for g in ("capm_unet", "capm_vae", "stam", "cfw")},
+            "unet": count_pretrained(self.unet), "vae": count_pretrained(self.vae),
             "text_encoder": {"trainable": 0, "total": self.text_encoder_params},
         }
         return {
@@ -313,31 +340,4 @@ class SDATC(nn.Module):
             "modules": modules,
         }
 
-
-def _next(it):
-    return next(it) if it is not None else None
-
-
-def _res_stam(resnet: nn.Module, stam: nn.Module | None, h: torch.Tensor, num_frames: int) -> torch.Tensor:
-    """A frozen VAE ResnetBlock followed by its STAM (when present)."""
-    h = resnet(h, None)
-    return stam(h, num_frames) if stam is not None else h
-
-
-def _output_hook(module: nn.Module):
-    """A forward hook that passes a block's output through ``module``."""
-
-    def hook(_block, _inputs, output):
-        return module(output)
-
-    return hook
-
-
-def _input_hook(module: nn.Module):
-    """A forward pre-hook that passes a block's first input through ``module``."""
-
-    def hook(_block, args):
-        return (module(args[0]), *args[1:])
-
-    return hook
 

@@ -107,8 +107,9 @@ class STAM(nn.Module):
         self.a = nn.Parameter(torch.zeros(()))
         self.b = nn.Parameter(torch.zeros(()))
 
-    def forward(self, x: Tensor, num_frames: int) -> Tensor:
-        # x: (B*T, C, H, W), T = num_frames
+    def forward(self, x: Tensor, num_frames: int | None = None, ctx=None) -> Tensor:
+        # x: (B*T, C, H, W), T = num_frames (or ctx.num_frames at a Site)
+        num_frames = ctx.num_frames if num_frames is None and ctx is not None else num_frames
         self._check_input(x, num_frames)
         t = num_frames
         clip = rearrange(x, "(b t) c h w -> b c t h w", t=t)  # (B, C, T, H, W)

@@ -28,7 +28,7 @@ from sdatc.pipelines.colour import colour_correct
 from sdatc.pipelines.flow import FlowConfig, FlowGuidance, load_raft
 from sdatc.pipelines.sampler import Sampler, SamplerConfig
 from sdatc.pipelines.tiling import tiled_apply
-from sdatc.pipelines.windows import WindowBlender, plan_windows, temporal_weights
+from sdatc.pipelines.windows import FrameFeed, WindowBlender, plan_windows, temporal_weights
 
 
 @dataclasses.dataclass
@@ -113,9 +113,9 @@ class RestorePipeline:
         t = self.cfg.tiling
         with self._autocast():
             if self._tiled(max(lq.shape[-2:]), t.dcm_tile):
-                out = tiled_apply(lambda x, box: self.model.restore(x), lq, t.dcm_tile, t.dcm_overlap)
+                out = tiled_apply(lambda x, box: self.model.upscale(x), lq, t.dcm_tile, t.dcm_overlap)
             else:
-                out = self.model.restore(lq)
+                out = self.model.upscale(lq)
         return out.float().clamp(0, 1)
 
     def _encode(self, img: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
@@ -141,7 +141,7 @@ class RestorePipeline:
         def fn(zt, box):
             self.unet_calls += 1
             zc = z_c if box is None else z_c[..., box[0]:box[1], box[2]:box[3]]
-            return self.model.predict_noise(zt, tt, zc)
+            return self.model.predict(zt, tt, zc)
 
         with self._autocast():
             if self._tiled(max(z.shape[-2:]), cfg.latent_tile):
@@ -172,32 +172,16 @@ class RestorePipeline:
     @torch.no_grad()
     def restore(self, frames: Iterable[np.ndarray], num_frames: int) -> Iterator[np.ndarray]:
         """Stream restored frames (4h, 4w, 3) uint8, in order, for ``num_frames`` input frames."""
-        if num_frames < 1:
-            raise SdatcError("the clip has no frames")
         cfg, dev, up = self.cfg, self.device, self.model.cfg.upscale
+        feed = FrameFeed(frames, num_frames)  # an error for an empty clip
         windows = plan_windows(num_frames, cfg.window.length, min(cfg.window.stride, cfg.window.length))
         blender = WindowBlender(num_frames, windows)
-        source = iter(frames)
-        lq_cache: dict[int, torch.Tensor] = {}  # LR frames still needed, (3, h, w) in [0, 1]
         cond_cache: dict[int, tuple] = {}  # per frame: (z_c, {level: feature}) still needed
         shared: dict[int, list[torch.Tensor]] = {}  # trajectory of frames shared with the next window
-        size = None
         bar = tqdm(windows, desc="windows", unit="win", leave=False, disable=not self.progress)
         for k, (start, end) in enumerate(bar):
-            for i in range(start, end):  # read frames as the window needs them
-                if i not in lq_cache:
-                    try:
-                        frame = next(source)
-                    except StopIteration:
-                        raise SdatcError(f"the clip ended after {i} frames, {num_frames} expected") from None
-                    if size is None:
-                        size = frame.shape[:2]
-                        self._check_size(*size)
-                    elif frame.shape[:2] != size:
-                        raise SdatcError(f"frame {i} is {frame.shape[1]}x{frame.shape[0]}, earlier frames {size[1]}x{size[0]}")
-                    lq_cache[i] = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1).float().div(255)
             idx = list(range(start, end))
-            lq = torch.stack([lq_cache[i] for i in idx]).to(dev)  # (T, 3, h, w)
+            lq = feed.window(start, end).to(dev)  # (T, 3, h, w), frames read as the window needs them
             h, w = lq.shape[-2:]
             lq_p = self._pad(lq)  # (T, 3, h', w') with h', w' multiples of the model's pad multiple
             new = [i for i in idx if i not in cond_cache]
@@ -213,10 +197,8 @@ class RestorePipeline:
             out = colour_correct(out, lq, cfg.colour).clamp(0, 1)
             for _, frame in blender.add(k, out.cpu()):
                 yield (frame * 255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
-            next_start = windows[k + 1][0] if k + 1 < len(windows) else num_frames
-            for i in [i for i in lq_cache if i < next_start]:  # forget what no later window needs
-                del lq_cache[i]
-                cond_cache.pop(i, None)
+            for i in feed.release(windows[k + 1][0] if k + 1 < len(windows) else num_frames):
+                cond_cache.pop(i, None)  # forget what no later window needs
         bar.close()
 
     def _sample(self, idx, z_c, lq_p, weights, shared, windows, k) -> torch.Tensor:

@@ -3,7 +3,7 @@
     sampler = Sampler(SamplerConfig(steps=50), model.scheduler.alphas_cumprod, model.prediction_type)
     z = sampler.start(z_c, noise)                                  # q_sample(z_c, 999)
     for i, t in enumerate(sampler.timesteps):
-        out = model.predict_noise(z, t, z_c)                       # epsilon or v
+        out = model.predict(z, t, z_c)                       # epsilon or v
         z = sampler.step(i, z, out, noise=step_noise)              # posterior sample at the previous timestep
 
 Respacing follows guided-diffusion's ``space_timesteps(1000, [50])``: timesteps round(k * 999 / 49),

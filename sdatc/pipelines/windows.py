@@ -149,3 +149,52 @@ class WindowBlender:
             released.append((f, self._acc.pop(f).to(self._dtype.pop(f))))
             self._next += 1
         return released
+
+
+class FrameFeed:
+    """Reads (h, w, 3) uint8 frames from an iterator as windows ask for them, checks their sizes, and
+    forgets the ones no later window needs (memory flat in clip length).
+
+        feed = FrameFeed(reader, num_frames)
+        lq = feed.window(start, end)          # (T, 3, h, w) float in [0, 1]
+        feed.release(next_start)              # frames before next_start are no longer needed
+    """
+
+    def __init__(self, frames, num_frames: int, min_size: int = 8):
+        from sdatc.errors import SdatcError
+
+        if num_frames < 1:
+            raise SdatcError("the clip has no frames")
+        self.source, self.num_frames, self.min_size = iter(frames), num_frames, min_size
+        self.cache: dict[int, Tensor] = {}
+        self.size: tuple[int, int] | None = None
+
+    def window(self, start: int, end: int) -> Tensor:
+        import numpy as np
+
+        from sdatc.errors import SdatcError
+
+        for i in range(start, end):
+            if i in self.cache:
+                continue
+            try:
+                frame = next(self.source)
+            except StopIteration:
+                raise SdatcError(f"the clip ended after {i} frames, {self.num_frames} expected") from None
+            if self.size is None:
+                self.size = frame.shape[:2]
+                if min(self.size) < self.min_size:
+                    raise SdatcError(f"frames of {frame.shape[1]}x{frame.shape[0]} are too small "
+                                     f"(at least {self.min_size}x{self.min_size} LR pixels)")
+            elif frame.shape[:2] != self.size:
+                raise SdatcError(f"frame {i} is {frame.shape[1]}x{frame.shape[0]}, earlier frames "
+                                 f"{self.size[1]}x{self.size[0]}")
+            self.cache[i] = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1).float().div(255)
+        return torch.stack([self.cache[i] for i in range(start, end)])  # (T, 3, h, w)
+
+    def release(self, before: int) -> list[int]:
+        """Forget frames before ``before``; returns their indices."""
+        gone = [i for i in self.cache if i < before]
+        for i in gone:
+            del self.cache[i]
+        return gone

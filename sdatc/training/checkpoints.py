@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from sdatc.config import REPO_ROOT, dump_config, load_config, to_dict
 from sdatc.errors import SdatcError
-from sdatc.models.sdatc import CONFIG_NAME, WEIGHTS_NAME, ModelConfig
+from sdatc.models.sdatc import CONFIG_NAME, FORMAT, WEIGHTS_NAME, ModelConfig
 from sdatc.training.config import TrainConfig
 from sdatc.utils import atomic_write_text
 
@@ -95,12 +95,12 @@ def save_checkpoint(acc, cfg: TrainConfig, mcfg: ModelConfig, step: int, out: Pa
     acc.save_state(str(tmp))
     acc.wait_for_everyone()  # every process has written its RNG state before the folder is renamed
     if acc.is_main_process:
-        save_file(trainable_state(), str(tmp / WEIGHTS_NAME), metadata={"format": "sdatc/1", "step": str(step)})
+        save_file(trainable_state(), str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT, "step": str(step)})
         if ema is not None:
             ema.store(params)
             ema.copy_to(params)
             (tmp / "ema").mkdir(exist_ok=True)
-            save_file(trainable_state(), str(tmp / "ema" / WEIGHTS_NAME), metadata={"format": "sdatc/1", "step": str(step)})
+            save_file(trainable_state(), str(tmp / "ema" / WEIGHTS_NAME), metadata={"format": FORMAT, "step": str(step)})
             dump_config(mcfg, tmp / "ema" / CONFIG_NAME)
             ema.restore(params)
         dump_config(mcfg, tmp / CONFIG_NAME)

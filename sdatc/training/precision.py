@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from sdatc.errors import SdatcError
+from sdatc.models.sites import cast_pretrained, pretrained_modules
 
 DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -42,7 +43,8 @@ def describe_precision(mp: str) -> str:
 def cast_frozen_backbone(model: nn.Module, dtype: torch.dtype) -> list[str]:
     """Cast SD's own frozen weights (``model.unet``, ``model.vae``) to ``dtype``; returns the parts cast.
 
-    New modules are never cast. With fp16 the VAE decoder (and its post-quant conv) stays fp32."""
+    New modules, including those placed inside the UNet and VAE decoder (Sites), are never cast. With
+    fp16 the VAE decoder (and its post-quant conv) stays fp32."""
     if dtype == torch.float32:
         return []
     parts = {"unet": model.unet, "vae.encoder": model.vae.encoder, "vae.quant_conv": model.vae.quant_conv}
@@ -52,9 +54,9 @@ def cast_frozen_backbone(model: nn.Module, dtype: torch.dtype) -> list[str]:
     for name, part in parts.items():
         if part is None:
             continue
-        if any(p.requires_grad for p in part.parameters()):
-            raise SdatcError(f"{name} has trainable parameters; only frozen SD weights are cast")
-        part.to(dtype)
+        if any(p.requires_grad for m in pretrained_modules(part) for p in m.parameters(recurse=False)):
+            raise SdatcError(f"{name} has trainable SD parameters; only frozen SD weights are cast")
+        cast_pretrained(part, dtype)
         done.append(name)
     return done
 
@@ -79,8 +81,20 @@ class FrozenHelper(nn.Module):
 
 def keep_frozen_in_eval(root: nn.Module) -> None:
     """Put every subtree whose parameters are all frozen into eval mode (dropout, drop-path and
-    BatchNorm of frozen parts must not act as in training); trainable modules keep their mode."""
+    BatchNorm of frozen parts must not act as in training); trainable modules keep their mode. A module
+    without parameters (a dropout, an activation) follows its nearest ancestor that has some: eval
+    when any of that ancestor's parameters is frozen (e.g. inside SD's UNet, which holds Site modules)."""
+    parent: dict[int, nn.Module] = {}
+    for m in root.modules():
+        for child in m.children():
+            parent[id(child)] = m
     for m in root.modules():
         params = list(m.parameters())
         if params and not any(p.requires_grad for p in params):
             m.eval()
+        elif not params:
+            owner = parent.get(id(m))
+            while owner is not None and not any(True for _ in owner.parameters()):
+                owner = parent.get(id(owner))
+            if owner is not None and any(not p.requires_grad for p in owner.parameters()):
+                m.eval()

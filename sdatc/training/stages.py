@@ -78,7 +78,7 @@ class LatentStage(_Stage):
         m, cfg = self.model, self.cfg
         lq, gt = _frames(lq), _frames(gt)  # (N, 3, h, w), (N, 3, 4h, 4w)
         n = lq.shape[0]
-        i_c = m.restore(lq)  # (N, 3, 4h, 4w), trainable DCM
+        i_c = m.upscale(lq)  # (N, 3, 4h, 4w), trainable DCM
         i_enc = clamp_straight_through(i_c)  # what inference encodes: the clamped DCM output
         with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.end_to_end_dcm):
             z_c, _ = m.encode(i_enc if cfg.end_to_end_dcm else i_enc.detach())  # (N, 4, h/2, w/2)
@@ -87,7 +87,7 @@ class LatentStage(_Stage):
         noise = torch.randn_like(z_gt)
         t = torch.randint(0, m.scheduler.config.num_train_timesteps, (n,), device=lq.device)  # one t per frame (A12)
         z_t = m.scheduler.add_noise(z_gt, noise, t)
-        out = m.predict_noise(z_t, t, z_c)  # (N, 4, h/2, w/2): epsilon or v, as the SD folder says
+        out = m.predict(z_t, t, z_c)  # (N, 4, h/2, w/2): epsilon or v, as the SD folder says
         a = m.scheduler.alphas_cumprod.to(z_t.device)[t]
         losses = {"eps_mse": F.mse_loss(out.float(), training_target(z_gt, noise, a, m.prediction_type))}
         if cfg.loss.dcm_l1 > 0:
@@ -110,7 +110,7 @@ class PixelStage(_Stage):
         """Latents (N, 4, H/8, W/8) to decode and the CFW features of the DCM output; ``z``: the
         generated stage-1 latents of the batch (``latent_source: generated``)."""
         m, cfg = self.model, self.cfg
-        z_c, feats = m.encode(m.restore(lq).clamp(0, 1))
+        z_c, feats = m.encode(m.upscale(lq).clamp(0, 1))
         if cfg.latent_source == "generated":
             if z is None:
                 raise ValueError("latent_source=generated needs the batch's generated latents")
@@ -122,7 +122,7 @@ class PixelStage(_Stage):
         t = torch.randint(cfg.proxy_t[0], cfg.proxy_t[1] + 1, (z_gt.shape[0],), device=z_gt.device)
         z_t = m.scheduler.add_noise(z_gt, noise, t)
         a = m.scheduler.alphas_cumprod.to(z_t.device)[t]
-        x0, _ = split_prediction(m.predict_noise(z_t, t, z_c), z_t, a, m.prediction_type)
+        x0, _ = split_prediction(m.predict(z_t, t, z_c), z_t, a, m.prediction_type)
         return x0, feats
 
     @torch.no_grad()

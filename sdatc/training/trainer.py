@@ -39,7 +39,7 @@ from sdatc.data.datasets import VideoClipDataset, make_loader, scan_clips
 from sdatc.errors import SdatcError
 from sdatc.models.backbone import ENV_SD21, SD21_HELP, resolve_pretrained
 from sdatc.models.dcm import DCM, init_as_interpolation, load_swinir_checkpoint
-from sdatc.models.sdatc import NEW_MODULES, SDATC, WEIGHTS_NAME
+from sdatc.models.sdatc import SDATC, WEIGHTS_NAME
 from sdatc.pipelines.flow import RAFT_WEIGHTS_NAME, load_raft
 from sdatc.training.checkpoints import (
     TrainState,
@@ -73,16 +73,19 @@ def _read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
     return load_file(str(file)), str(file)
 
 
-def init_modules(modules: dict[str, torch.nn.Module], paths: list[str]) -> list[str]:
-    """Load each listed checkpoint into the new modules it holds, strictly per module."""
+def init_modules(modules: dict[str, torch.nn.Module], paths: list[str], model: torch.nn.Module | None = None) -> list[str]:
+    """Load each listed checkpoint (either key format) into the new modules it holds, strictly per module."""
     loaded = []
     for path in paths:
         state, where = _read_weights(path)
-        groups: dict[str, dict] = {}
-        for k, v in state.items():
-            if not k.startswith("_"):
-                name, _, rest = k.partition(".")
-                groups.setdefault(name, {})[rest] = v
+        if isinstance(model, SDATC):
+            groups = model.group_state_dicts(state)
+        else:  # the stage-0 DCM: keys dcm.* in both formats
+            groups = {}
+            for k, v in state.items():
+                if not k.startswith("_"):
+                    name, _, rest = k.partition(".")
+                    groups.setdefault(name, {})[rest] = v
         unknown = [n for n in groups if n not in modules]
         if unknown and not any(n in modules for n in groups):
             raise SdatcError(f"{where} holds no module of this model (it has {', '.join(groups)}; the model has {', '.join(modules)})")
@@ -116,7 +119,7 @@ def build_model(cfg: TrainConfig):
                              f"off {', '.join(missing)} (enabled.*)")
     if cfg.dcm_init == "interpolation" and "dcm" in modules:
         init_as_interpolation(modules["dcm"])
-    notes = init_modules(modules, cfg.init)
+    notes = init_modules(modules, cfg.init, model)
     if cfg.swinir_init:
         load_swinir_checkpoint(modules["dcm"], cfg.swinir_init)
         notes.append(f"dcm <- {cfg.swinir_init} (SwinIR)")
@@ -238,8 +241,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     inner = acc.unwrap_model(stage)
 
     def trainable_state() -> dict[str, torch.Tensor]:
-        return {f"{n}.{k}": v.detach().float().cpu().contiguous()
-                for n, m in modules.items() if n in NEW_MODULES for k, v in m.state_dict().items()}
+        state = model.trainable_state_dict() if isinstance(model, SDATC) else {f"dcm.{k}": v for k, v in model.state_dict().items()}
+        return {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
 
     def save_hook(models, weights, output_dir):
         for i in reversed(range(len(models))):
@@ -250,7 +253,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         for i in reversed(range(len(models))):
             if acc.unwrap_model(models[i]) is inner:
                 models.pop(i)
-                init_modules(modules, [input_dir])
+                init_modules(modules, [input_dir], model)
 
     acc.register_save_state_pre_hook(save_hook)
     acc.register_load_state_pre_hook(load_hook)

@@ -1,65 +1,25 @@
 """backbone.pretrained as a Hub repo id: resolved from a hand-made Hugging Face cache, never the network."""
 
 import dataclasses
-import hashlib
-import os
-import socket
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from safetensors.torch import save_file
 
 from sdatc.errors import SdatcError
 from sdatc.models import backbone as bb_mod
-from sdatc.models.backbone import EMPTY_PROMPT_FILE, load_backbone, resolve_pretrained
+from sdatc.models.backbone import load_backbone, resolve_pretrained
 from sdatc.models.sdatc import SDATC
 
-REV = "0123456789abcdef0123456789abcdef01234567"
+REV = "0123456789abcdef0123456789abcdef01234567"  # as conftest.HUB_REV
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise OSError("network access in a test")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.delenv("SDATC_SD21_PATH", raising=False)
-
-
-def _write_sd_folder(cfg, root):
-    """unet/ vae/ scheduler/ and the cached empty-prompt embedding (no text encoder or tokenizer needed)."""
-    torch.manual_seed(5)
-    unet, vae = UNet2DConditionModel(**cfg.unet), AutoencoderKL(**cfg.vae)
-    unet.save_pretrained(root / "unet")
-    vae.save_pretrained(root / "vae")
-    DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(root / "scheduler")
-    embeds = torch.randn(1, 77, cfg.unet["cross_attention_dim"])
-    save_file({"embeds": embeds, "text_encoder_params": torch.tensor([123])}, str(root / EMPTY_PROMPT_FILE))
-    return unet, vae, embeds
-
-
-def _as_hub_cache(src, cache, repo="org/name"):
-    """Lay ``src`` out as the hub does: blobs/<sha256>, snapshots/REV/<file> -> ../../blobs/<sha256>, refs/main."""
-    repo_dir = cache / ("models--" + repo.replace("/", "--"))
-    (repo_dir / "blobs").mkdir(parents=True)
-    for f in sorted(p for p in src.rglob("*") if p.is_file()):
-        data = f.read_bytes()
-        blob = repo_dir / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.write_bytes(data)
-        rel = f.relative_to(src)
-        link = repo_dir / "snapshots" / REV / rel
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    (repo_dir / "refs").mkdir()
-    (repo_dir / "refs" / "main").write_text(REV)
-    return repo_dir / "snapshots" / REV
+pytestmark = pytest.mark.usefixtures("no_network")  # conftest: socket connects fail, $SDATC_SD21_PATH unset
 
 
 @pytest.fixture
-def hub_cache(tiny_model_config, tmp_path, monkeypatch):
-    unet, vae, embeds = _write_sd_folder(tiny_model_config.backbone, tmp_path / "src")
-    snapshot = _as_hub_cache(tmp_path / "src", tmp_path / "hf" / "hub")
+def hub_cache(tiny_model_config, tmp_path, monkeypatch, as_hub_cache, write_sd_folder):
+    unet, vae, embeds = write_sd_folder(tmp_path / "src", tiny_model_config.backbone)
+    snapshot = as_hub_cache(tmp_path / "src", tmp_path / "hf" / "hub")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

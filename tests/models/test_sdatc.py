@@ -13,11 +13,12 @@ from sdatc.config import ConfigError, apply_overrides, load_config
 from sdatc.errors import SdatcError
 from sdatc.models.backbone import EMPTY_PROMPT_FILE, BackboneConfig, load_backbone
 from sdatc.models.sdatc import SDATC, ModelConfig
+from sdatc.models.sites import pretrained_modules, pretrained_state_dict
 
 
 def _plain_unet(model):
     unet = UNet2DConditionModel(**model.cfg.backbone.unet)
-    unet.load_state_dict(model.unet.state_dict())
+    unet.load_state_dict(pretrained_state_dict(model.unet))  # strict: exactly SD's keys
     return unet.eval()
 
 
@@ -33,18 +34,18 @@ def test_unet_path_equals_plain_sd_at_init(tiny_model):
     z_t, z_c = torch.randn(3, 4, 8, 12), torch.randn(3, 4, 8, 12)
     t = torch.tensor([10, 500, 999])
     with torch.no_grad():
-        ours = tiny_model.predict_noise(z_t, t, z_c)
+        ours = tiny_model.predict(z_t, t, z_c)
         ref = _plain_unet(tiny_model)(z_t, t, encoder_hidden_states=tiny_model.empty_prompt_embeds.expand(3, -1, -1)).sample
         assert torch.allclose(ours, ref, atol=1e-6, rtol=0), (ours - ref).abs().max()
         _perturb_new_modules(tiny_model)  # the check can fail: perturbed modules change the output
-        assert not torch.allclose(tiny_model.predict_noise(z_t, t, z_c), ref, atol=1e-4)
+        assert not torch.allclose(tiny_model.predict(z_t, t, z_c), ref, atol=1e-4)
 
 
 def test_vae_path_equals_plain_autoencoder_at_init(tiny_model):
     torch.manual_seed(0)
     img = torch.rand(6, 3, 32, 48)  # B=2 windows of T=3 frames
     vae = AutoencoderKL(**tiny_model.cfg.backbone.vae)
-    vae.load_state_dict(tiny_model.vae.state_dict())
+    vae.load_state_dict(pretrained_state_dict(tiny_model.vae))
     with torch.no_grad():
         z, feats = tiny_model.encode(img)
         assert torch.allclose(z, vae.encode(img * 2 - 1).latent_dist.mode() * 0.18215, atol=1e-6)
@@ -59,20 +60,24 @@ def test_vae_path_equals_plain_autoencoder_at_init(tiny_model):
 
 def test_freeze_policy_only_new_modules_train(tiny_model):
     torch.manual_seed(0)
-    frozen = {k: v.clone() for k, v in {**tiny_model.unet.state_dict(), **{"vae." + k: v for k, v in tiny_model.vae.state_dict().items()}}.items()}
+    def sd_weights():
+        return {**pretrained_state_dict(tiny_model.unet), **{"vae." + k: v for k, v in pretrained_state_dict(tiny_model.vae).items()}}
+
+    frozen = {k: v.clone() for k, v in sd_weights().items()}
     before = {n: copy.deepcopy(m.state_dict()) for n, m in tiny_model.new_modules().items()}
     assert set(before) == {"dcm", "guidance", "capm_unet", "capm_vae", "stam", "cfw"}
-    assert all(not p.requires_grad for p in tiny_model.unet.parameters())
-    assert all(not p.requires_grad for p in tiny_model.vae.parameters())
+    sd_modules = pretrained_modules(tiny_model.unet) + pretrained_modules(tiny_model.vae)
+    assert all(not p.requires_grad for m in sd_modules for p in m.parameters(recurse=False))
+    assert {id(p) for p in tiny_model.parameters() if p.requires_grad} == {id(p) for p in tiny_model.trainable_parameters()}
     opt = torch.optim.Adam(tiny_model.trainable_parameters(), lr=1e-3)
     lq, gt = torch.rand(3, 3, 16, 16), torch.rand(3, 3, 64, 64)
     for _ in range(2):  # the second step reaches the modules behind the zero-initialised outputs
         opt.zero_grad()
-        loss = (tiny_model(lq, num_frames=3, t=torch.tensor([300, 500, 700])) - gt).abs().mean()
-        loss = loss + (tiny_model.restore(lq) - gt).abs().mean()
+        loss = (tiny_model.reconstruct(lq, num_frames=3, t=torch.tensor([300, 500, 700])) - gt).abs().mean()
+        loss = loss + (tiny_model.upscale(lq) - gt).abs().mean()
         loss.backward()
         opt.step()
-    after = {**tiny_model.unet.state_dict(), **{"vae." + k: v for k, v in tiny_model.vae.state_dict().items()}}
+    after = sd_weights()
     assert all(torch.equal(frozen[k], after[k]) for k in frozen), "a pretrained weight changed"
     for name, m in tiny_model.new_modules().items():
         changed = [k for k, v in m.state_dict().items() if not torch.equal(v, before[name][k])]
@@ -86,9 +91,9 @@ def test_freeze_policy_only_new_modules_train(tiny_model):
 def test_shapes_odd_lr_sizes(tiny_model, frames):
     lq = torch.rand(frames, 3, 45, 80)
     with torch.no_grad():
-        out = tiny_model(lq, num_frames=frames, t=500)
+        out = tiny_model.reconstruct(lq, num_frames=frames, t=500)
     assert out.shape == (frames, 3, 180, 320) and 0 <= out.min() and out.max() <= 1
-    assert tiny_model.restore(lq).shape == (frames, 3, 180, 320)
+    assert tiny_model.upscale(lq).shape == (frames, 3, 180, 320)
 
 
 def test_trainable_save_load_round_trip(tiny_model, tiny_model_config, tmp_path):
@@ -101,13 +106,13 @@ def test_trainable_save_load_round_trip(tiny_model, tiny_model_config, tmp_path)
     lq = torch.rand(2, 3, 16, 16)
     noise = torch.randn(2, 4, 8, 8)
     with torch.no_grad():
-        assert torch.equal(tiny_model(lq, 2, t=400, noise=noise), loaded(lq, 2, t=400, noise=noise))
+        assert torch.equal(tiny_model.reconstruct(lq, 2, t=400, noise=noise), loaded.reconstruct(lq, 2, t=400, noise=noise))
     # a checkpoint from another configuration is refused, naming keys
     other = SDATC.from_config(apply_overrides(tiny_model_config, ["enabled.capm_vae=false"]))
-    with pytest.raises(SdatcError, match=r"1?\d* unexpected \(e\.g\. capm_vae\."):
+    with pytest.raises(SdatcError, match=r"1?\d* unexpected \(e\.g\. vae\.decoder\.up_blocks\.0\.mid\.capm\."):
         other.load_trainable_state_dict(a)
-    del a["stam.0.a"]
-    with pytest.raises(SdatcError, match=r"missing \(e\.g\. stam\.0\.a"):
+    del a["vae.decoder.mid_block.resnets.0.post.stam.a"]
+    with pytest.raises(SdatcError, match=r"missing \(e\.g\. vae\.decoder\.mid_block\.resnets\.0\.post\.stam\.a"):
         tiny_model.load_trainable_state_dict(a)
 
 
@@ -173,7 +178,7 @@ def test_ablation_switches(tiny_model_config):
     model = SDATC.from_config(cfg)
     assert model.new_modules() == {} and model.parameter_report()["trainable"] == 0
     with torch.no_grad():
-        assert model(torch.rand(2, 3, 12, 20), num_frames=2).shape == (2, 3, 48, 80)
+        assert model.reconstruct(torch.rand(2, 3, 12, 20), num_frames=2).shape == (2, 3, 48, 80)
 
 
 def test_full_size_parameter_budget():
@@ -194,7 +199,7 @@ def test_full_size_forward_smoke(monkeypatch):
     cfg = load_config(ModelConfig, "configs/model/sdatc_sd21.yaml")
     model = SDATC.from_config(cfg)
     with torch.no_grad():
-        out = model(torch.rand(2, 3, 16, 16), num_frames=2, t=500)
+        out = model.reconstruct(torch.rand(2, 3, 16, 16), num_frames=2, t=500)
     assert out.shape == (2, 3, 64, 64) and torch.isfinite(out).all()
 
 

@@ -1,5 +1,5 @@
 """prediction_type (epsilon, v_prediction) as the SD folder's scheduler config says: the formulas against
-diffusers, a tiny v-prediction SD folder through inference against an independent DDPM chain, SDATC.forward's
+diffusers, a tiny v-prediction SD folder through inference against an independent DDPM chain, SDATC.reconstruct's
 one-step x0, and a one-line error for a type sdatc does not run."""
 
 import json
@@ -145,20 +145,20 @@ def test_unsupported_prediction_type_is_one_line_error(tmp_path, tiny_model_conf
                                          r"is not supported \(sdatc runs epsilon and v_prediction\)", msg), msg
 
 
-# ---------------------------------------------------------------------------- (d) SDATC.forward, one step
+# ---------------------------------------------------------------------------- (d) SDATC.reconstruct, one step
 
 
-def test_forward_v_prediction_is_the_one_step_x0(v_model):
+def test_reconstruct_v_prediction_is_the_one_step_x0(v_model):
     g = torch.Generator().manual_seed(4)
     lq, noise = torch.rand(2, 3, 16, 16, generator=g), torch.randn(2, 4, 8, 8, generator=g)
     t = torch.tensor([300, 700])
     m = v_model
     with torch.no_grad():
-        ours = m(lq, 2, t=t, noise=noise, w=1.0)
-        z_c, feats = m.encode(m.restore(lq))
+        ours = m.reconstruct(lq, 2, t=t, noise=noise, w=1.0)
+        z_c, feats = m.encode(m.upscale(lq))
         a = _alphas_cumprod()[t].view(-1, 1, 1, 1)
         z_t = (a.sqrt() * z_c + (1 - a).sqrt() * noise).float()
-        v = m.predict_noise(z_t, t, z_c).double()
+        v = m.predict(z_t, t, z_c).double()
         x0 = a.sqrt() * z_t - (1 - a).sqrt() * v  # v-prediction
         x0_eps = (z_t - (1 - a).sqrt() * v) / a.sqrt()  # what reading v as epsilon would give
         ref, wrong = (((m.decode(x.float(), feats, 2, 1.0) + 1) / 2).clamp(0, 1) for x in (x0, x0_eps))
@@ -187,7 +187,7 @@ def _reference_chain(model, lq_frames: np.ndarray, seed: int, w: float, colour: 
     ts = [999, 500, 0]
     n = lq.shape[0]
     with torch.no_grad():
-        z_c, feats = model.encode(model.restore(lq).clamp(0, 1))  # (T, 4, 4h/8, 4w/8)
+        z_c, feats = model.encode(model.upscale(lq).clamp(0, 1))  # (T, 4, 4h/8, 4w/8)
 
         def noise(step):
             return torch.stack([frame_noise(seed, i, step, tuple(z_c.shape[1:])) for i in range(n)]).double()
@@ -196,7 +196,7 @@ def _reference_chain(model, lq_frames: np.ndarray, seed: int, w: float, colour: 
         z = math.sqrt(a) * z_c.double() + math.sqrt(1 - a) * noise(-1)  # q_sample(z_c, 999)
         for k, t in enumerate(ts):
             a, a_prev = float(acp[t]), float(acp[ts[k + 1]]) if k + 1 < len(ts) else 1.0
-            v = model.predict_noise(z.float(), torch.full((n,), t), z_c).double()
+            v = model.predict(z.float(), torch.full((n,), t), z_c).double()
             x0 = math.sqrt(a) * z - math.sqrt(1 - a) * v
             beta = 1 - a / a_prev  # of the respaced chain
             mean = math.sqrt(a_prev) * beta / (1 - a) * x0 + math.sqrt(a / a_prev) * (1 - a_prev) / (1 - a) * z

@@ -4,7 +4,7 @@
   frame (coupling only comes from STAM, in the decoder), so window boundaries do not matter.
 * Latent tiling only changes a per-pixel denoiser's result by float rounding (Gaussian blending of
   identical values), and a spatial denoiser's result noticeably (the check can fail).
-* ``unet_calls`` is windows x steps x latent tiles, as counted by a spy on ``model.predict_noise``.
+* ``unet_calls`` is windows x steps x latent tiles, as counted by a spy on ``model.predict``.
 * Flow guidance (random RAFT-large, saved to a file and loaded with ``load_raft``) lowers the window's
   final warping loss ``FlowGuidance.loss`` on a real clip with motion.
 
@@ -181,7 +181,7 @@ def test_latent_tiling_of_a_per_pixel_denoiser_is_exact(model_no_stam, clip, mon
         calls.append(tuple(z_t.shape))
         return denoiser(z_t, t, z_c)
 
-    monkeypatch.setattr(model_no_stam, "predict_noise", predict)
+    monkeypatch.setattr(model_no_stam, "predict", predict)
     latents = spy_decode(model_no_stam, monkeypatch)
     frames = clip[:2]
     untiled = run(model_no_stam, frames, pipeline_cfg(2, 2))
@@ -207,17 +207,17 @@ def test_latent_tiling_of_a_per_pixel_denoiser_is_exact(model_no_stam, clip, mon
 ])
 def test_unet_calls_is_windows_times_steps_times_tiles(model_no_stam, carphone_frames, monkeypatch,
                                                        num_frames, length, stride, tiling, real_unet):
-    """A spy on ``model.predict_noise`` records every call with its batch (the window's frames) and
+    """A spy on ``model.predict`` records every call with its batch (the window's frames) and
     tile size; it wraps the real UNet path once, a per-pixel stand-in (fast) otherwise (the count does
     not depend on the denoiser)."""
     frames = np.ascontiguousarray(carphone_frames[:num_frames, 40:64, 60:92])  # latents 12x16
-    spy, denoiser = [], model_no_stam.predict_noise if real_unet else pointwise_denoiser
+    spy, denoiser = [], model_no_stam.predict if real_unet else pointwise_denoiser
 
     def predict(z_t, t, z_c):
         spy.append((tuple(z_t.shape), tuple(z_c.shape)))
         return denoiser(z_t, t, z_c)
 
-    monkeypatch.setattr(model_no_stam, "predict_noise", predict)
+    monkeypatch.setattr(model_no_stam, "predict", predict)
     cfg = pipeline_cfg(length, stride, tiling=tiling)
     pipe = RestorePipeline(model_no_stam, cfg, progress=False)
     out = list(pipe.restore(iter(frames), num_frames=num_frames))
@@ -263,7 +263,7 @@ def test_flow_guidance_lowers_the_warping_loss(tiny_model_config, carphone_frame
     default scale 10 moves them very little (a ~0.1 % lower loss); scale 3000 shows the effect plainly.
     """
     model = make_model(tiny_model_config, monkeypatch, stam=False, dcm=False)  # bicubic I_c: faster
-    monkeypatch.setattr(model, "predict_noise", pointwise_denoiser)
+    monkeypatch.setattr(model, "predict", pointwise_denoiser)
     latents = []
 
     def decode(z, feats=None, num_frames=1, w=None):  # the decoder is not under test here

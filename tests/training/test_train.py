@@ -61,14 +61,19 @@ def test_every_stage_trains_and_writes_a_checkpoint(stage, data_root, tmp_path, 
     for f in ("config.yaml", "train_config.yaml", "info.json", "optimizer.bin", "random_states_0.pkl"):
         assert (ck / f).is_file(), f
     saved = weights(ck)
-    prefixes = {k.split(".")[0] for k in saved}
+
+    def group(key):  # the module group of a saved key (keys are module paths)
+        return next((g for g in ("capm", "stam", "cfw") if f".{g}." in key), key.split(".")[0]).replace(
+            "capm", "capm_unet" if key.startswith("unet.") else "capm_vae")
+
+    prefixes = {group(k) for k in saved}
     assert prefixes == ({"dcm"} if stage == 0 else {"dcm", "guidance", "capm_unet", "capm_vae", "stam", "cfw"})
     if stage:
         assert summary["frozen_weights_unchanged"] is True
         # only this stage's modules moved away from their (seeded) initial values
         start = weights(tmp_path / "checkpoint-2")
         trained = {0: (), 1: ("dcm", "guidance", "capm_unet"), 2: ("cfw", "stam", "capm_vae")}[stage]
-        changed = {k.split(".")[0] for k in saved if not torch.equal(saved[k], start[k])}
+        changed = {group(k) for k in saved if not torch.equal(saved[k], start[k])}
         assert changed == set(trained)
 
 

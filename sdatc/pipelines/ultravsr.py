@@ -1,0 +1,141 @@
+"""UltraVSR's one-step pipeline over a clip: windows streamed and blended, DRS, TAI chunks, tiles.
+
+    pipe = UltraVSRRunner(model, UltraVSRPipelineConfig())
+    for frame in pipe.restore(reader, num_frames=len(reader), source="clip.mp4"):  # (h, w, 3) uint8 in
+        writer.write(frame)                                                         # (4h, 4w, 3) uint8 out
+
+Per window of ``window.length`` frames (overlaps blended as SDATC's): bicubic x4 -> VAE encoder (+LoRA)
+-> one UNet call at DRS's t_rec (RTS over the whole window; spatial blocks on chunks of
+``chunk_frames`` frames) -> z_HR = (z - sqrt(1 - D) eps) / sqrt(D) -> VAE decoder (+RTS) -> colour fix.
+d is estimated once per clip (``drs``). Stages whose input exceeds their tile are tiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from sdatc.errors import SdatcError
+from sdatc.models.ultravsr import UltraVSR, drs_step, one_step_x0
+from sdatc.pipelines.colour import colour_correct
+from sdatc.pipelines.drs import DRSConfig, DRSEstimator
+from sdatc.pipelines.restore import TilingConfig, WindowConfig, autocast
+from sdatc.pipelines.tiling import tiled_apply
+from sdatc.pipelines.windows import FrameFeed, WindowBlender, plan_windows
+
+
+@dataclasses.dataclass
+class UltraVSRPipelineConfig:
+    drs: DRSConfig = dataclasses.field(default_factory=DRSConfig)
+    window: WindowConfig = dataclasses.field(default_factory=lambda: WindowConfig(length=16, stride=12))
+    chunk_frames: int = 1  # TAI: frames per chunk through the spatial blocks (0: the whole window at once)
+    tiling: TilingConfig = dataclasses.field(default_factory=TilingConfig)
+    colour: Literal["wavelet", "adain", "none"] = "wavelet"
+
+    def __post_init__(self):
+        if not isinstance(self.chunk_frames, int) or self.chunk_frames < 0:
+            raise ValueError(f"chunk_frames must be an int >= 0, got {self.chunk_frames!r}")
+
+
+class UltraVSRRunner:
+    """Runs an UltraVSR model over clips. ``unet_calls`` counts UNet calls (one per window and latent tile)."""
+
+    def __init__(self, model: UltraVSR, cfg: UltraVSRPipelineConfig, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32, progress: bool = True, weights: str | Path | None = None):
+        self.model, self.cfg, self.device, self.dtype, self.progress = model, cfg, torch.device(device), dtype, progress
+        autocast(self.device, dtype)  # fp16 on the CPU: an error now, not at the first frame
+        self.drs = DRSEstimator(cfg.drs, device=str(self.device), weights=weights)
+        self.unet_calls = 0
+        self.last_drs: tuple[float, int, str] | None = None  # (d, t_rec, how d was found) of the last clip
+        self.vae_factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
+        self.unet_factor = 2 ** (len(model.unet.config.block_out_channels) - 1)
+
+    def _tiled(self, size: int, tile: int) -> bool:
+        mode = self.cfg.tiling.mode
+        return mode == "on" or (mode == "auto" and size > tile)
+
+    def _pad(self, lq: torch.Tensor) -> torch.Tensor:
+        m = self.model.pad_multiple
+        h, w = lq.shape[-2:]
+        ph, pw = -h % m, -w % m
+        if not (ph or pw):
+            return lq
+        return F.pad(lq, (0, pw, 0, ph), mode="reflect" if ph < h and pw < w else "replicate")
+
+    def window_x0(self, lq: torch.Tensor, t: int, big_d: float) -> torch.Tensor:
+        """One window, (T, 3, h, w) LR in [0, 1] (padded) -> z_HR (T, 4, 4h/8, 4w/8)."""
+        cfg, tc, n = self.cfg, self.cfg.tiling, lq.shape[0]
+        chunk = cfg.chunk_frames or None
+        up = F.interpolate(lq, scale_factor=4, mode="bicubic", align_corners=False).clamp(0, 1)
+        with autocast(self.device, self.dtype):
+            if self._tiled(max(up.shape[-2:]), tc.encoder_tile):
+                z = tiled_apply(lambda x, box: self.model.encode(x, chunk), up, tc.encoder_tile, tc.encoder_overlap,
+                                align=self.vae_factor)
+            else:
+                z = self.model.encode(up, chunk)
+
+            def unet(zt, box):
+                self.unet_calls += 1
+                return self.model.predict(zt, t, num_frames=n, chunk=chunk)
+
+            if self._tiled(max(z.shape[-2:]), tc.latent_tile):
+                out = tiled_apply(unet, z, tc.latent_tile, tc.latent_overlap, align=self.unet_factor)
+            else:
+                out = unet(z, None)
+        return one_step_x0(out.float(), z.float(), big_d, self.model.prediction_type)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """(T, 4, h, w) -> (T, 3, 8h, 8w) in [0, 1] (fp32 decode when running fp16)."""
+        tc, n, chunk = self.cfg.tiling, z.shape[0], self.cfg.chunk_frames or None
+        with autocast(self.device, self.dtype, enabled=self.dtype != torch.float16):
+            if self._tiled(max(z.shape[-2:]), tc.decoder_tile):
+                out = tiled_apply(lambda x, box: self.model.decode(x, n, chunk), z, tc.decoder_tile, tc.decoder_overlap)
+            else:
+                out = self.model.decode(z, n, chunk)
+        return ((out.float() + 1) / 2).clamp(0, 1)
+
+    def estimate(self, lq: torch.Tensor, source: str | Path | None) -> tuple[float, int, float]:
+        """(d, t_rec, D) for a clip from its source file (bitstream) or its first window's frames (clipiqa)."""
+        frames = None
+        if self.drs.kind == "clipiqa":
+            up = F.interpolate(lq.float(), scale_factor=4, mode="bicubic", align_corners=False).clamp(0, 1)
+            frames = (up * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        d, how = self.drs(path=source, frames=frames)
+        t, big_d = drs_step(self.model.scheduler.alphas_cumprod, d)
+        self.last_drs = (d, t, how)
+        return d, t, big_d
+
+    @torch.no_grad()
+    def restore(self, frames: Iterable[np.ndarray], num_frames: int, source: str | Path | None = None,
+                d: float | None = None) -> Iterator[np.ndarray]:
+        """Stream restored frames (4h, 4w, 3) uint8, in order. ``source``: the clip's file, for DRS's
+        ``bitstream`` estimator; ``d``: skip the estimator."""
+        cfg, dev = self.cfg, self.device
+        feed = FrameFeed(frames, num_frames)
+        windows = plan_windows(num_frames, cfg.window.length, min(cfg.window.stride, cfg.window.length))
+        blender = WindowBlender(num_frames, windows)
+        t_rec = big_d = None
+        for k, (start, end) in enumerate(tqdm(windows, desc="windows", unit="win", leave=False, disable=not self.progress)):
+            lq = feed.window(start, end).to(dev)  # (T, 3, h, w)
+            if t_rec is None:
+                if d is None:
+                    _, t_rec, big_d = self.estimate(lq, source)
+                else:
+                    t_rec, big_d = drs_step(self.model.scheduler.alphas_cumprod, d)
+                    self.last_drs = (d, t_rec, "given")
+            h, w = lq.shape[-2:]
+            z = self.window_x0(self._pad(lq), t_rec, big_d)
+            out = self.decode(z)[..., : 4 * h, : 4 * w]  # (T, 3, 4h, 4w)
+            out = colour_correct(out, lq, cfg.colour).clamp(0, 1)
+            for _, frame in blender.add(k, out.cpu()):
+                yield (frame * 255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+            feed.release(windows[k + 1][0] if k + 1 < len(windows) else num_frames)
+        if t_rec is None:
+            raise SdatcError("the clip has no frames")

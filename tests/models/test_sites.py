@@ -1,0 +1,143 @@
+"""Sites and drivers: new modules as explicit children, no hooks, drivers equal diffusers' forwards,
+insert/remove, old checkpoints (format sdatc/1) load to the same outputs."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors.torch import load_file
+from torch import nn
+
+from sdatc.config import load_config
+from sdatc.errors import SdatcError
+from sdatc.models.drivers import unet_forward, vae_decode, vae_encode
+from sdatc.models.sdatc import SDATC, ModelConfig
+from sdatc.models.sites import (
+    Ctx,
+    Placement,
+    Site,
+    detached,
+    insert,
+    pretrained_state_dict,
+    remove,
+    sites,
+)
+
+FIXTURE = Path(__file__).parent.parent / "fixtures" / "sdatc1_tiny"
+
+
+def _no_hooks(model: nn.Module) -> list[str]:
+    kinds = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
+             "_load_state_dict_pre_hooks")
+    return [f"{n or 'root'}.{k}" for n, m in model.named_modules() for k in kinds if getattr(m, k, None)]
+
+
+def test_no_hooks_anywhere_and_print_shows_every_new_module(tiny_model):
+    assert _no_hooks(tiny_model) == []
+    n_unet = len(tiny_model.unet.config.block_out_channels)
+    n_vae = len(tiny_model.vae.config.block_out_channels)
+    per_level = tiny_model.vae.config.layers_per_block + 1
+    found = {"CAPM": 0, "STAM": 0, "CFW": 0}
+    for _, site in sites(tiny_model):  # print shows each slot module inside the block it acts on
+        text = repr(site)
+        for slot in (site.pre, site.mid, site.post):
+            for name, m in (slot or {}).items():
+                assert f"({name}): {type(m).__name__}(" in text
+                found[type(m).__name__] += 1
+    assert found == {"CAPM": n_unet + n_vae, "STAM": 1 + n_vae * per_level, "CFW": len(tiny_model.cfg.cfw_levels)}
+    assert "(capm): CAPM(" in repr(tiny_model) and "(stam): STAM(" in repr(tiny_model)
+    # where they act, by name
+    names = dict(tiny_model.named_modules())
+    assert isinstance(names["unet.up_blocks.0.mid.capm"], nn.Module)
+    assert isinstance(names["vae.decoder.mid_block.resnets.0.post.stam"], nn.Module)
+    assert names[f"vae.decoder.up_blocks.{n_vae - 1 - 1}.mid.cfw"].level == 1
+
+
+def test_drivers_equal_diffusers_forwards(tiny_model_config):
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**tiny_model_config.backbone.unet).eval()
+    vae = AutoencoderKL(**tiny_model_config.backbone.vae).eval()
+    x, t = torch.randn(3, 4, 8, 12), torch.tensor([1, 500, 999])
+    text = torch.randn(3, 77, unet.config.cross_attention_dim)
+    img = torch.rand(2, 3, 32, 48) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(unet_forward(unet, x, t, text, Ctx()), unet(x, t, encoder_hidden_states=text).sample)
+        mode, feats = vae_encode(vae, img, levels=(1, 2))
+        assert torch.equal(mode, vae.encode(img).latent_dist.mode())
+        assert feats[1].shape == (2, vae.config.block_out_channels[1], 16, 24)
+        assert torch.equal(vae_decode(vae, mode, Ctx()), vae.decode(mode).sample)
+
+
+class _Scale(nn.Module):
+    def __init__(self, s):
+        super().__init__()
+        self.s = nn.Parameter(torch.tensor(float(s)))
+
+    def forward(self, h, ctx=None):
+        return h * self.s
+
+
+def test_insert_slots_order_and_remove_restores_the_tree(tiny_model_config):
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**tiny_model_config.backbone.vae).eval()
+    keys, ref = set(vae.state_dict()), {k: v.clone() for k, v in vae.state_dict().items()}
+    z = torch.randn(1, 4, 4, 4)
+    with torch.no_grad():
+        plain = vae.decode(z).sample
+        insert(vae, [Placement("decoder.up_blocks.0", "mid", "a", _Scale(1.0)),
+                     Placement("decoder.up_blocks.0.resnets.0", "post", "b", _Scale(1.0))])
+        site = vae.decoder.up_blocks[0]
+        assert isinstance(site, Site) and isinstance(site.block.resnets[0], Site)
+        assert site.block.upsamplers is None and site.resample is not None  # mid: before the upsampler
+        assert "decoder.up_blocks.0.mid.a.s" in vae.state_dict() and "decoder.up_blocks.0.resample.0.conv.weight" in vae.state_dict()
+        assert torch.equal(vae_decode(vae, z, Ctx()), plain)  # identity modules: identical output
+        site.mid["a"].s.fill_(2.0)  # the mid slot acts before the upsampler, on the whole level's output
+        assert not torch.allclose(vae_decode(vae, z, Ctx()), plain)
+        with detached(vae):
+            assert set(vae.state_dict()) == keys and torch.equal(vae.decode(z).sample, plain)
+        assert isinstance(vae.decoder.up_blocks[0], Site)  # put back
+        assert set(pretrained_state_dict(vae)) == keys
+        with pytest.raises(SdatcError, match="already holds"):
+            insert(vae, [Placement("decoder.up_blocks.0", "post", "c", _Scale(1.0))])
+        with pytest.raises(SdatcError, match="no module at"):
+            insert(vae, [Placement("decoder.up_blocks.9", "post", "c", _Scale(1.0))])
+        with pytest.raises(SdatcError, match="downsamplers"):
+            insert(vae, [Placement("encoder.down_blocks.0", "mid", "c", _Scale(1.0))])
+        remove(vae)
+    state = vae.state_dict()
+    assert set(state) == keys and all(torch.equal(state[k], ref[k]) for k in keys)
+
+
+def test_saved_set_equals_trainable_set(tiny_model):
+    saved = tiny_model.trainable_state_dict()
+    params = {n for n, p in tiny_model.named_parameters() if p.requires_grad}
+    buffers = {n for n, _ in tiny_model.named_buffers()} & set(saved)
+    assert set(saved) == params | buffers
+
+
+def test_sdatc1_checkpoint_loads_to_the_same_outputs():
+    """tests/fixtures/sdatc1_tiny: written by the code before Sites (format sdatc/1, keys capm_unet.0.*,
+    stam.3.*, cfw.1.*) with the outputs that code computed; make_fixture.py there says how."""
+    old = load_file(FIXTURE / "sdatc_modules.safetensors")
+    assert any(k.startswith("stam.1.") for k in old) and any(k.startswith("capm_unet.0.") for k in old)
+    torch.manual_seed(0)  # the same random backbone as the fixture's
+    model = SDATC.from_pretrained(FIXTURE).eval()
+    exp = load_file(FIXTURE / "expected.safetensors")
+    with torch.no_grad():
+        z_c, feats = model.encode(exp["img"])
+        torch.testing.assert_close(model.predict(exp["z_t"], exp["t"], z_c), exp["predict"], atol=1e-6, rtol=0)
+        torch.testing.assert_close(model.decode(exp["z_t"], feats, num_frames=3, w=0.75), exp["decode"], atol=1e-6, rtol=0)
+    # the mapping is a bijection: every old tensor is in the new state under exactly one key, values equal
+    new = model.trainable_state_dict()
+    up = {k: v for k, v in model.upgrade_keys(old).items() if not k.startswith("_")}
+    assert set(up) == set(new) and all(torch.equal(up[k], new[k]) for k in new)
+    assert "vae.decoder.up_blocks.0.block.resnets.0.post.stam.a" in new
+
+
+def test_model_save_writes_the_new_format_and_reloads(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path)
+    keys = set(load_file(tmp_path / "sdatc_modules.safetensors"))
+    assert "unet.up_blocks.0.mid.capm.zero_out.weight" in keys and not any(k.startswith("capm_unet.") for k in keys)
+    cfg = load_config(ModelConfig, tmp_path / "config.yaml")
+    assert SDATC.from_config(cfg).load_trainable_state_dict(load_file(tmp_path / "sdatc_modules.safetensors")) is None

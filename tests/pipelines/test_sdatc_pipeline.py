@@ -1,0 +1,108 @@
+"""sdatc.SDATCPipeline, the Python API: from_sd21, __call__ on arrays and PIL lists, save_pretrained /
+from_pretrained (a folder and a Hub id from a hand-made cache, offline), restore_file, bad input."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from PIL import Image
+
+import sdatc
+from sdatc.config import load_config
+from sdatc.data.video import VideoReader, write_video
+from sdatc.errors import SdatcError
+from sdatc.inference import InferConfig
+from sdatc.models.sites import pretrained_state_dict
+from sdatc.pipelines.restore import RestorePipeline
+
+TINY = "configs/model/sdatc_tiny.yaml"
+
+
+pytestmark = pytest.mark.usefixtures("no_network")  # conftest: socket connects fail, $SDATC_SD21_PATH unset
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    cfg = load_config(InferConfig, "configs/infer/tiny.yaml").pipeline
+    p = sdatc.SDATCPipeline.from_sd21(None, model_config=TINY, config=cfg, allow_random_weights=True)
+    p.progress = False
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # trained-looking modules, so that the checks below can fail
+        for q in p.model.trainable_parameters():
+            q.add_(torch.randn(q.shape, generator=g) * 0.05)
+    return p
+
+
+@pytest.fixture(scope="module")
+def frames():
+    return np.random.default_rng(0).integers(0, 256, (3, 24, 32, 3), dtype=np.uint8)
+
+
+def test_call_on_arrays_and_pil_equals_the_restore_pipeline(pipe, frames):
+    out = pipe(frames, num_inference_steps=2)
+    assert out.shape == (3, 96, 128, 3) and out.dtype == np.uint8
+    ref = np.stack(list(RestorePipeline(pipe.model, pipe.config, progress=False).restore(iter(frames), 3)))
+    assert np.array_equal(out, ref)
+    pil = pipe([Image.fromarray(f) for f in frames], num_inference_steps=2, output_type="pil")
+    assert len(pil) == 3 and pil[0].size == (128, 96) and np.array_equal(np.stack([np.asarray(i) for i in pil]), out)
+    # the generator's seed drives the noise: same seed, same frames; another seed, other frames
+    a = pipe(frames, num_inference_steps=2, generator=torch.Generator().manual_seed(7))
+    assert np.array_equal(a, pipe(frames, num_inference_steps=2, generator=torch.Generator().manual_seed(7)))
+    assert not np.array_equal(a, out)
+    assert not np.array_equal(pipe(frames, num_inference_steps=1), out)  # the step count reaches the sampler
+
+
+def test_bad_frames_are_clear_errors(pipe):
+    with pytest.raises(SdatcError, match=r"\(T, H, W, 3\)"):
+        pipe(np.zeros((24, 32, 3), np.uint8))
+    with pytest.raises(SdatcError, match="uint8"):
+        pipe(np.zeros((2, 24, 32, 3), np.float32))
+    with pytest.raises(SdatcError, match="no frames"):
+        pipe([])
+    with pytest.raises(SdatcError, match="torch_dtype"):
+        pipe.to(torch_dtype="fp8")
+
+
+def test_save_and_load_a_pipeline_folder_and_hub_id(pipe, frames, tmp_path, monkeypatch, as_hub_cache):
+    folder = pipe.save_pretrained(tmp_path / "saved")
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "SDATCPipeline" and index["unet"] == ["diffusers", "UNet2DConditionModel"]
+    assert sorted(p.name for p in (folder / "sdatc").iterdir()) == ["config.yaml", "sdatc_modules.safetensors"]
+    # unet/ is plain SD: diffusers loads it strictly, equal to the pipeline's frozen UNet
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True)
+    ours = pretrained_state_dict(pipe.model.unet)
+    assert unet.state_dict().keys() == ours.keys() and all(torch.equal(v, ours[k]) for k, v in unet.state_dict().items())
+    expected = pipe(frames, num_inference_steps=2)
+    loaded = sdatc.SDATCPipeline.from_pretrained(folder)
+    loaded.progress = False
+    assert np.array_equal(loaded(frames, num_inference_steps=2), expected)
+    # the same folder as a Hub repo in the cache, offline
+    as_hub_cache(folder, tmp_path / "hf" / "hub", repo="org/sdatc-tiny")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub = sdatc.SDATCPipeline.from_pretrained("org/sdatc-tiny")
+    hub.progress = False
+    assert np.array_equal(hub(frames, num_inference_steps=2), expected)
+    with pytest.raises(SdatcError, match="not in the Hugging Face cache"):
+        sdatc.SDATCPipeline.from_pretrained("org/missing")
+    with pytest.raises(SdatcError, match="not a saved SDATCPipeline"):
+        sdatc.SDATCPipeline.from_pretrained(tmp_path)
+
+
+def test_from_sd21_needs_weights_unless_allowed():
+    with pytest.raises(SdatcError, match="no SD 2.1 weights"):
+        sdatc.SDATCPipeline.from_sd21(None, model_config=TINY)
+
+
+def test_restore_file(pipe, frames, tmp_path):
+    src = write_video(tmp_path / "in.mp4", frames, fps=25, crf=20)
+    dst = pipe.restore_file(src, tmp_path / "out" / "x4.mp4")
+    reader = VideoReader(dst)
+    assert len(reader) == 3 and reader.meta.width == 128 and reader.meta.height == 96
+    assert not list((tmp_path / "out").glob("*.tmp*"))
+    with pytest.raises(SdatcError, match="exists"):
+        pipe.restore_file(src, dst)
+    with pytest.raises(SdatcError, match="is the input"):
+        pipe.restore_file(src, src, overwrite=True)
