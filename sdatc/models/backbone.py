@@ -266,6 +266,31 @@ def load_backbone(cfg: BackboneConfig, with_text_encoder: bool = False) -> Backb
     return Backbone(unet, vae, embeds, scheduler, n_text, source)
 
 
+def encode_prompt(cfg: BackboneConfig, prompt: str) -> torch.Tensor:
+    """The text encoder's last hidden state for ``prompt`` (1, 77, D), e.g. VSD's negative prompt. From the
+    SD folder's text_encoder/ and tokenizer/; with random weights (no folder) a random text encoder of
+    ``cfg.text_encoder`` on byte-derived token ids (smoke runs only)."""
+    path = resolve_pretrained(cfg)
+    if path is None:
+        torch.manual_seed(cfg.seed)
+        text = build_text_encoder(cfg.text_encoder)
+        c, n = text.config, text.config.max_position_embeddings
+        ids = torch.full((1, n), c.pad_token_id, dtype=torch.long)
+        body = [3 + b % (c.vocab_size - 3) for b in prompt.encode()][: n - 2]
+        ids[0, : len(body) + 2] = torch.tensor([c.bos_token_id, *body, c.eos_token_id])
+        with torch.no_grad():
+            return text(ids)[0].float().contiguous()
+    if not (path / "text_encoder").is_dir() or not (path / "tokenizer").is_dir():
+        raise SdatcError(f"{path}: encoding the prompt {prompt!r} needs text_encoder/ and tokenizer/; {SD21_HELP}")
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
+    text = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True)
+    ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return text(ids)[0].float().contiguous()
+
+
 def _encode_empty_prompt(text_encoder, tokenizer) -> torch.Tensor:
     """Last hidden state of the text encoder for the prompt "" (SD 2.1 uses the penultimate-free last layer)."""
     n = text_encoder.config.max_position_embeddings

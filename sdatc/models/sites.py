@@ -197,9 +197,11 @@ def pretrained_modules(root: nn.Module) -> list[nn.Module]:
 
 
 def cast_pretrained(root: nn.Module, dtype: torch.dtype) -> None:
-    """Cast the floating weights and buffers of the frozen diffusers parts only; slot modules keep theirs."""
+    """Cast the floating weights and buffers of the frozen diffusers parts only; slot modules, LoRA tensors and
+    layers with a trainable weight of their own (UltraVSR's conv_in) keep theirs."""
     for m in pretrained_modules(root):
-        m._apply(lambda t: t.to(dtype) if t.is_floating_point() else t, recurse=False)
+        if not any(p.requires_grad for p in m.parameters(recurse=False)):
+            m._apply(lambda t: t.to(dtype) if t.is_floating_point() else t, recurse=False)
 
 
 def pretrained_state_dict(root: nn.Module) -> dict[str, Tensor]:

@@ -94,12 +94,18 @@ def drs_step(alphas_cumprod: torch.Tensor, d: float) -> tuple[int, float]:
     return int((alphas_cumprod.double() - big_d).abs().argmin()), big_d
 
 
-def one_step_x0(out: torch.Tensor, z: torch.Tensor, big_d: float, prediction_type: str) -> torch.Tensor:
-    """z_HR from one UNet output at D: epsilon -> (z - sqrt(1-D) eps) / sqrt(D); v -> sqrt(D) z - sqrt(1-D) v."""
+def one_step_x0(out: torch.Tensor, z: torch.Tensor, big_d, prediction_type: str) -> torch.Tensor:
+    """z_HR from one UNet output at D (a float, or one per frame (N,)): epsilon -> (z - sqrt(1-D) eps) / sqrt(D);
+    v -> sqrt(D) z - sqrt(1-D) v."""
     check_prediction_type(prediction_type)
+    if isinstance(big_d, torch.Tensor):
+        big_d = big_d.to(z).view(-1, 1, 1, 1)
+        sq, sq1 = big_d.sqrt(), (1 - big_d).sqrt()
+    else:
+        sq, sq1 = math.sqrt(big_d), math.sqrt(1 - big_d)
     if prediction_type == "v_prediction":
-        return math.sqrt(big_d) * z - math.sqrt(1 - big_d) * out
-    return (z - math.sqrt(1 - big_d) * out) / math.sqrt(big_d)
+        return sq * z - sq1 * out
+    return (z - sq1 * out) / sq
 
 
 def _lora_targets(root: nn.Module, keep) -> list[str]:
@@ -165,6 +171,15 @@ class UltraVSR(nn.Module):
         if self.cfg.enabled.conv_in and name.startswith("unet.conv_in.") and ".lora_" not in name:
             return "conv_in"
         return None
+
+    def new_modules(self) -> dict[str, nn.Module]:
+        """The trainable parameters by group (views: ParameterLists of the model's own parameters)."""
+        groups: dict[str, list] = {g: [] for g in GROUPS}
+        for n, p in self.named_parameters():
+            g = self.group_of(n)
+            if g is not None:
+                groups[g].append(p)
+        return {g: nn.ParameterList(ps) for g, ps in groups.items() if ps}
 
     def freeze_pretrained(self) -> None:
         """Freeze SD; train RTS, the LoRA adapters and conv_in (the enabled ones)."""

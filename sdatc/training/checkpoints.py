@@ -62,7 +62,9 @@ def resolve_resume(cfg: TrainConfig) -> Path | None:
         raise SdatcError(f"{path} is not a training checkpoint of sdatc (no train_config.yaml)")
     old = load_config(TrainConfig, saved)
     mine = model_config(cfg)
-    theirs = load_config(ModelConfig, path / CONFIG_NAME)
+    if old.system != cfg.system:
+        raise SdatcError(f"checkpoint {path} comes from a {old.system} run, this run is {cfg.system}")
+    theirs = load_config(type(mine), path / CONFIG_NAME)
     if old.stage != cfg.stage or to_dict(theirs) != to_dict(mine):
         what = "stage" if old.stage != cfg.stage else "model config"
         raise SdatcError(f"checkpoint {path} comes from another config ({what} differs: stage {old.stage}, "
@@ -80,13 +82,27 @@ def _git_revision() -> str | None:
         return None
 
 
-def model_config(cfg: TrainConfig) -> ModelConfig:
+def model_config(cfg: TrainConfig):
+    """The run's model config: a ModelConfig (SDATC) or, with ``system: ultravsr``, an UltraVSRConfig."""
     overrides = list(cfg.model_overrides) + ([f"backbone.pretrained={cfg.pretrained}"] if cfg.pretrained else [])
+    if cfg.system == "ultravsr":
+        from sdatc.models.ultravsr import UltraVSRConfig
+
+        return load_config(UltraVSRConfig, cfg.model, overrides)
     return load_config(ModelConfig, cfg.model, overrides)
 
 
+def weights_name(cfg: TrainConfig) -> tuple[str, str]:
+    """(file name, format) of the trainable weights a checkpoint of this run holds."""
+    if cfg.system == "ultravsr":
+        from sdatc.models import ultravsr
 
-def save_checkpoint(acc, cfg: TrainConfig, mcfg: ModelConfig, step: int, out: Path, trainable_state, ema, params) -> Path:
+        return ultravsr.WEIGHTS_NAME, ultravsr.FORMAT
+    return WEIGHTS_NAME, FORMAT
+
+
+
+def save_checkpoint(acc, cfg: TrainConfig, mcfg, step: int, out: Path, trainable_state, ema, params) -> Path:
     """Full state into a temporary folder, renamed to ``checkpoint-<step>`` when complete."""
     final, tmp = out / f"checkpoint-{step}", out / f".checkpoint-{step}.tmp"
     if acc.is_main_process:
@@ -94,13 +110,14 @@ def save_checkpoint(acc, cfg: TrainConfig, mcfg: ModelConfig, step: int, out: Pa
     acc.wait_for_everyone()
     acc.save_state(str(tmp))
     acc.wait_for_everyone()  # every process has written its RNG state before the folder is renamed
+    name, fmt = weights_name(cfg)
     if acc.is_main_process:
-        save_file(trainable_state(), str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT, "step": str(step)})
+        save_file(trainable_state(), str(tmp / name), metadata={"format": fmt, "step": str(step)})
         if ema is not None:
             ema.store(params)
             ema.copy_to(params)
             (tmp / "ema").mkdir(exist_ok=True)
-            save_file(trainable_state(), str(tmp / "ema" / WEIGHTS_NAME), metadata={"format": FORMAT, "step": str(step)})
+            save_file(trainable_state(), str(tmp / "ema" / name), metadata={"format": fmt, "step": str(step)})
             dump_config(mcfg, tmp / "ema" / CONFIG_NAME)
             ema.restore(params)
         dump_config(mcfg, tmp / CONFIG_NAME)

@@ -44,6 +44,9 @@ class LossConfig:
     flow_warp: float = 0.5
     gan: float = 0.025
     gan_start_step: int = 501
+    mse: float = 1.0  # UltraVSR: MSE(output, GT)
+    distill: float = 1.0  # UltraVSR: the teacher's term (VSD, or MSE to SDATC's latents)
+    fake_score: float = 1.0  # UltraVSR VSD: the fake score's diffusion loss (its own parameters and optimiser)
     lpips_pretrained_backbone: bool = True  # False: random AlexNet trunk (plumbing tests only)
 
     def __post_init__(self):
@@ -71,7 +74,34 @@ class ValConfig:
 
 
 @dataclasses.dataclass
+class VSDConfig:
+    """[guess] UltraVSR's distillation as OSEDiff's variational score distillation, with RTS in the scorers."""
+
+    cfg_scale: float = 7.5  # classifier-free guidance of the real score against the negative prompt
+    negative_prompt: str = "painting, oil painting, illustration, drawing"
+    t_range: tuple[int, int] = (20, 980)  # timesteps at which the generator's latents are scored
+    fake_lora_rank: int = 4  # the fake score's LoRA (trained by the diffusion loss on the generator's latents)
+    fake_lr: float = 5e-5
+
+
+@dataclasses.dataclass
+class UltraVSRTrainConfig:
+    """UltraVSR training (system: ultravsr). Each [guess] is not public in the reference."""
+
+    teacher: Literal["vsd", "sdatc", "none"] = "vsd"  # sdatc: MSE to a trained SDATC's sampled latents (latents.dir)
+    d_range: tuple[float, float] = (0.3, 0.9)  # [guess] d ~ U(d_range) per clip sets the one-step timestep
+    vsd: VSDConfig = dataclasses.field(default_factory=VSDConfig)
+    val_d: float = 0.6  # d of the validation clip
+
+    def __post_init__(self):
+        if not 0 < self.d_range[0] <= self.d_range[1] <= 1:
+            raise ValueError(f"ultravsr.d_range must be within (0, 1], got {list(self.d_range)}")
+
+
+@dataclasses.dataclass
 class TrainConfig:
+    system: Literal["sdatc", "ultravsr"] = "sdatc"  # ultravsr: one stage, the UltraVSR modules (stage ignored)
+    ultravsr: UltraVSRTrainConfig = dataclasses.field(default_factory=UltraVSRTrainConfig)
     stage: Literal[0, 1, 2] = 1
     model: str = "configs/model/sdatc_sd21.yaml"  # the model config (ModelConfig YAML)
     model_overrides: list[str] = dataclasses.field(default_factory=list)
@@ -121,4 +151,6 @@ class TrainConfig:
 
     @property
     def trainable(self) -> tuple[str, ...]:
+        if self.system == "ultravsr":
+            return ("rts_unet", "rts_vae", "lora_unet", "lora_vae", "conv_in")
         return STAGE_MODULES[self.stage]

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from sdatc.errors import SdatcError
-from sdatc.models.sites import cast_pretrained, pretrained_modules
+from sdatc.models.sites import cast_pretrained
 
 DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -40,22 +40,22 @@ def describe_precision(mp: str) -> str:
     return f"precision: {mp} autocast, frozen SD weights {mp} ({vae}new modules fp32), helpers (RAFT, LPIPS) fp32"
 
 
-def cast_frozen_backbone(model: nn.Module, dtype: torch.dtype) -> list[str]:
+def cast_frozen_backbone(model: nn.Module, dtype: torch.dtype, parts: tuple[str, ...] = ("unet", "vae")) -> list[str]:
     """Cast SD's own frozen weights (``model.unet``, ``model.vae``) to ``dtype``; returns the parts cast.
 
-    New modules, including those placed inside the UNet and VAE decoder (Sites), are never cast. With
-    fp16 the VAE decoder (and its post-quant conv) stays fp32."""
+    New modules (Site modules inside the UNet and VAE decoder, peft LoRA tensors) and any trained SD
+    layer (UltraVSR's conv_in) are never cast. With fp16 the VAE decoder (and its post-quant conv) stays fp32."""
     if dtype == torch.float32:
         return []
-    parts = {"unet": model.unet, "vae.encoder": model.vae.encoder, "vae.quant_conv": model.vae.quant_conv}
-    if dtype != torch.float16:
-        parts |= {"vae.decoder": model.vae.decoder, "vae.post_quant_conv": model.vae.post_quant_conv}
+    named = {"unet": model.unet}
+    if "vae" in parts:
+        named |= {"vae.encoder": model.vae.encoder, "vae.quant_conv": model.vae.quant_conv}
+        if dtype != torch.float16:
+            named |= {"vae.decoder": model.vae.decoder, "vae.post_quant_conv": model.vae.post_quant_conv}
     done = []
-    for name, part in parts.items():
-        if part is None:
+    for name, part in named.items():
+        if part is None or name.split(".")[0] not in parts:
             continue
-        if any(p.requires_grad for m in pretrained_modules(part) for p in m.parameters(recurse=False)):
-            raise SdatcError(f"{name} has trainable SD parameters; only frozen SD weights are cast")
         cast_pretrained(part, dtype)
         done.append(name)
     return done

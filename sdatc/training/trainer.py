@@ -40,6 +40,8 @@ from sdatc.errors import SdatcError
 from sdatc.models.backbone import ENV_SD21, SD21_HELP, resolve_pretrained
 from sdatc.models.dcm import DCM, init_as_interpolation, load_swinir_checkpoint
 from sdatc.models.sdatc import SDATC, WEIGHTS_NAME
+from sdatc.models.ultravsr import WEIGHTS_NAME as ULTRAVSR_WEIGHTS
+from sdatc.models.ultravsr import UltraVSR
 from sdatc.pipelines.flow import RAFT_WEIGHTS_NAME, load_raft
 from sdatc.training.checkpoints import (
     TrainState,
@@ -59,17 +61,17 @@ from sdatc.training.precision import (
     resolve_precision,
 )
 from sdatc.training.stages import DCMStage, LatentStage, PixelStage
-from sdatc.training.validation import Validator, dcm_restorer, pipeline_restorer
+from sdatc.training.validation import Validator, dcm_restorer, pipeline_restorer, ultravsr_restorer
 from sdatc.utils import atomic_write_text
 
 # --------------------------------------------------------------------------- model construction
 
 
-def _read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
+def _read_weights(path: str | Path, name: str = WEIGHTS_NAME) -> tuple[dict[str, torch.Tensor], str]:
     path = Path(path)
-    file = path / WEIGHTS_NAME if path.is_dir() else path
+    file = path / name if path.is_dir() else path
     if not file.is_file():
-        raise SdatcError(f"init checkpoint not found: {file} (a folder with {WEIGHTS_NAME}, e.g. a checkpoint-<step>, or the file)")
+        raise SdatcError(f"init checkpoint not found: {file} (a folder with {name}, e.g. a checkpoint-<step>, or the file)")
     return load_file(str(file)), str(file)
 
 
@@ -77,6 +79,11 @@ def init_modules(modules: dict[str, torch.nn.Module], paths: list[str], model: t
     """Load each listed checkpoint (either key format) into the new modules it holds, strictly per module."""
     loaded = []
     for path in paths:
+        if isinstance(model, UltraVSR):  # one strict state for all groups
+            state, where = _read_weights(path, ULTRAVSR_WEIGHTS)
+            model.load_trainable_state_dict(state, where)
+            loaded.append(f"{', '.join(modules)} <- {where}")
+            continue
         state, where = _read_weights(path)
         if isinstance(model, SDATC):
             groups = model.group_state_dicts(state)
@@ -102,20 +109,21 @@ def init_modules(modules: dict[str, torch.nn.Module], paths: list[str], model: t
 
 
 def build_model(cfg: TrainConfig):
-    """The model of the stage (a DCM for stage 0, SDATC otherwise) with only the stage's modules trainable."""
+    """The model of the run (a DCM for stage 0, SDATC or UltraVSR otherwise) with only its modules trainable."""
     mcfg = model_config(cfg)
-    if cfg.stage == 0:
+    if cfg.system == "sdatc" and cfg.stage == 0:
         model = DCM(mcfg.dcm)
         modules = {"dcm": model}
     else:
         if resolve_pretrained(mcfg.backbone) is None and not cfg.allow_random_weights:
             raise SdatcError(f"no SD 2.1 weights: set pretrained=PATH or ${ENV_SD21} ({SD21_HELP}); "
                              "allow_random_weights=true trains on a random backbone (smoke runs only)")
-        model = SDATC.from_config(mcfg)
+        model = (UltraVSR if cfg.system == "ultravsr" else SDATC).from_config(mcfg)
         modules = model.new_modules()
         missing = [n for n in cfg.trainable if n not in modules]
         if missing:
-            raise SdatcError(f"stage {cfg.stage} trains {', '.join(cfg.trainable)} but the model config switches "
+            what = "UltraVSR" if cfg.system == "ultravsr" else f"stage {cfg.stage}"
+            raise SdatcError(f"{what} trains {', '.join(cfg.trainable)} but the model config switches "
                              f"off {', '.join(missing)} (enabled.*)")
     if cfg.dcm_init == "interpolation" and "dcm" in modules:
         init_as_interpolation(modules["dcm"])
@@ -164,7 +172,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     val_root = cfg.val.root or data_cfg.root
     if cfg.val.clip and Path(val_root or "") == Path(data_cfg.root or "") and cfg.val.clip not in data_cfg.exclude:
         data_cfg = dataclasses.replace(data_cfg, exclude=[*data_cfg.exclude, cfg.val.clip])  # held out
-    if cfg.stage == 2 and cfg.latent_source == "generated":
+    if cfg.system == "ultravsr" and cfg.ultravsr.teacher == "sdatc":
+        if not cfg.latents.dir:
+            raise SdatcError("teacher sdatc needs latents.dir: a trained SDATC's latents, written by "
+                             "scripts/make_stage2_latents.py with that SDATC's stage-2 config")
+        ds = GeneratedLatents(cfg.latents.dir, None, data_cfg)
+    elif cfg.system == "sdatc" and cfg.stage == 2 and cfg.latent_source == "generated":
         ds = generated_latents(cfg, data_cfg)
     else:
         ds = VideoClipDataset(data_cfg, scan_clips(data_cfg))
@@ -187,21 +200,23 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     device = acc.device
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp, torch.float32)
     model.to(device)
-    if cfg.stage > 0:
+    if cfg.stage > 0 or cfg.system == "ultravsr":
         cast_frozen_backbone(model, weight_dtype)
     if cfg.gradient_checkpointing:
-        if cfg.stage == 0:
+        if cfg.stage == 0 and cfg.system == "sdatc":
             model.gradient_checkpointing = True
         else:
             model.enable_gradient_checkpointing()
     frozen = [p for p in model.parameters() if not p.requires_grad]
-    frozen_print = _fingerprint(frozen) if cfg.stage > 0 else None
+    frozen_print = _fingerprint(frozen) if cfg.stage > 0 or cfg.system == "ultravsr" else None
     params = [p for n in cfg.trainable for p in modules[n].parameters()]
     lp = None
-    if cfg.stage in (0, 2) and cfg.loss.lpips > 0:
+    if (cfg.stage in (0, 2) or cfg.system == "ultravsr") and cfg.loss.lpips > 0:
         lp = LPIPSLoss(cfg.loss.lpips_pretrained_backbone).to(device)
-    disc = d_opt = None
-    if cfg.stage == 0:
+    disc = d_opt = fake = fake_opt = None
+    if cfg.system == "ultravsr":
+        stage, disc, fake = _ultravsr_stage(model, cfg, lp, device, weight_dtype)
+    elif cfg.stage == 0:
         stage = DCMStage(model, cfg, lp)
     elif cfg.stage == 1:
         stage = LatentStage(model, cfg)
@@ -229,6 +244,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         from diffusers.training_utils import EMAModel
 
         ema = EMAModel(params, decay=cfg.ema_decay)
+    if fake is not None:  # UltraVSR's VSD fake score: its own module and optimiser
+        fake_opt = torch.optim.AdamW([p for p in fake.parameters() if p.requires_grad], lr=cfg.ultravsr.vsd.fake_lr,
+                                     betas=cfg.optim.betas, eps=cfg.optim.eps, weight_decay=0.0)
+        fake, fake_opt = acc.prepare(fake, fake_opt)
+        stage.fake[0] = fake
     if disc is not None:
         d_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.optim.disc_lr, betas=(0.5, 0.9), weight_decay=0.0)
         stage, opt, disc, d_opt = acc.prepare(stage, opt, disc, d_opt)
@@ -241,7 +261,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     inner = acc.unwrap_model(stage)
 
     def trainable_state() -> dict[str, torch.Tensor]:
-        state = model.trainable_state_dict() if isinstance(model, SDATC) else {f"dcm.{k}": v for k, v in model.state_dict().items()}
+        state = (model.trainable_state_dict() if isinstance(model, SDATC | UltraVSR)
+                 else {f"dcm.{k}": v for k, v in model.state_dict().items()})
         return {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
 
     def save_hook(models, weights, output_dir):
@@ -316,6 +337,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        if fake_opt is not None:
+            fake_opt.step()
+            fake_opt.zero_grad(set_to_none=True)
         if ema is not None:
             ema.step(params)
         if disc is not None and state.step >= cfg.loss.gan_start_step:  # discriminator on the last micro-batch
@@ -323,7 +347,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
             with acc.autocast():
                 real = gt.flatten(0, 1)
                 logits = disc(torch.cat([real, output.detach().to(real.dtype)]))
-                d_loss = hinge_d_loss(*logits.split(real.shape[0]))
+                d_loss = hinge_d_loss(*logits.chunk(2))  # real first, then fake (frames, or clips for 3-D)
             acc.backward(d_loss)
             d_opt.step()
             d_opt.zero_grad(set_to_none=True)
@@ -364,13 +388,32 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     return summary
 
 
+def _ultravsr_stage(model, cfg: TrainConfig, lp, device, weight_dtype):
+    """UltraVSR's stage, its temporal discriminator and, for VSD, the fake score (frozen SD copy cast once)."""
+    from sdatc.models.backbone import encode_prompt
+    from sdatc.training.ultravsr_stage import FakeScore, PatchDiscriminator3D, UltraVSRStage
+
+    u = cfg.ultravsr
+    negative = fake = None
+    if u.teacher == "vsd" and cfg.loss.distill > 0:
+        negative = encode_prompt(model_config(cfg).backbone, u.vsd.negative_prompt).to(device)
+        fake = FakeScore(model, u.vsd.fake_lora_rank).to(device)
+        cast_frozen_backbone(fake, weight_dtype, parts=("unet",))
+    disc = PatchDiscriminator3D(cfg.data.num_frames).to(device) if cfg.loss.gan > 0 else None
+    return UltraVSRStage(model, cfg, lp, negative), disc, fake
+
+
 def _validate(validator: Validator, cfg: TrainConfig, modules, model, device, dtype, step: int, out: Path) -> None:
     """Validation runs as inference does: eval mode, the run's dtype (autocast over the cast weights)."""
     was = model.training
     model.eval()
     try:
-        restore = (dcm_restorer(modules["dcm"], device, dtype) if cfg.stage == 0
-                   else pipeline_restorer(model, cfg.val.steps, cfg.val.num_frames, device, dtype))
+        if cfg.system == "ultravsr":
+            restore = ultravsr_restorer(model, cfg.ultravsr.val_d, cfg.val.num_frames, device, dtype)
+        elif cfg.stage == 0:
+            restore = dcm_restorer(modules["dcm"], device, dtype)
+        else:
+            restore = pipeline_restorer(model, cfg.val.steps, cfg.val.num_frames, device, dtype)
         row = {"step": step, **validator(restore, step)}
     finally:
         model.train(was)

@@ -90,3 +90,19 @@ def pipeline_restorer(model, steps: int, num_frames: int, device, dtype: torch.d
         return np.stack(list(pipe.restore(list(lq), len(lq))))
 
     return restore
+
+
+def ultravsr_restorer(model, d: float, num_frames: int, device, dtype: torch.dtype = torch.float32):
+    """``restore`` for UltraVSR: the one-step pipeline at degradation score ``d``, one window, whole frames."""
+    from sdatc.pipelines.drs import DRSConfig
+    from sdatc.pipelines.restore import TilingConfig, WindowConfig
+    from sdatc.pipelines.ultravsr import UltraVSRPipelineConfig, UltraVSRRunner
+
+    cfg = UltraVSRPipelineConfig(drs=DRSConfig(estimator="fixed", d=d), window=WindowConfig(length=num_frames, stride=num_frames),
+                                 chunk_frames=0, tiling=TilingConfig(mode="off"))
+    pipe = UltraVSRRunner(model, cfg, device=device, dtype=dtype, progress=False)
+
+    def restore(lq: np.ndarray) -> np.ndarray:
+        return np.stack(list(pipe.restore(list(lq), len(lq))))
+
+    return restore

@@ -20,13 +20,6 @@ from sdatc.training.trainer import train
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory, bunny_frames):
-    root = tmp_path_factory.mktemp("bf16_data")
-    write_frames(root / "bunny", bunny_frames[:, 200:392, 500:692])  # 6 frames, 192x192
-    return root
-
-
-@pytest.fixture(scope="module")
 def val_root(tmp_path_factory, bunny_frames):
     root = tmp_path_factory.mktemp("bf16_val")
     write_frames(root / "bunnyval", bunny_frames[:5, 300:364, 700:764])

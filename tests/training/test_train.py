@@ -15,21 +15,12 @@ import torch
 from safetensors.torch import load_file
 
 from sdatc.config import load_config
-from sdatc.data.video import write_frames
 from sdatc.errors import SdatcError
 from sdatc.training.config import TrainConfig
 from sdatc.training.trainer import train
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = ROOT / "scripts" / "train.py"
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory, bunny_frames):
-    """One real clip: 6 frames of bigbuckbunny, a 192x192 crop, as PNGs."""
-    root = tmp_path_factory.mktemp("train_data")
-    write_frames(root / "bunny", bunny_frames[:, 200:392, 500:692])
-    return root
 
 
 def cfg_for(stage: int, data_root, out, *overrides) -> TrainConfig:
