@@ -35,7 +35,7 @@ from sdatc.pipelines.restore import Bicubic, DCMPipeline, PipelineConfig, Restor
 from sdatc.pipelines.sampler import respaced_timesteps
 from sdatc.pipelines.sdatc_pipeline import SDATCPipeline
 from sdatc.pipelines.ultravsr import UltraVSRPipelineConfig, UltraVSRRunner
-from sdatc.utils import process_state
+from sdatc.utils import ClipClaim, process_state
 
 
 @dataclasses.dataclass
@@ -249,8 +249,8 @@ def run(cfg: InferConfig, progress: bool = True) -> list[dict]:
               f"{', '.join(p.name for p in skipped[:5])}{' ...' if len(skipped) > 5 else ''}")
     mine = list(clips.items())[state.process_index :: state.num_processes]
     todo = [(n, p) for n, p in mine if cfg.overwrite or not all(o.exists() for o in outputs_of(cfg, n))]
-    results = [{"clip": n, "status": "skipped", "frames": 0, "seconds": 0.0, "rank": state.process_index}
-               for n, p in mine if (n, p) not in todo]
+    results = [{"clip": n, "status": "skipped", "frames": 0, "seconds": 0.0, "rank": state.process_index,
+                "reason": "output exists"} for n, p in mine if (n, p) not in todo]
     if todo:
         device, dtype = pick_device(cfg, state)
         if device.type == "cpu" and state.num_processes > 1:  # share the cores: oversubscribed threads spin
@@ -263,13 +263,22 @@ def run(cfg: InferConfig, progress: bool = True) -> list[dict]:
         for name, path in tqdm(todo, desc=f"clips (rank {state.process_index})", unit="clip", disable=not progress):
             t0 = time.perf_counter()
             row = {"clip": name, "status": "done", "frames": 0, "seconds": 0.0, "rank": state.process_index}
+            claim = ClipClaim(out, name)  # another infer.py on the same output folder may hold this clip
+            if not claim.acquire():
+                results.append({**row, "status": "skipped", "reason": "being restored by another process"})
+                continue
             try:
-                row["frames"] = restore_clip(pipe, cfg, name, path)
-                if isinstance(pipe, UltraVSRRunner) and pipe.last_drs is not None:
-                    d, t, how = pipe.last_drs
-                    row["drs"] = f"d={d:.3f}, t={t} ({how})"
+                if not cfg.overwrite and all(o.exists() for o in outputs_of(cfg, name)):
+                    row.update(status="skipped", reason="finished by another process")
+                else:
+                    row["frames"] = restore_clip(pipe, cfg, name, path)
+                    if isinstance(pipe, UltraVSRRunner) and pipe.last_drs is not None:
+                        d, t, how = pipe.last_drs
+                        row["drs"] = f"d={d:.3f}, t={t} ({how})"
             except Exception as e:  # one bad clip must not stop the others
                 row.update(status="failed", error=str(e) if isinstance(e, SdatcError) else f"{type(e).__name__}: {e}")
+            finally:
+                claim.release()
             row["seconds"] = time.perf_counter() - t0
             results.append(row)
     if state.num_processes > 1:
@@ -281,10 +290,11 @@ def summary(results: list[dict]) -> str:
     done = [r for r in results if r["status"] == "done"]
     failed = [r for r in results if r["status"] == "failed"]
     frames, secs = sum(r["frames"] for r in done), sum(r["seconds"] for r in done)
-    lines = [f"{len(done)} done, {sum(r['status'] == 'skipped' for r in results)} skipped (output exists), "
+    lines = [f"{len(done)} done, {sum(r['status'] == 'skipped' for r in results)} skipped (reasons below), "
              f"{len(failed)} failed; {frames} frames, {secs / frames if frames else 0:.2f} s per output frame"]
     for r in results:
         detail = r.get("error") or f"{r['frames']} frames in {r['seconds']:.1f} s" + (f"; DRS {r['drs']}" if "drs" in r else "")
-        lines.append(f"  {r['clip']}: {r['status']} (rank {r['rank']}) {detail if r['status'] != 'skipped' else ''}".rstrip())
+        detail = r.get("reason", "") if r["status"] == "skipped" else detail
+        lines.append(f"  {r['clip']}: {r['status']} (rank {r['rank']}) {detail}".rstrip())
     return "\n".join(lines)
 

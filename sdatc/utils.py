@@ -130,3 +130,61 @@ def report_json(result: dict, path: str | Path | None = None) -> str:
     if path:
         atomic_write_text(path, text + "\n")
     return text
+
+
+class ClipClaim:
+    """An exclusive claim on one output (``<out>/.<name>.lock``, created atomically) so that processes sharing an
+    output folder never restore the same clip at once. A lock whose process is gone (same host) is stale and
+    taken over; ``acquire`` returns False while another live process holds it.
+
+        claim = ClipClaim(out, name)
+        if claim.acquire():
+            try: ...restore...
+            finally: claim.release()
+    """
+
+    def __init__(self, folder: str | Path, name: str):
+        import socket
+
+        self.path = Path(folder) / f".{name}.lock"
+        self.me = f"{socket.gethostname()} {os.getpid()}"
+        self.held = False
+
+    def _holder_alive(self) -> bool:
+        import socket
+
+        try:
+            host, pid = self.path.read_text().split()
+            pid = int(pid)
+        except (OSError, ValueError):
+            return False  # unreadable or half-written: treat as stale
+        if host != socket.gethostname():
+            return True  # another machine's process: it cannot be checked, so it is respected
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def acquire(self) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if self._holder_alive():
+                    return False
+                self.path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(self.me)
+            self.held = True
+            return True
+        return False
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
