@@ -28,7 +28,8 @@ from sdatc.data.video import FrameWriter, VideoReader, VideoWriter, list_clips
 from sdatc.errors import SdatcError
 from sdatc.models.backbone import ENV_SD21, SD21_HELP, resolve_pretrained
 from sdatc.models.dcm import DCM
-from sdatc.models.sdatc import CONFIG_NAME, SDATC, WEIGHTS_NAME, ModelConfig
+from sdatc.models.saving import CONFIG_NAME
+from sdatc.models.sdatc import SDATC, WEIGHTS_NAME, ModelConfig
 from sdatc.models.ultravsr import WEIGHTS_NAME as ULTRAVSR_WEIGHTS
 from sdatc.models.ultravsr import UltraVSR, UltraVSRConfig
 from sdatc.pipelines.restore import Bicubic, DCMPipeline, PipelineConfig, RestorePipeline
@@ -84,37 +85,27 @@ def build_model(cfg: InferConfig) -> SDATC | DCM:
     config_file = ckpt / CONFIG_NAME if ckpt is not None and ckpt.is_dir() and (ckpt / CONFIG_NAME).is_file() else cfg.model_config
     overrides = list(cfg.model_overrides) + ([f"backbone.pretrained={cfg.pretrained}"] if cfg.pretrained else [])
     if cfg.mode == "ultravsr":
-        return _build_ultravsr(cfg, load_config(UltraVSRConfig, config_file, overrides), ckpt)
+        return _build_diffusion(cfg, UltraVSR, load_config(UltraVSRConfig, config_file, overrides), ckpt, ULTRAVSR_WEIGHTS)
     model_cfg = load_config(ModelConfig, config_file, overrides)
     if cfg.mode == "dcm":
         return _build_dcm(cfg, model_cfg, ckpt)
+    return _build_diffusion(cfg, SDATC, model_cfg, ckpt, WEIGHTS_NAME)
+
+
+def _build_diffusion(cfg: InferConfig, cls, model_cfg, ckpt: Path | None, weights_name: str):
+    """SDATC or UltraVSR on SD 2.1 with its trained modules, or the error saying what is missing."""
     if resolve_pretrained(model_cfg.backbone) is None and not cfg.allow_random_weights:
         raise SdatcError(f"no SD 2.1 weights: set pretrained=PATH or ${ENV_SD21} ({SD21_HELP}); "
                          "allow_random_weights=true runs random weights for smoke tests")
     if ckpt is None and not cfg.allow_random_weights:
-        raise SdatcError(f"no trained SDATC modules: set checkpoint=PATH (a folder with {WEIGHTS_NAME} and "
+        name = "SDATC" if cls is SDATC else "UltraVSR"
+        raise SdatcError(f"no trained {name} modules: set checkpoint=PATH (a folder with {weights_name} and "
                          f"{CONFIG_NAME} from train.py); allow_random_weights=true runs untrained modules")
-    model = SDATC.from_config(model_cfg)
+    model = cls.from_config(model_cfg)
     if ckpt is not None:
-        weights = ckpt / WEIGHTS_NAME if ckpt.is_dir() else ckpt
+        weights = ckpt / weights_name if ckpt.is_dir() else ckpt
         if not weights.is_file():
-            raise SdatcError(f"no {WEIGHTS_NAME} in {ckpt}")
-        model.load_trainable_state_dict(load_file(weights), str(weights))
-    return model.eval()
-
-
-def _build_ultravsr(cfg: InferConfig, model_cfg: UltraVSRConfig, ckpt: Path | None) -> UltraVSR:
-    if resolve_pretrained(model_cfg.backbone) is None and not cfg.allow_random_weights:
-        raise SdatcError(f"no SD 2.1 weights: set pretrained=PATH or ${ENV_SD21} ({SD21_HELP}); "
-                         "allow_random_weights=true runs random weights for smoke tests")
-    if ckpt is None and not cfg.allow_random_weights:
-        raise SdatcError(f"no trained UltraVSR modules: set checkpoint=PATH (a folder with {ULTRAVSR_WEIGHTS} and "
-                         f"{CONFIG_NAME} from train.py); allow_random_weights=true runs untrained modules")
-    model = UltraVSR.from_config(model_cfg)
-    if ckpt is not None:
-        weights = ckpt / ULTRAVSR_WEIGHTS if ckpt.is_dir() else ckpt
-        if not weights.is_file():
-            raise SdatcError(f"no {ULTRAVSR_WEIGHTS} in {ckpt}")
+            raise SdatcError(f"no {weights_name} in {ckpt}")
         model.load_trainable_state_dict(load_file(weights), str(weights))
     return model.eval()
 

@@ -16,27 +16,24 @@ explicit children of the frozen UNet / VAE decoder (:mod:`sdatc.models.sites`), 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sdatc.config import dump_config, load_config
 from sdatc.errors import SdatcError
 from sdatc.models.backbone import Backbone, BackboneConfig, load_backbone
 from sdatc.models.capm import CAPM, CAPMConfig
 from sdatc.models.cfw import CFW, CFWConfig
 from sdatc.models.dcm import DCM, DCMConfig
-from sdatc.models.drivers import check_unet, unet_forward, vae_decode, vae_encode
+from sdatc.models.drivers import unet_forward, vae_decode, vae_encode
 from sdatc.models.guidance import GuidanceConfig, GuidanceEncoder
 from sdatc.models.prediction import split_prediction
+from sdatc.models.saving import TrainedModules, check_state
 from sdatc.models.sites import Ctx, Placement, insert, pretrained_modules, sites
 from sdatc.models.stam import STAM, STAMConfig
 
 WEIGHTS_NAME = "sdatc_modules.safetensors"
-CONFIG_NAME = "config.yaml"
 NEW_MODULES = ("dcm", "guidance", "capm_unet", "capm_vae", "stam", "cfw")
 FORMAT = "sdatc/2"  # keys are module paths (unet.up_blocks.0.mid.capm.*); sdatc/1 keys (capm_unet.0.*) load too
 
@@ -72,7 +69,7 @@ class ModelConfig:
             raise ValueError(f"upscale {self.upscale} differs from dcm.upscale {self.dcm.upscale}")
 
 
-class SDATC(nn.Module):
+class SDATC(TrainedModules, nn.Module):
     """Frozen SD 2.1 UNet + VAE with DCM, guidance encoder + zero convs, CAPM, STAM and CFW.
 
     DCM and the guidance encoder are top-level children; CAPM, STAM and CFW sit inside the frozen UNet
@@ -81,15 +78,12 @@ class SDATC(nn.Module):
     ``new_modules()`` also gives them by group (``capm_unet``, ``capm_vae``, ``stam``, ``cfw``).
     """
 
+    WEIGHTS_NAME, FORMAT, CONFIG_CLS = WEIGHTS_NAME, FORMAT, ModelConfig
+
     def __init__(self, cfg: ModelConfig, backbone: Backbone):
         super().__init__()
         self.cfg, on = cfg, cfg.enabled
-        self.unet, self.vae, self.scheduler = backbone.unet, backbone.vae, backbone.scheduler
-        check_unet(self.unet)
-        self.prediction_type = self.scheduler.config.prediction_type  # what the UNet predicts: epsilon | v_prediction
-        self.backbone_source, self.text_encoder_params = backbone.source, backbone.text_encoder_params
-        self.register_buffer("empty_prompt_embeds", backbone.empty_prompt_embeds, persistent=False)
-        self.latent_scale = float(self.vae.config.scaling_factor)
+        self.adopt_backbone(backbone)  # unet, vae, scheduler, prediction_type, empty_prompt_embeds, ...
         vae_boc = list(self.vae.config.block_out_channels)
         unet_boc = list(self.unet.config.block_out_channels)
         bad = [lv for lv in cfg.cfw_levels if not 0 <= lv < len(vae_boc)]
@@ -266,48 +260,10 @@ class SDATC(nn.Module):
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
         """Strict (either format): any missing/unexpected key or shape mismatch is an error naming the first few."""
         state = self.upgrade_keys(state)
-        own = self.trainable_state_dict()
-        missing = [k for k in own if k not in state]
-        unexpected = [k for k in state if k not in own and not k.startswith("_")]
-        shapes = [k for k in own if k in state and state[k].shape != own[k].shape]
-        if missing or unexpected or shapes:
-            parts = []
-            if missing:
-                parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
-            if unexpected:
-                parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
-            if shapes:
-                k = shapes[0]
-                parts.append(f"{len(shapes)} of another shape (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
-            raise SdatcError(f"{source} does not match this model: " + "; ".join(parts))
+        check_state(self.trainable_state_dict(), state, source)
         modules = self.new_modules()
         for name, sd in self.group_state_dicts(state).items():
             modules[name].load_state_dict(sd)
-
-    def save_pretrained(self, folder: str | Path) -> Path:
-        """``folder/sdatc_modules.safetensors`` (trainable weights + empty-prompt embedding) and
-        ``folder/config.yaml``; each written under a temporary name first."""
-        from sdatc.utils import atomic_path
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        tensors = {**self.trainable_state_dict(), "_empty_prompt_embeds": self.empty_prompt_embeds.cpu().contiguous()}
-        with atomic_path(folder / WEIGHTS_NAME) as tmp:
-            save_file(tensors, str(tmp), metadata={"format": FORMAT})
-        dump_config(self.cfg, folder / CONFIG_NAME)
-        return folder
-
-    @classmethod
-    def from_pretrained(cls, folder: str | Path, overrides: list[str] | tuple = ()) -> SDATC:
-        """Rebuild from ``folder/config.yaml`` (+ overrides such as ``backbone.pretrained=...``)
-        and load the trainable weights strictly."""
-        folder = Path(folder)
-        weights = folder / WEIGHTS_NAME
-        if not weights.is_file():
-            raise SdatcError(f"no {WEIGHTS_NAME} in {folder}")
-        model = cls.from_config(load_config(ModelConfig, folder / CONFIG_NAME, overrides))
-        model.load_trainable_state_dict(load_file(weights), str(weights))
-        return model
 
     def parameter_report(self) -> dict:
         """Trainable and total parameters per module and in sum."""

@@ -19,22 +19,19 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sdatc.config import dump_config, load_config
 from sdatc.errors import SdatcError
 from sdatc.models.backbone import Backbone, BackboneConfig, load_backbone
-from sdatc.models.drivers import check_unet, unet_forward, vae_decode, vae_encode
+from sdatc.models.drivers import unet_forward, vae_decode, vae_encode
 from sdatc.models.prediction import check_prediction_type
 from sdatc.models.rts import RTS, RTSConfig
+from sdatc.models.saving import TrainedModules, check_state
 from sdatc.models.sites import Ctx, Placement, insert, pretrained_modules
 
 WEIGHTS_NAME = "ultravsr_modules.safetensors"
-CONFIG_NAME = "config.yaml"
 FORMAT = "ultravsr/1"
 GROUPS = ("rts_unet", "rts_vae", "lora_unet", "lora_vae", "conv_in")
 # The reference's LoRA targets: modules whose name ends with one of these (attention projections,
@@ -113,20 +110,17 @@ def _lora_targets(root: nn.Module, keep) -> list[str]:
             and n.endswith(LORA_SUFFIXES) and keep(n)]
 
 
-class UltraVSR(nn.Module):
+class UltraVSR(TrainedModules, nn.Module):
     """Frozen SD 2.1 UNet + VAE with RTS, LoRA and a trained conv_in; one UNet call per frame."""
+
+    WEIGHTS_NAME, FORMAT, CONFIG_CLS = WEIGHTS_NAME, FORMAT, UltraVSRConfig
 
     def __init__(self, cfg: UltraVSRConfig, backbone: Backbone):
         super().__init__()
         from peft import LoraConfig
 
         self.cfg, on = cfg, cfg.enabled
-        self.unet, self.vae, self.scheduler = backbone.unet, backbone.vae, backbone.scheduler
-        check_unet(self.unet)
-        self.prediction_type = self.scheduler.config.prediction_type
-        self.backbone_source, self.text_encoder_params = backbone.source, backbone.text_encoder_params
-        self.register_buffer("empty_prompt_embeds", backbone.empty_prompt_embeds, persistent=False)
-        self.latent_scale = float(self.vae.config.scaling_factor)
+        self.adopt_backbone(backbone)  # unet, vae, scheduler, prediction_type, empty_prompt_embeds, ...
         lora = dict(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, init_lora_weights=cfg.lora.init)
         if on.lora_unet:  # three adapters, as the reference: down (+conv_in), up (+conv_out), the rest
             groups = {"down": lambda n: n.startswith("down_blocks.") or n == "conv_in",
@@ -228,38 +222,11 @@ class UltraVSR(nn.Module):
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
         own = self.trainable_state_dict()
-        missing = [k for k in own if k not in state]
-        unexpected = [k for k in state if k not in own and not k.startswith("_")]
-        shapes = [k for k in own if k in state and state[k].shape != own[k].shape]
-        if missing or unexpected or shapes:
-            raise SdatcError(f"{source} does not match this model: {len(missing)} missing (e.g. {missing[:2]}), "
-                             f"{len(unexpected)} unexpected (e.g. {unexpected[:2]}), {len(shapes)} of another shape "
-                             f"(e.g. {shapes[:2]})")
+        check_state(own, state, source)
         params = dict(self.named_parameters())
         with torch.no_grad():
             for k in own:
                 params[k].copy_(state[k])
-
-    def save_pretrained(self, folder: str | Path) -> Path:
-        from sdatc.utils import atomic_path
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        tensors = {**self.trainable_state_dict(), "_empty_prompt_embeds": self.empty_prompt_embeds.cpu().contiguous()}
-        with atomic_path(folder / WEIGHTS_NAME) as tmp:
-            save_file(tensors, str(tmp), metadata={"format": FORMAT})
-        dump_config(self.cfg, folder / CONFIG_NAME)
-        return folder
-
-    @classmethod
-    def from_pretrained(cls, folder: str | Path, overrides: list[str] | tuple = ()) -> UltraVSR:
-        folder = Path(folder)
-        weights = folder / WEIGHTS_NAME
-        if not weights.is_file():
-            raise SdatcError(f"no {WEIGHTS_NAME} in {folder}")
-        model = cls.from_config(load_config(UltraVSRConfig, folder / CONFIG_NAME, overrides))
-        model.load_trainable_state_dict(load_file(weights), str(weights))
-        return model
 
     def parameter_report(self) -> dict:
         """Trainable and total parameters per group (rts_unet, rts_vae, lora_unet, lora_vae, conv_in) and SD."""

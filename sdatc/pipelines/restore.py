@@ -80,6 +80,15 @@ def autocast(device: torch.device, dtype: torch.dtype, enabled: bool = True):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def pad_to_multiple(lq: torch.Tensor, m: int) -> torch.Tensor:
+    """Pad (bottom/right; reflect, or replicate when the frame is too small to reflect) to multiples of m."""
+    h, w = lq.shape[-2:]
+    ph, pw = -h % m, -w % m
+    if not (ph or pw):
+        return lq
+    return F.pad(lq, (0, pw, 0, ph), mode="reflect" if ph < h and pw < w else "replicate")
+
+
 def frame_noise(seed: int, frame: int, step: int, shape: tuple[int, ...]) -> torch.Tensor:
     """Noise for one frame at one sampling step (step -1: the start), the same in every window."""
     g = torch.Generator().manual_seed((seed * 1_000_003 + frame) * 1_009 + step + 1)
@@ -251,13 +260,7 @@ class RestorePipeline:
             raise SdatcError(f"frames of {w}x{h} are too small (at least 8x8 LR pixels)")
 
     def _pad(self, lq: torch.Tensor) -> torch.Tensor:
-        m = self.model.pad_multiple
-        h, w = lq.shape[-2:]
-        ph, pw = -h % m, -w % m
-        if not (ph or pw):
-            return lq
-        mode = "reflect" if ph < h and pw < w else "replicate"
-        return F.pad(lq, (0, pw, 0, ph), mode=mode)
+        return pad_to_multiple(lq, self.model.pad_multiple)
 
 
 class Bicubic(torch.nn.Module):

@@ -26,7 +26,7 @@ from sdatc.errors import SdatcError
 from sdatc.models.ultravsr import UltraVSR, drs_step, one_step_x0
 from sdatc.pipelines.colour import colour_correct
 from sdatc.pipelines.drs import DRSConfig, DRSEstimator
-from sdatc.pipelines.restore import TilingConfig, WindowConfig, autocast
+from sdatc.pipelines.restore import TilingConfig, WindowConfig, autocast, pad_to_multiple
 from sdatc.pipelines.tiling import tiled_apply
 from sdatc.pipelines.windows import FrameFeed, WindowBlender, plan_windows
 
@@ -62,12 +62,7 @@ class UltraVSRRunner:
         return mode == "on" or (mode == "auto" and size > tile)
 
     def _pad(self, lq: torch.Tensor) -> torch.Tensor:
-        m = self.model.pad_multiple
-        h, w = lq.shape[-2:]
-        ph, pw = -h % m, -w % m
-        if not (ph or pw):
-            return lq
-        return F.pad(lq, (0, pw, 0, ph), mode="reflect" if ph < h and pw < w else "replicate")
+        return pad_to_multiple(lq, self.model.pad_multiple)
 
     def window_x0(self, lq: torch.Tensor, t: int, big_d: float) -> torch.Tensor:
         """One window, (T, 3, h, w) LR in [0, 1] (padded) -> z_HR (T, 4, 4h/8, 4w/8)."""

@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 
 from sdatc.config import REPO_ROOT, dump_config, load_config, to_dict
 from sdatc.errors import SdatcError
-from sdatc.models.sdatc import CONFIG_NAME, FORMAT, WEIGHTS_NAME, ModelConfig
+from sdatc.models.saving import CONFIG_NAME
+from sdatc.models.sdatc import FORMAT, WEIGHTS_NAME, ModelConfig
 from sdatc.training.config import TrainConfig
 from sdatc.utils import atomic_write_text
 
