@@ -23,7 +23,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from sdatc.errors import SdatcError
-from sdatc.models.sites import Ctx, Site
+from sdatc.models.sites import Ctx, Site, sites
 
 
 def call(m: nn.Module, h: Tensor, ctx: Ctx, inner: Callable):
@@ -32,14 +32,18 @@ def call(m: nn.Module, h: Tensor, ctx: Ctx, inner: Callable):
     ``rows`` is the slice of the batch that ``h`` holds, for inputs ``inner`` must slice alike (time
     embedding, text, skips). With ``ctx.chunk`` (UltraVSR's TAI) the frozen part runs on chunks of that many
     frames and the Site's modules on the whole window; nothing temporal may sit inside a chunked block."""
-    if ctx.chunk and ctx.chunk < h.shape[0]:
-        if any(isinstance(x, Site) for x in (m.block if isinstance(m, Site) else m).modules()):
-            raise SdatcError("chunked inference (ctx.chunk) over a block that holds new modules: they would see a chunk")
+    if ctx.chunk and ctx.chunk < h.shape[0]:  # (the drivers checked once that no block holds a Site inside)
         run = _chunked(inner, ctx.chunk)
     else:
         def run(block, x):
             return inner(block, x, slice(None))
     return m(h, ctx, run) if isinstance(m, Site) else run(m, h)
+
+
+def _check_chunkable(root: nn.Module, ctx: Ctx) -> None:
+    """With ``ctx.chunk``, no Site may sit inside a frozen block (it would see a chunk, not the window)."""
+    if ctx.chunk and any(isinstance(x, Site) for _, s in sites(root) for x in s.block.modules()):
+        raise SdatcError("chunked inference (ctx.chunk) over a block that holds new modules: they would see a chunk")
 
 
 def _chunked(inner: Callable, chunk: int) -> Callable:
@@ -81,6 +85,7 @@ def vae_encode(vae: nn.Module, x: Tensor, levels: Sequence[int] = (),
 def vae_decode(vae: nn.Module, z: Tensor, ctx: Ctx) -> Tensor:
     """(N, C_lat, h, w) unscaled latents -> (N, 3, 8h, 8w) in [-1, 1], through the decoder's Sites."""
     dec = vae.decoder
+    _check_chunkable(dec, ctx)
     h = vae.post_quant_conv(z) if vae.post_quant_conv is not None else z
     h = dec.conv_in(h)  # (N, 512, h, w)
     mid = dec.mid_block
@@ -116,6 +121,7 @@ def unet_forward(unet: nn.Module, x: Tensor, t: Tensor, text: Tensor, ctx: Ctx,
                  down_res: Sequence[Tensor] | None = None, mid_res: Tensor | None = None) -> Tensor:
     """``UNet2DConditionModel.forward`` for SD 2.1 with Sites: (N, 4, h, w) latents, timesteps (N,), text
     (N, 77, D), optional ControlNet-style residuals -> (N, 4, h, w). h and w: multiples of 2^(levels-1)."""
+    _check_chunkable(unet, ctx)
     n_up = len(unet.up_blocks) - 1
     if x.shape[-2] % 2**n_up or x.shape[-1] % 2**n_up:
         raise SdatcError(f"latent {tuple(x.shape[-2:])} is not a multiple of {2**n_up} (pad the input)")

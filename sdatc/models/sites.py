@@ -76,6 +76,7 @@ class Site(nn.Module):
         if self.mid is not None and getattr(block, "upsamplers", None) is not None:
             self.resample, block.upsamplers = block.upsamplers, None
         self.gradient_checkpointing = False
+        self._self_checkpointing: bool | None = None
 
     @property
     def resnets(self) -> nn.ModuleList:
@@ -102,8 +103,12 @@ class Site(nn.Module):
         return self.gradient_checkpointing and torch.is_grad_enabled()
 
     def _block_checkpoints_itself(self) -> bool:
-        # diffusers' UNet blocks checkpoint their own layers; a block holding Sites checkpoints inside them
-        return hasattr(self.block, "gradient_checkpointing") or any(isinstance(m, Site) for m in self.block.modules())
+        # diffusers' UNet blocks checkpoint their own layers; a block holding Sites checkpoints inside them.
+        # The structure is fixed once Sites are inserted: worked out at the first call, not at every one.
+        if self._self_checkpointing is None:
+            self._self_checkpointing = hasattr(self.block, "gradient_checkpointing") or any(
+                isinstance(m, Site) for m in self.block.modules())
+        return self._self_checkpointing
 
     def _run(self, m: nn.Module, h: Tensor, ctx: Ctx) -> Tensor:
         if self._checkpointing():

@@ -141,3 +141,9 @@ def test_model_save_writes_the_new_format_and_reloads(tiny_model, tmp_path):
     assert "unet.up_blocks.0.mid.capm.zero_out.weight" in keys and not any(k.startswith("capm_unet.") for k in keys)
     cfg = load_config(ModelConfig, tmp_path / "config.yaml")
     assert SDATC.from_config(cfg).load_trainable_state_dict(load_file(tmp_path / "sdatc_modules.safetensors")) is None
+
+
+def test_chunks_refused_where_a_site_sits_inside_a_block(tiny_model):
+    """SDATC's STAM sits inside the decoder's up blocks: chunking them would show STAM a chunk, not the window."""
+    with pytest.raises(SdatcError, match="would see a chunk"):
+        vae_decode(tiny_model.vae, torch.randn(2, 4, 4, 4), Ctx(num_frames=2, chunk=1))
