@@ -32,7 +32,8 @@ from sdatc.models.saving import CONFIG_NAME
 from sdatc.models.sdatc import SDATC, WEIGHTS_NAME, ModelConfig
 from sdatc.models.ultravsr import WEIGHTS_NAME as ULTRAVSR_WEIGHTS
 from sdatc.models.ultravsr import UltraVSR, UltraVSRConfig
-from sdatc.pipelines.restore import Bicubic, DCMPipeline, PipelineConfig, RestorePipeline
+from sdatc.pipelines.dcm_pipeline import Bicubic, DCMPipeline
+from sdatc.pipelines.restore import PipelineConfig, RestorePipeline
 from sdatc.pipelines.sampler import respaced_timesteps
 from sdatc.pipelines.sdatc_pipeline import SDATCPipeline
 from sdatc.pipelines.ultravsr import UltraVSRPipelineConfig, UltraVSRRunner

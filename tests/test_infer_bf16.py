@@ -112,7 +112,8 @@ def test_dtype_choice_on_the_cpu():
 
 
 def test_fp16_pipelines_on_the_cpu_are_errors():
-    from sdatc.pipelines.restore import DCMPipeline, PipelineConfig
+    from sdatc.pipelines.dcm_pipeline import DCMPipeline
+    from sdatc.pipelines.restore import PipelineConfig
 
     with pytest.raises(SdatcError, match="float16 autocast needs a GPU"):
         DCMPipeline(nn.Identity(), PipelineConfig(), device="cpu", dtype=torch.float16)

@@ -65,7 +65,8 @@ class Validator:
 
 def dcm_restorer(dcm, device, dtype: torch.dtype = torch.float32):
     """``restore`` for stage 0: the DCM alone, as ``infer.py mode=dcm`` runs it (the run's dtype)."""
-    from sdatc.pipelines.restore import DCMPipeline, PipelineConfig, TilingConfig
+    from sdatc.pipelines.dcm_pipeline import DCMPipeline
+    from sdatc.pipelines.restore import PipelineConfig, TilingConfig
 
     pipe = DCMPipeline(dcm, PipelineConfig(tiling=TilingConfig(mode="off")), device=device, dtype=dtype, progress=False)
 
