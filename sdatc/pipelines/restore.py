@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import Literal
 
@@ -104,7 +105,8 @@ class RestorePipeline:
         autocast(self.device, dtype)  # fp16 on the CPU: an error now, not at the first frame
         self.raft = raft if raft is not None else load_raft(cfg.flow, self.device)
         self.sampler = Sampler(cfg.sampler, model.scheduler.alphas_cumprod, model.prediction_type)
-        self.unet_calls = 0
+        self.unet_calls = 0  # denoiser invocations (each a batch of frames x tiles)
+        self.unet_evals: Counter[tuple[int, int]] = Counter()  # latent (h, w) of each frame-tile evaluation -> count
         self.vae_factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
         self.unet_factor = 2 ** (len(model.unet.config.block_out_channels) - 1)
 
@@ -149,6 +151,7 @@ class RestorePipeline:
 
         def fn(zt, box):
             self.unet_calls += 1
+            self.unet_evals[tuple(zt.shape[-2:])] += zt.shape[0]
             zc = z_c if box is None else z_c[..., box[0]:box[1], box[2]:box[3]]
             return self.model.predict(zt, tt, zc)
 

@@ -13,6 +13,7 @@ d is estimated once per clip (``drs``). Stages whose input exceeds their tile ar
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Literal
@@ -52,7 +53,8 @@ class UltraVSRRunner:
         self.model, self.cfg, self.device, self.dtype, self.progress = model, cfg, torch.device(device), dtype, progress
         autocast(self.device, dtype)  # fp16 on the CPU: an error now, not at the first frame
         self.drs = DRSEstimator(cfg.drs, device=str(self.device), weights=weights)
-        self.unet_calls = 0
+        self.unet_calls = 0  # denoiser invocations (each a batch of frames x tiles)
+        self.unet_evals: Counter[tuple[int, int]] = Counter()  # latent (h, w) of each frame-tile evaluation -> count
         self.last_drs: tuple[float, int, str] | None = None  # (d, t_rec, how d was found) of the last clip
         self.vae_factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
         self.unet_factor = 2 ** (len(model.unet.config.block_out_channels) - 1)
@@ -78,6 +80,7 @@ class UltraVSRRunner:
 
             def unet(zt, box):
                 self.unet_calls += 1
+                self.unet_evals[tuple(zt.shape[-2:])] += zt.shape[0]
                 return self.model.predict(zt, t, num_frames=n, chunk=chunk)
 
             if self._tiled(max(z.shape[-2:]), tc.latent_tile):
