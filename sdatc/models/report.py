@@ -69,6 +69,37 @@ def count_flops_ultravsr(cfg, out_h: int = 720, out_w: int = 1280) -> dict:
     return out
 
 
+_DENOISE_FLOPS: dict[tuple, int] = {}  # (config kind, repr(config), h, w) -> FLOPs, over the process
+
+
+def denoise_step_flops(cfg, shapes) -> dict[tuple[int, int], int]:
+    """FLOPs of one frame's denoising step (``model.predict`` on a batch of one: SDATC's guidance
+    encoder and UNet, or UltraVSR's UNet with one-frame windows) at each latent (h, w) in ``shapes``,
+    counted on the meta device and cached per (model config, shape) for the process.
+
+    ``count_flops(cfg, H, W)["denoise_step"]`` is this at the padded full-frame latent; a tiled
+    pipeline runs the denoiser at its tile shapes instead (``pipe.unet_evals`` counts them)."""
+    from sdatc.models.ultravsr import UltraVSR, UltraVSRConfig
+
+    uv = isinstance(cfg, UltraVSRConfig)
+    key = ("ultravsr" if uv else "sdatc", repr(cfg))
+    todo = sorted({(int(h), int(w)) for h, w in shapes} - {k[2:] for k in _DENOISE_FLOPS if k[:2] == key})
+    if todo:
+        from sdatc.models.sdatc import SDATC
+
+        with torch.device("meta"):
+            model = UltraVSR.from_config(cfg) if uv else SDATC.from_config(cfg)
+        for h, w in todo:
+            z = torch.zeros(1, 4, h, w, device="meta")
+            with torch.no_grad(), FlopCounterMode(display=False) as fc:
+                if uv:
+                    model.predict(z, 500, num_frames=1)
+                else:
+                    model.predict(z, torch.zeros(1, dtype=torch.long, device="meta"), z)
+            _DENOISE_FLOPS[(*key, h, w)] = int(fc.get_total_flops())
+    return {(int(h), int(w)): _DENOISE_FLOPS[(*key, int(h), int(w))] for h, w in shapes}
+
+
 def format_report(report: dict) -> str:
     rows = [f"{'module':<14}{'trainable':>16}{'total':>18}"]
     for name, v in report["modules"].items():
