@@ -33,7 +33,7 @@ from sdatc.models.sdatc import SDATC, WEIGHTS_NAME, ModelConfig
 from sdatc.models.ultravsr import WEIGHTS_NAME as ULTRAVSR_WEIGHTS
 from sdatc.models.ultravsr import UltraVSR, UltraVSRConfig
 from sdatc.pipelines.dcm_pipeline import Bicubic, DCMPipeline
-from sdatc.pipelines.restore import PipelineConfig, RestorePipeline
+from sdatc.pipelines.restore import PipelineConfig, RestorePipeline, cast_weights
 from sdatc.pipelines.sampler import respaced_timesteps
 from sdatc.pipelines.sdatc_pipeline import SDATCPipeline
 from sdatc.pipelines.ultravsr import UltraVSRPipelineConfig, UltraVSRRunner
@@ -62,6 +62,7 @@ class InferConfig:
     output_preset: str = "medium"
     fps: float = 25.0  # frame rate given to clips that are frame folders
     copy_audio: bool = True
+    compile: bool = False  # torch.compile the denoiser (modes sdatc / ultravsr); channels_last and TF32 either way
 
 
 PREVIEW_CONFIG = "configs/infer/preview.yaml"
@@ -154,7 +155,7 @@ def describe_model(cfg: InferConfig, model, device: torch.device | None = None, 
         return f"{line}; fp32{where}"
     name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     decoder = " (VAE decoder fp32)" if dtype == torch.float16 and cfg.mode in ("sdatc", "ultravsr") else ""
-    return f"{line}; {name} autocast{where}{decoder}, fp32 weights"
+    return f"{line}; {name} weights and autocast{where}{decoder}"
 
 
 def make_pipeline(model, cfg: InferConfig, device, dtype, progress: bool = True):
@@ -164,8 +165,8 @@ def make_pipeline(model, cfg: InferConfig, device, dtype, progress: bool = True)
     if cfg.mode == "dcm":
         return DCMPipeline(model, cfg.pipeline, device=device, dtype=dtype, progress=progress)
     if cfg.mode == "ultravsr":
-        return UltraVSRRunner(model, cfg.ultravsr, device=device, dtype=dtype, progress=progress)
-    return RestorePipeline(model, cfg.pipeline, device=device, dtype=dtype, progress=progress)
+        return UltraVSRRunner(model, cfg.ultravsr, device=device, dtype=dtype, progress=progress, compile=cfg.compile)
+    return RestorePipeline(model, cfg.pipeline, device=device, dtype=dtype, progress=progress, compile=cfg.compile)
 
 
 def pick_device(cfg: InferConfig, state) -> tuple[torch.device, torch.dtype]:
@@ -247,10 +248,10 @@ def run(cfg: InferConfig, progress: bool = True) -> list[dict]:
         device, dtype = pick_device(cfg, state)
         if device.type == "cpu" and state.num_processes > 1:  # share the cores: oversubscribed threads spin
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // state.num_processes))
-        model = build_model(cfg).to(device)
+        model = cast_weights(build_model(cfg), dtype).to(device)  # weights in the run's dtype, cast once
         if state.is_main_process:
             print(describe_model(cfg, model, device, dtype))
-        pipe = (SDATCPipeline(model, cfg.pipeline, device, dtype, progress) if cfg.mode == "sdatc"
+        pipe = (SDATCPipeline(model, cfg.pipeline, device, dtype, progress, compile=cfg.compile) if cfg.mode == "sdatc"
                 else make_pipeline(model, cfg, device, dtype, progress))
         for name, path in tqdm(todo, desc=f"clips (rank {state.process_index})", unit="clip", disable=not progress):
             t0 = time.perf_counter()

@@ -78,7 +78,7 @@ def test_tiny_sdatc_bf16_close_to_fp32(tiny_runs):
     print(f"tiny SDATC bf16 vs fp32: mean {mean:.3f}, max {mx}, {frac:.1%} differ")
     assert 0.05 < mean <= 1.0 and frac > 0.05, (mean, frac)  # bf16 really ran
     assert mx <= 10, mx
-    assert "model: SDATC" in text16 and "bf16 autocast on cpu" in text16
+    assert "model: SDATC" in text16 and "bf16 weights and autocast on cpu" in text16
     assert "fp32 on cpu" in text32
 
 
@@ -93,7 +93,7 @@ def test_bf16_reaches_every_stage(tiny_runs):
 def test_preview_dcm_bf16_close_to_fp32(lq_small_clip, tmp_path):
     fp32, _, _ = restore(PREVIEW, lq_small_clip, tmp_path / "fp32", "fp32")
     bf16, text, seen = restore(PREVIEW, lq_small_clip, tmp_path / "bf16", "bf16", hooks=True)
-    assert "model: DCM only" in text and "bf16 autocast on cpu" in text
+    assert "model: DCM only" in text and "bf16 weights and autocast on cpu" in text
     assert seen == {"other": {torch.bfloat16}}  # the DCM alone: its modules are the model's top level
     mean, mx, frac = diff_stats(fp32, bf16)
     print(f"preview DCM bf16 vs fp32: mean {mean:.3f}, max {mx}, {frac:.1%} differ")
@@ -117,3 +117,21 @@ def test_fp16_pipelines_on_the_cpu_are_errors():
 
     with pytest.raises(SdatcError, match="float16 autocast needs a GPU"):
         DCMPipeline(nn.Identity(), PipelineConfig(), device="cpu", dtype=torch.float16)
+
+
+def test_weights_cast_once_at_load():
+    """bf16 runs hold bf16 weights (no per-call re-cast under autocast); fp16 keeps the VAE decoder fp32."""
+    from sdatc.models.sdatc import SDATC, ModelConfig
+    from sdatc.pipelines.restore import cast_weights
+
+    def tiny():
+        return SDATC.from_config(load_config(ModelConfig, "configs/model/sdatc_tiny.yaml"))
+
+    model = cast_weights(tiny(), torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    half = cast_weights(tiny(), torch.float16)
+    assert {p.dtype for p in half.vae.decoder.parameters()} == {torch.float32}  # with STAM, CAPM, CFW in it
+    assert {p.dtype for p in half.unet.parameters()} == {torch.float16}
+    assert {p.dtype for p in half.vae.encoder.parameters()} == {torch.float16}
+    fp32 = tiny()
+    assert cast_weights(fp32, torch.float32) is fp32 and {p.dtype for p in fp32.parameters()} == {torch.float32}

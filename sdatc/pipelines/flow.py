@@ -149,15 +149,32 @@ def compute_flows(raft: torch.nn.Module, frames: Tensor, iters: int) -> tuple[Te
     if t < 2:
         empty = frames.new_zeros(0, 2, h, w, dtype=torch.float32)
         return empty, empty.clone()
+    return pair_flows(raft, frames[:-1], frames[1:], iters)
+
+
+@torch.no_grad()
+def pair_flows(raft: torch.nn.Module, first: Tensor, second: Tensor, iters: int) -> tuple[Tensor, Tensor]:
+    """RAFT flows of frame pairs, both ways, in one batch: ``first[k] -> second[k]`` and back.
+
+    Args:
+        first, second: (P, 3, h, w) frames in [0, 1] (P >= 1 pairs).
+        iters: RAFT refinement iterations.
+
+    Returns:
+        ``fwd`` (P, 2, h, w) from first to second, ``bwd`` (P, 2, h, w) from second to first.
+    """
+    if first.shape != second.shape or first.ndim != 4 or first.shape[1] != 3 or first.shape[0] < 1:
+        raise ValueError(f"frame pairs must be two (P, 3, h, w), got {tuple(first.shape)} and {tuple(second.shape)}")
+    p, _, h, w = first.shape
     param = next(raft.parameters())
-    x = frames.to(device=param.device, dtype=param.dtype) * 2 - 1  # (T, 3, h, w) in [-1, 1]
     hp = max(math.ceil(h / 8) * 8, RAFT_MIN_SIZE)
     wp = max(math.ceil(w / 8) * 8, RAFT_MIN_SIZE)
-    x = F.pad(x, (0, wp - w, 0, hp - h), mode="replicate")  # (T, 3, hp, wp)
-    img1 = torch.cat([x[:-1], x[1:]])  # (2(T-1), 3, hp, wp): pairs i->i+1, then i+1->i
-    img2 = torch.cat([x[1:], x[:-1]])
-    flow = raft(img1, img2, num_flow_updates=iters)[-1][:, :, :h, :w].float()  # (2(T-1), 2, h, w)
-    fwd, bwd = flow.split(t - 1)
+    a, b = (F.pad(x.to(device=param.device, dtype=param.dtype) * 2 - 1, (0, wp - w, 0, hp - h), mode="replicate")
+            for x in (first, second))  # (P, 3, hp, wp) each, in [-1, 1]
+    img1 = torch.cat([a, b])  # (2P, 3, hp, wp): pairs first->second, then second->first
+    img2 = torch.cat([b, a])
+    flow = raft(img1, img2, num_flow_updates=iters)[-1][:, :, :h, :w].float()  # (2P, 2, h, w)
+    fwd, bwd = flow.split(p)
     return fwd.contiguous(), bwd.contiguous()
 
 
@@ -193,15 +210,20 @@ def backward_warp(x: Tensor, flow: Tensor) -> Tensor:
     n, _, h, w = x.shape
     if flow.shape != (n, 2, h, w):
         raise ValueError(f"flow {tuple(flow.shape)} does not fit x {tuple(x.shape)}")
+    return F.grid_sample(x, flow_grid(flow, x.dtype), mode="bilinear", padding_mode="border", align_corners=True)
+
+
+def flow_grid(flow: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """(N, 2, H, W) flow in pixels -> (N, H, W, 2) ``grid_sample`` grid of p + f(p) in [-1, 1] (corners aligned)."""
+    _, _, h, w = flow.shape
     ys, xs = torch.meshgrid(
-        torch.arange(h, device=x.device, dtype=x.dtype),
-        torch.arange(w, device=x.device, dtype=x.dtype),
+        torch.arange(h, device=flow.device, dtype=dtype),
+        torch.arange(w, device=flow.device, dtype=dtype),
         indexing="ij",
     )  # (H, W) each
-    gx = (xs + flow[:, 0].to(x.dtype)) * (2 / max(w - 1, 1)) - 1  # (N, H, W) in [-1, 1]
-    gy = (ys + flow[:, 1].to(x.dtype)) * (2 / max(h - 1, 1)) - 1
-    grid = torch.stack([gx, gy], dim=-1)  # (N, H, W, 2)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    gx = (xs + flow[:, 0].to(dtype)) * (2 / max(w - 1, 1)) - 1  # (N, H, W) in [-1, 1]
+    gy = (ys + flow[:, 1].to(dtype)) * (2 / max(h - 1, 1)) - 1
+    return torch.stack([gx, gy], dim=-1)  # (N, H, W, 2)
 
 
 def occlusion_mask(fwd: Tensor, bwd: Tensor, alpha: float, beta: float, form: str) -> Tensor:
@@ -274,7 +296,7 @@ class FlowGuidance:
     def _setup(self, fwd: Tensor | None, bwd: Tensor | None, latent_size: tuple[int, int], cfg: FlowConfig) -> None:
         self.cfg = cfg
         self.latent_size = (int(latent_size[0]), int(latent_size[1]))
-        self.fwd = self.bwd = self.occ_fwd = self.occ_bwd = None
+        self.fwd = self.bwd = self.occ_fwd = self.occ_bwd = self.grid_fwd = self.grid_bwd = None
         if fwd is None or bwd is None or fwd.shape[0] == 0:
             return
         if fwd.shape != bwd.shape or fwd.ndim != 4 or fwd.shape[1] != 2:
@@ -284,6 +306,7 @@ class FlowGuidance:
         self.bwd = resize_flow(bwd.float(), self.latent_size)
         self.occ_fwd = occlusion_mask(self.fwd, self.bwd, *occ)  # (T-1, 1, H, W)
         self.occ_bwd = occlusion_mask(self.bwd, self.fwd, *occ)
+        self.grid_fwd, self.grid_bwd = flow_grid(self.fwd), flow_grid(self.bwd)  # (T-1, H, W, 2): fixed for all steps
 
     @property
     def active(self) -> bool:
@@ -313,13 +336,14 @@ class FlowGuidance:
         if z.ndim != 4 or z.shape[0] != n + 1 or tuple(z.shape[-2:]) != self.latent_size:
             raise ValueError(f"z must be ({n + 1}, C, {self.latent_size[0]}, {self.latent_size[1]}), got {tuple(z.shape)}")
         z = z.float()
-        fwd, bwd, occ_f, occ_b = (
+        grid_f, grid_b, occ_f, occ_b = (
             t.to(z.device).clone() if t.is_inference() else t.to(z.device)
-            for t in (self.fwd, self.bwd, self.occ_fwd, self.occ_bwd)
-        )  # (T-1, 2|1, H, W); clones make tensors built under inference_mode usable by autograd
+            for t in (self.grid_fwd, self.grid_bwd, self.occ_fwd, self.occ_bwd)
+        )  # grids (T-1, H, W, 2), masks (T-1, 1, H, W); clones make inference-mode tensors usable by autograd
         z0, z1 = z[:-1], z[1:]  # (T-1, C, H, W)
-        err_f = (1 - occ_f) * (z0 - backward_warp(z1, fwd)).abs()  # frame i+1 aligned to i
-        err_b = (1 - occ_b) * (z1 - backward_warp(z0, bwd)).abs()  # frame i aligned to i+1
+        warp = dict(mode="bilinear", padding_mode="border", align_corners=True)
+        err_f = (1 - occ_f) * (z0 - F.grid_sample(z1, grid_f, **warp)).abs()  # frame i+1 aligned to i (W(z1, fwd))
+        err_b = (1 - occ_b) * (z1 - F.grid_sample(z0, grid_b, **warp)).abs()  # frame i aligned to i+1
         return err_f.mean(dim=(1, 2, 3)).sum() + err_b.mean(dim=(1, 2, 3)).sum()
 
     def step(self, z: Tensor, sigma2: float) -> Tensor:

@@ -1,14 +1,19 @@
-"""Restore a whole clip with SDATC: streamed windows, every stage tiled, flow guidance, colour fix.
+"""Restore a whole clip with SDATC: streamed windows, stages tiled when memory asks, flow guidance, colour fix.
 
     pipe = RestorePipeline(model, PipelineConfig(), device="cpu")
     for frame in pipe.restore(reader, num_frames=len(reader)):   # (h, w, 3) uint8 in
         writer.write(frame)                                       # (4h, 4w, 3) uint8 out, in order
 
 Per window of N frames (stride < N, overlaps blended): DCM -> VAE encoder (z_c, CFW features) ->
-respaced DDPM from q_sample(z_c, 999), each step: guidance encoder + UNet (latent tiles), posterior
-step, flow-guidance gradient step, blend with the previous window's trajectory on shared frames ->
-VAE decoder with STAM/CAPM/CFW (pixel tiles) -> AdaIN against bicubic LQ -> blend decoded frames.
-Memory is bounded by one window plus its overlap, whatever the clip length.
+respaced DDPM from q_sample(z_c, 999), each step: guidance encoder + UNet, posterior step,
+flow-guidance gradient step (RAFT flows cached per frame pair across windows), blend with the previous
+window's trajectory on shared frames -> VAE decoder with STAM/CAPM/CFW -> AdaIN against bicubic LQ ->
+blend decoded frames. Memory is bounded by one window plus its overlap, whatever the clip length.
+
+Each stage runs the window's frames in one call when its memory estimate fits the budget
+(``sdatc/pipelines/memory.py``), else spatial tiles stacked with the frames on the batch axis (the VAE's
+tiles share whole-frame normalisation statistics: ``tiled_vae.py``). Noise comes from per-frame generators
+on the device and trajectories stay there: the denoising loop never waits for the host.
 """
 
 from __future__ import annotations
@@ -26,9 +31,12 @@ from tqdm import tqdm
 
 from sdatc.errors import SdatcError
 from sdatc.pipelines.colour import colour_correct
-from sdatc.pipelines.flow import FlowConfig, FlowGuidance, load_raft
+from sdatc.pipelines.flow import FlowConfig, FlowGuidance, load_raft, pair_flows
+from sdatc.pipelines.memory import StagePlan, memory_budget, plan_stage, stage_bytes_per_pixel
 from sdatc.pipelines.sampler import Sampler, SamplerConfig
-from sdatc.pipelines.tiling import tiled_apply
+from sdatc.pipelines.speed import speed_up
+from sdatc.pipelines.tiled_vae import decode_tiled, encode_tiled
+from sdatc.pipelines.tiling import tiled_batched
 from sdatc.pipelines.windows import FrameFeed, WindowBlender, plan_windows, temporal_weights
 
 
@@ -44,9 +52,13 @@ class WindowConfig:
 
 @dataclasses.dataclass
 class TilingConfig:
-    """Spatial tiling, per stage. ``auto`` tiles a stage when its input exceeds its tile size."""
+    """Spatial tiling per stage, decided by memory (``sdatc/pipelines/memory.py``). ``auto``: a stage runs
+    the whole window's frames in one call when its activation estimate fits the budget, else in tiles
+    stacked with the frames on the batch axis, as many per call as fit; ``on``: always tiles (small GPUs,
+    tests); ``off``: never. The tile sizes below apply only when tiling."""
 
     mode: Literal["auto", "on", "off"] = "auto"
+    memory_gb: float | None = None  # activation budget; None: free GPU memory less a margin, or half the free RAM
     latent_tile: int = 64  # UNet path, latent pixels (StableSR: 64 with overlap 32, Gaussian weights)
     latent_overlap: int = 32
     decoder_tile: int = 64  # VAE decoder, latent pixels (x8 in output pixels)
@@ -55,6 +67,10 @@ class TilingConfig:
     encoder_overlap: int = 64
     dcm_tile: int = 128  # DCM, LR pixels
     dcm_overlap: int = 16
+
+    def __post_init__(self):
+        if self.memory_gb is not None and not self.memory_gb > 0:
+            raise ValueError(f"tiling.memory_gb must be > 0 (or null: from the device), got {self.memory_gb}")
 
 
 @dataclasses.dataclass
@@ -81,6 +97,21 @@ def autocast(device: torch.device, dtype: torch.dtype, enabled: bool = True):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def cast_weights(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast a model's weights once, in place, to the run's dtype (at load, before moving it to the device), so no
+    call re-casts them under autocast. fp16 keeps the VAE decoder (and what sits in it) in fp32: SD's VAE
+    overflows in fp16, and the pipelines decode fp16 runs in fp32. fp32: the model as it is."""
+    if dtype == torch.float32:
+        return model
+    model.to(dtype)
+    vae = getattr(model, "vae", None)
+    if dtype == torch.float16 and vae is not None:
+        vae.decoder.float()
+        if vae.post_quant_conv is not None:
+            vae.post_quant_conv.float()
+    return model
+
+
 def pad_to_multiple(lq: torch.Tensor, m: int) -> torch.Tensor:
     """Pad (bottom/right; reflect, or replicate when the frame is too small to reflect) to multiples of m."""
     h, w = lq.shape[-2:]
@@ -90,17 +121,21 @@ def pad_to_multiple(lq: torch.Tensor, m: int) -> torch.Tensor:
     return F.pad(lq, (0, pw, 0, ph), mode="reflect" if ph < h and pw < w else "replicate")
 
 
-def frame_noise(seed: int, frame: int, step: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """Noise for one frame at one sampling step (step -1: the start), the same in every window."""
-    g = torch.Generator().manual_seed((seed * 1_000_003 + frame) * 1_009 + step + 1)
-    return torch.randn(shape, generator=g)
+def frame_noise(seed: int, frame: int, step: int, shape: tuple[int, ...],
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    """Noise for one frame at one sampling step (step -1: the start), the same in every window, drawn by a
+    generator on ``device`` (no host copy). Same seed, same device type: same noise; a CPU and a GPU draw
+    different numbers."""
+    g = torch.Generator(device=device).manual_seed((seed * 1_000_003 + frame) * 1_009 + step + 1)
+    return torch.randn(shape, generator=g, device=device)
 
 
 class RestorePipeline:
-    """Runs an SDATC model over clips. ``unet_calls`` counts denoiser calls (for benchmarks)."""
+    """Runs an SDATC model over clips. ``unet_calls`` counts denoiser calls (batches) and ``unet_evals`` the
+    frame-tile evaluations by latent shape (for benchmarks); ``plans`` holds each stage's last plan."""
 
     def __init__(self, model, cfg: PipelineConfig, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, raft=None, progress: bool = True):
+                 dtype: torch.dtype = torch.float32, raft=None, progress: bool = True, compile: bool = False):
         self.model, self.cfg, self.device, self.dtype, self.progress = model, cfg, torch.device(device), dtype, progress
         autocast(self.device, dtype)  # fp16 on the CPU: an error now, not at the first frame
         self.raft = raft if raft is not None else load_raft(cfg.flow, self.device)
@@ -109,12 +144,19 @@ class RestorePipeline:
         self.unet_evals: Counter[tuple[int, int]] = Counter()  # latent (h, w) of each frame-tile evaluation -> count
         self.vae_factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
         self.unet_factor = 2 ** (len(model.unet.config.block_out_channels) - 1)
+        self.denoiser = speed_up(model, self.device, compile=compile)  # model.predict, or compiled
+        self.plans: dict[str, StagePlan] = {}
+        self._budget: int | None = None  # read at the first window, once the model is resident
 
-    # ------------------------------------------------------------------ tiled stages
+    # ------------------------------------------------------------------ stages, tiled by memory
 
-    def _tiled(self, size: int, tile: int) -> bool:
-        mode = self.cfg.tiling.mode
-        return mode == "on" or (mode == "auto" and size > tile)
+    def _plan(self, stage: str, x: torch.Tensor, tile: int, group: int = 1) -> StagePlan:
+        if self._budget is None:
+            self._budget = memory_budget(self.device, self.cfg.tiling.memory_gb)
+        plan = plan_stage(x.shape[0], tuple(x.shape[-2:]), stage_bytes_per_pixel(self.model, stage), self._budget,
+                          tile, self.cfg.tiling.mode, group)
+        self.plans[stage] = plan
+        return plan
 
     def _autocast(self, enabled: bool = True):
         return autocast(self.device, self.dtype, enabled)
@@ -122,61 +164,55 @@ class RestorePipeline:
     def _dcm(self, lq: torch.Tensor) -> torch.Tensor:
         """(T, 3, h, w) -> (T, 3, 4h, 4w)."""
         t = self.cfg.tiling
+        p = self._plan("dcm", lq, t.dcm_tile)
         with self._autocast():
-            if self._tiled(max(lq.shape[-2:]), t.dcm_tile):
-                out = tiled_apply(lambda x, box: self.model.upscale(x), lq, t.dcm_tile, t.dcm_overlap)
-            else:
-                out = self.model.upscale(lq)
+            out = tiled_batched(self.model.upscale, (lq,), t.dcm_tile if p.tiled else None, t.dcm_overlap, p.batch)
         return out.float().clamp(0, 1)
 
     def _encode(self, img: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """(T, 3, H, W) -> z_c (T, 4, H/8, W/8), CFW features."""
         t, levels = self.cfg.tiling, sorted(self.model.cfg.cfw_levels)
+        p = self._plan("encode", img, t.encoder_tile)
 
-        def enc(x, box):
+        def enc(x):
             z, feats = self.model.encode(x)
             return (z, *(feats[lv] for lv in levels))
 
         with self._autocast():
-            if self._tiled(max(img.shape[-2:]), t.encoder_tile):
-                out = tiled_apply(enc, img, t.encoder_tile, t.encoder_overlap, align=self.vae_factor)
+            if p.tiled:  # GroupNorm statistics of the whole frame (tiled_vae.py)
+                z, feats = encode_tiled(self.model, img, levels, t.encoder_tile, t.encoder_overlap)
+                out = (z, *(feats[lv] for lv in levels))
             else:
-                out = enc(img, None)
+                out = tiled_batched(enc, (img,), None, 0, p.batch)
         return out[0].float(), {lv: f for lv, f in zip(levels, out[1:])}
 
     def _predict(self, z: torch.Tensor, t: int, z_c: torch.Tensor) -> torch.Tensor:
-        """(T, 4, h, w) -> the UNet output (epsilon or v), over latent tiles with Gaussian blending when large."""
+        """(T, 4, h, w) -> the UNet output (epsilon or v): whole frames, or latent tiles x frames in batches
+        with Gaussian blending, as memory allows."""
         cfg = self.cfg.tiling
-        tt = torch.full((z.shape[0],), t, device=z.device, dtype=torch.long)
+        p = self._plan("predict", z, cfg.latent_tile)
+        tt = torch.full((p.batch,), t, device=z.device, dtype=torch.long)
 
-        def fn(zt, box):
+        def fn(zt, zct):
             self.unet_calls += 1
             self.unet_evals[tuple(zt.shape[-2:])] += zt.shape[0]
-            zc = z_c if box is None else z_c[..., box[0]:box[1], box[2]:box[3]]
-            return self.model.predict(zt, tt, zc)
+            return self.denoiser(zt, tt[: zt.shape[0]], zct)
 
         with self._autocast():
-            if self._tiled(max(z.shape[-2:]), cfg.latent_tile):
-                return tiled_apply(fn, z, cfg.latent_tile, cfg.latent_overlap, align=self.unet_factor).float()
-            return fn(z, None).float()
+            out = tiled_batched(fn, (z, z_c), cfg.latent_tile if p.tiled else None, cfg.latent_overlap, p.batch,
+                                align=self.unet_factor)
+        return out.float()
 
     def _decode(self, z: torch.Tensor, feats: dict[int, torch.Tensor], num_frames: int) -> torch.Tensor:
         """(T, 4, h, w) -> (T, 3, 8h, 8w) in [0, 1] (fp32 decode when running fp16: SD's VAE overflows)."""
         cfg, w = self.cfg.tiling, self.cfg.cfw_weight
-
-        def fn(zt, box):
-            if box is None:
-                f = feats
-            else:
-                f = {lv: x[..., box[0] * s:box[1] * s, box[2] * s:box[3] * s]
-                     for lv, x in feats.items() for s in [self.vae_factor // 2**lv]}
-            return self.model.decode(zt, f, num_frames=num_frames, w=w)
+        p = self._plan("decode", z, cfg.decoder_tile, group=num_frames)
 
         with self._autocast(enabled=self.dtype != torch.float16):
-            if self._tiled(max(z.shape[-2:]), cfg.decoder_tile):
-                out = tiled_apply(fn, z, cfg.decoder_tile, cfg.decoder_overlap)
+            if p.tiled:  # tiles x all frames; GroupNorm and CAPM statistics of the whole frame (tiled_vae.py)
+                out = decode_tiled(self.model, z, feats, num_frames, w, cfg.decoder_tile, cfg.decoder_overlap)
             else:
-                out = fn(z, None)
+                out = self.model.decode(z, feats, num_frames=num_frames, w=w)  # the whole window: STAM sees all frames
         return ((out.float() + 1) / 2).clamp(0, 1)
 
     # ------------------------------------------------------------------ the clip loop
@@ -189,7 +225,8 @@ class RestorePipeline:
         windows = plan_windows(num_frames, cfg.window.length, min(cfg.window.stride, cfg.window.length))
         blender = WindowBlender(num_frames, windows)
         cond_cache: dict[int, tuple] = {}  # per frame: (z_c, {level: feature}) still needed
-        shared: dict[int, list[torch.Tensor]] = {}  # trajectory of frames shared with the next window
+        shared: dict[int, list[torch.Tensor]] = {}  # trajectory of frames shared with the next window (on device)
+        flows: dict[int, tuple] = {}  # RAFT flows (fwd, bwd) of the frame pair (i, i + 1), shared by windows
         bar = tqdm(windows, desc="windows", unit="win", leave=False, disable=not self.progress)
         for k, (start, end) in enumerate(bar):
             idx = list(range(start, end))
@@ -204,33 +241,46 @@ class RestorePipeline:
                     cond_cache[i] = (z_new[j], {lv: f[j] for lv, f in f_new.items()})
             z_c = torch.stack([cond_cache[i][0] for i in idx])  # (T, 4, H/8, W/8)
             feats = {lv: torch.stack([cond_cache[i][1][lv] for i in idx]) for lv in cond_cache[idx[0]][1]}
-            z = self._sample(idx, z_c, lq_p, temporal_weights(start, end, windows), shared, windows, k)
+            z = self._sample(idx, z_c, lq_p, temporal_weights(start, end, windows), shared, windows, k, flows)
             out = self._decode(z, feats, num_frames=len(idx))[..., : up * h, : up * w]  # (T, 3, 4h, 4w)
             out = colour_correct(out, lq, cfg.colour).clamp(0, 1)
             for _, frame in blender.add(k, out.cpu()):
                 yield (frame * 255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
             for i in feed.release(windows[k + 1][0] if k + 1 < len(windows) else num_frames):
                 cond_cache.pop(i, None)  # forget what no later window needs
+                flows.pop(i, None)
         bar.close()
 
-    def _sample(self, idx, z_c, lq_p, weights, shared, windows, k) -> torch.Tensor:
+    def _guidance(self, idx: list[int], lq_p: torch.Tensor, latent_size: tuple[int, int],
+                  flows: dict[int, tuple]) -> FlowGuidance | None:
+        """Flow guidance for a window; RAFT runs only on frame pairs no earlier window computed."""
+        if self.raft is None or len(idx) < 2 or not self.cfg.flow.enabled:
+            return None
+        new = [j for j in range(len(idx) - 1) if idx[j] not in flows]
+        if new:
+            fwd, bwd = pair_flows(self.raft, lq_p[new], lq_p[[j + 1 for j in new]], self.cfg.flow.raft_iters)
+            for n, j in enumerate(new):
+                flows[idx[j]] = (fwd[n], bwd[n])  # (2, h, w) each, frame idx[j] -> idx[j] + 1 and back
+        fwd = torch.stack([flows[i][0] for i in idx[:-1]])  # (T-1, 2, h, w)
+        bwd = torch.stack([flows[i][1] for i in idx[:-1]])
+        return FlowGuidance.from_flows(fwd, bwd, latent_size, self.cfg.flow)
+
+    def _sample(self, idx, z_c, lq_p, weights, shared, windows, k, flows) -> torch.Tensor:
         """The reverse chain for one window; frames shared with the previous window follow its
-        trajectory in proportion to their blending weights."""
-        cfg, s = self.cfg, self.sampler
+        trajectory in proportion to their blending weights. Nothing here waits for the device."""
+        cfg, s, dev = self.cfg, self.sampler, z_c.device
         shape = tuple(z_c.shape[1:])
-        noise0 = torch.stack([frame_noise(cfg.sampler.seed, i, -1, shape) for i in idx]).to(z_c)
+        noise0 = torch.stack([frame_noise(cfg.sampler.seed, i, -1, shape, dev) for i in idx]).to(z_c)
         z = s.start(z_c, noise0)
-        guide = None
-        if self.raft is not None and len(idx) > 1:
-            guide = FlowGuidance(self.raft, lq_p, tuple(z_c.shape[-2:]), cfg.flow)
-        prev_w = 1 - weights  # weight of the previous window on each frame (0 where not shared)
+        guide = self._guidance(idx, lq_p, tuple(z_c.shape[-2:]), flows)
+        prev_w = (1 - weights).tolist()  # weight of the previous window on each frame (0 where not shared)
         next_start = windows[k + 1][0] if k + 1 < len(windows) else None
         keep = [j for j, i in enumerate(idx) if next_start is not None and i >= next_start]
         trajectory = {idx[j]: [] for j in keep}
         bar = tqdm(range(len(s)), desc="steps", unit="step", leave=False, disable=not self.progress)
         for step in bar:
             out = self._predict(z, s.timesteps[step], z_c)  # epsilon or v (model.prediction_type)
-            noise = torch.stack([frame_noise(cfg.sampler.seed, i, step, shape) for i in idx]).to(z)
+            noise = torch.stack([frame_noise(cfg.sampler.seed, i, step, shape, dev) for i in idx]).to(z)
             z = s.step(step, z, out, noise)
             if guide is not None:
                 z = guide.step(z, s.posterior_variance(step))
@@ -238,7 +288,7 @@ class RestorePipeline:
                 if i in shared and prev_w[j] > 0:
                     z[j] = prev_w[j] * shared[i][step].to(z) + (1 - prev_w[j]) * z[j]
             for j in keep:
-                trajectory[idx[j]].append(z[j].cpu())
+                trajectory[idx[j]].append(z[j].clone())
         bar.close()
         shared.clear()
         shared.update(trajectory)
@@ -256,7 +306,7 @@ class RestorePipeline:
         idx = list(range(first_frame, first_frame + t))
         lq_p = self._pad(lq.to(self.device).float())
         z_c, _ = self._encode(self._dcm(lq_p))
-        return self._sample(idx, z_c, lq_p, torch.ones(t), {}, [(idx[0], idx[-1] + 1)], 0)
+        return self._sample(idx, z_c, lq_p, torch.ones(t), {}, [(idx[0], idx[-1] + 1)], 0, {})
 
     def _check_size(self, h: int, w: int) -> None:
         if min(h, w) < 8:

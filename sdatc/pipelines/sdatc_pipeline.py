@@ -31,7 +31,7 @@ from sdatc.models.backbone import EMPTY_PROMPT_FILE, HUB_ID, hub_snapshot
 from sdatc.models.sdatc import SDATC
 from sdatc.models.sites import pretrained_state_dict
 from sdatc.models.ultravsr import UltraVSR
-from sdatc.pipelines.restore import PipelineConfig, RestorePipeline
+from sdatc.pipelines.restore import PipelineConfig, RestorePipeline, cast_weights
 from sdatc.pipelines.ultravsr import UltraVSRPipelineConfig, UltraVSRRunner
 
 MODEL_INDEX = "model_index.json"
@@ -80,10 +80,11 @@ class _VSRPipeline:
     folder = ""  # the modules' subfolder of a saved pipeline
 
     def __init__(self, model, config=None, device: str | torch.device = "cpu",
-                 torch_dtype: torch.dtype | str | None = None, progress: bool = True):
+                 torch_dtype: torch.dtype | str | None = None, progress: bool = True, compile: bool = False):
         self.model, self.config, self.progress = model.eval(), config or self.config_cls(), progress
+        self.compile = compile  # torch.compile the denoiser (sdatc/pipelines/speed.py)
         self.device, self.dtype = torch.device(device), _dtype(torch_dtype)
-        self.model.to(self.device)
+        cast_weights(self.model, self.dtype).to(self.device)
         self._runner = None
 
     # ------------------------------------------------------------------ loading, saving
@@ -162,12 +163,14 @@ class _VSRPipeline:
         return folder
 
     def to(self, device: str | torch.device | None = None, torch_dtype: torch.dtype | str | None = None):
-        """Move to ``device``; ``torch_dtype`` sets the compute precision (autocast; bf16 also on the CPU)."""
+        """Move to ``device``; ``torch_dtype`` casts the weights and sets the autocast precision (bf16 also on
+        the CPU; fp16 keeps the VAE decoder fp32). As in diffusers, casting back up keeps the rounded weights."""
+        if torch_dtype is not None:
+            self.dtype = _dtype(torch_dtype)
+            cast_weights(self.model, self.dtype)
         if device is not None:
             self.device = torch.device(device)
             self.model.to(self.device)
-        if torch_dtype is not None:
-            self.dtype = _dtype(torch_dtype)
         self._runner = None
         return self
 
@@ -226,7 +229,8 @@ class SDATCPipeline(_VSRPipeline):
 
     def _make_runner(self, config):
         raft = self._runner.raft if self._runner is not None and config is not self.config else None
-        return RestorePipeline(self.model, config, self.device, self.dtype, raft=raft, progress=self.progress)
+        return RestorePipeline(self.model, config, self.device, self.dtype, raft=raft, progress=self.progress,
+                               compile=self.compile)
 
     def __call__(self, frames, num_inference_steps: int | None = None, generator: torch.Generator | None = None,
                  cfw_weight: float | None = None, colour_fix: str | None = None, output_type: str = "np"):
@@ -251,7 +255,7 @@ class UltraVSRPipeline(_VSRPipeline):
     mode, model_cls, config_cls, folder = "ultravsr", UltraVSR, UltraVSRPipelineConfig, "ultravsr"
 
     def _make_runner(self, config):
-        return UltraVSRRunner(self.model, config, self.device, self.dtype, progress=self.progress)
+        return UltraVSRRunner(self.model, config, self.device, self.dtype, progress=self.progress, compile=self.compile)
 
     def __call__(self, frames, d: float | None = None, chunk_frames: int | None = None, colour_fix: str | None = None,
                  output_type: str = "np"):

@@ -18,6 +18,7 @@ Conventions:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from fractions import Fraction
@@ -81,6 +82,7 @@ def _ramp(length: int, kind: str) -> Tensor:
     raise ValueError(f"unknown blend kind {kind!r} (expected 'gaussian' or 'linear')")
 
 
+@functools.lru_cache(maxsize=32)
 def blend_weights(h: int, w: int, kind: str = "gaussian", device=None, dtype=None) -> Tensor:
     """(h, w) blending weights of one tile: separable, symmetric, peak 1 in the centre, all >= 1e-6.
 
@@ -181,4 +183,73 @@ def tiled_apply(fn: TileFn, x: Tensor, tile: int, overlap: int, kind: str = "gau
                 acc[k][..., oy0:oy1, ox0:ox1] += o * weights[k]
                 norm[k][oy0:oy1, ox0:ox1] += weights[k]
     merged = tuple((a / n).to(dt) for a, n, dt in zip(acc, norm, dtypes))
+    return merged[0] if single else merged
+
+
+def tiled_batched(fn: Callable[..., Tensor | tuple[Tensor, ...]], xs: tuple[Tensor, ...], tile: int | None,
+                  overlap: int, batch: int, kind: str = "gaussian", align: int = 1,
+                  group: int = 1) -> Tensor | tuple[Tensor, ...]:
+    """Like :func:`tiled_apply`, with tiles and frames stacked on the batch axis, ``batch`` items per call.
+
+    Args:
+        fn: ``fn(*x_items)``: each input cut to the same items, (B, C_i, th, tw) -> a tensor or a tuple of
+            tensors (B, ..., th * s_k, tw * s_k).
+        xs: inputs (N, C_i, H, W) of the same N, H and W (e.g. the latents and the condition latents).
+        tile: tile size in input pixels, or None: whole frames (one box).
+        overlap, kind, align: as in :func:`tiled_apply`.
+        batch: items (tile x frame pairs) per call; rounded down to a multiple of ``group`` (at least one
+            group). Items are tile-major: tile 0's N frames, then tile 1's, ... so a group of frames that must
+            be seen together (``group`` = frames per window) stays in one call.
+        group: frames that must share a call; N must be a multiple of it.
+
+    Returns:
+        Blended outputs (N, ..., H * s_k, W * s_k). With one box and ``batch >= N``: ``fn(*xs)`` as is.
+    """
+    x = xs[0]
+    if x.dim() != 4 or any(y.shape[0] != x.shape[0] or y.shape[-2:] != x.shape[-2:] for y in xs):
+        raise ValueError(f"tiled_batched expects inputs (N, C, H, W) of one N, H, W, got {[tuple(y.shape) for y in xs]}")
+    n, (H, W) = x.shape[0], x.shape[-2:]
+    if n % group:
+        raise ValueError(f"{n} items are not whole groups of {group}")
+    batch = max(group, batch // group * group)
+    if tile is None:
+        ys = xs_ = [0]
+        th, tw = H, W
+    else:
+        ys, xs_ = tile_starts(H, tile, overlap, align), tile_starts(W, tile, overlap, align)
+        th, tw = min(tile // align * align, H), min(tile // align * align, W)
+    boxes = [(y0, y0 + th, x0, x0 + tw) for y0 in ys for x0 in xs_]
+    if len(boxes) == 1 and batch >= n:
+        return fn(*xs)
+    items = [(b, i) for b in range(len(boxes)) for i in range(n)]  # tile-major
+    acc: list[Tensor] = []
+    norm: list[Tensor] = []
+    scales: list[Fraction] = []
+    weights: list[Tensor] = []
+    single, dtypes = True, []
+    for c in range(0, len(items), batch):
+        chunk = items[c:c + batch]
+        cut = [torch.stack([y[i, :, boxes[b][0]:boxes[b][1], boxes[b][2]:boxes[b][3]] for b, i in chunk]) for y in xs]
+        raw = fn(*cut)
+        outs = _as_tuple(raw)
+        if not scales:
+            single = not isinstance(raw, (tuple, list))
+            for k, o in enumerate(outs):
+                s = _scale(o, th, tw, k)
+                oh, ow = _scaled(H, s, k), _scaled(W, s, k)
+                acc_dtype = torch.promote_types(o.dtype, torch.float32)
+                scales.append(s)
+                dtypes.append(o.dtype)
+                acc.append(torch.zeros(n, *o.shape[1:-2], oh, ow, device=o.device, dtype=acc_dtype))
+                norm.append(torch.zeros(oh, ow, device=o.device, dtype=acc_dtype))
+                weights.append(blend_weights(*o.shape[-2:], kind, device=o.device, dtype=acc_dtype)
+                               if len(boxes) > 1 else torch.ones(*o.shape[-2:], device=o.device, dtype=acc_dtype))
+        for k, o in enumerate(outs):
+            s = scales[k]
+            for j, (b, i) in enumerate(chunk):
+                oy0, oy1, ox0, ox1 = (_scaled(v, s, k) for v in boxes[b])
+                acc[k][i, ..., oy0:oy1, ox0:ox1] += o[j] * weights[k]
+                if i == 0:
+                    norm[k][oy0:oy1, ox0:ox1] += weights[k]
+    merged = tuple((a / nm).to(dt) for a, nm, dt in zip(acc, norm, dtypes))
     return merged[0] if single else merged

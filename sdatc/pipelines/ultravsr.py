@@ -27,8 +27,10 @@ from sdatc.errors import SdatcError
 from sdatc.models.ultravsr import UltraVSR, drs_step, one_step_x0
 from sdatc.pipelines.colour import colour_correct
 from sdatc.pipelines.drs import DRSConfig, DRSEstimator
+from sdatc.pipelines.memory import StagePlan, memory_budget, plan_stage, stage_bytes_per_pixel
 from sdatc.pipelines.restore import TilingConfig, WindowConfig, autocast, pad_to_multiple
-from sdatc.pipelines.tiling import tiled_apply
+from sdatc.pipelines.speed import speed_up
+from sdatc.pipelines.tiling import tiled_apply, tiled_batched
 from sdatc.pipelines.windows import FrameFeed, WindowBlender, plan_windows
 
 
@@ -46,54 +48,65 @@ class UltraVSRPipelineConfig:
 
 
 class UltraVSRRunner:
-    """Runs an UltraVSR model over clips. ``unet_calls`` counts UNet calls (one per window and latent tile)."""
+    """Runs an UltraVSR model over clips. ``unet_calls`` counts UNet calls (batches), ``unet_evals`` frame-tile
+    evaluations by latent shape; ``plans`` holds each stage's last memory plan."""
 
     def __init__(self, model: UltraVSR, cfg: UltraVSRPipelineConfig, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, progress: bool = True, weights: str | Path | None = None):
+                 dtype: torch.dtype = torch.float32, progress: bool = True, weights: str | Path | None = None,
+                 compile: bool = False):
         self.model, self.cfg, self.device, self.dtype, self.progress = model, cfg, torch.device(device), dtype, progress
         autocast(self.device, dtype)  # fp16 on the CPU: an error now, not at the first frame
         self.drs = DRSEstimator(cfg.drs, device=str(self.device), weights=weights)
         self.unet_calls = 0  # denoiser invocations (each a batch of frames x tiles)
         self.unet_evals: Counter[tuple[int, int]] = Counter()  # latent (h, w) of each frame-tile evaluation -> count
+        self.plans: dict[str, StagePlan] = {}
+        self._budget: int | None = None  # read at the first window, once the model is resident
+        self.denoiser = speed_up(model, self.device, compile=compile)  # model.predict, or compiled
         self.last_drs: tuple[float, int, str] | None = None  # (d, t_rec, how d was found) of the last clip
         self.vae_factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
         self.unet_factor = 2 ** (len(model.unet.config.block_out_channels) - 1)
 
-    def _tiled(self, size: int, tile: int) -> bool:
-        mode = self.cfg.tiling.mode
-        return mode == "on" or (mode == "auto" and size > tile)
+    def _plan(self, stage: str, x: torch.Tensor, tile: int, group: int = 1) -> StagePlan:
+        if self._budget is None:
+            self._budget = memory_budget(self.device, self.cfg.tiling.memory_gb)
+        plan = plan_stage(x.shape[0], tuple(x.shape[-2:]), stage_bytes_per_pixel(self.model, stage), self._budget,
+                          tile, self.cfg.tiling.mode, group)
+        self.plans[stage] = plan
+        return plan
 
     def _pad(self, lq: torch.Tensor) -> torch.Tensor:
         return pad_to_multiple(lq, self.model.pad_multiple)
 
     def window_x0(self, lq: torch.Tensor, t: int, big_d: float) -> torch.Tensor:
-        """One window, (T, 3, h, w) LR in [0, 1] (padded) -> z_HR (T, 4, 4h/8, 4w/8)."""
+        """One window, (T, 3, h, w) LR in [0, 1] (padded) -> z_HR (T, 4, 4h/8, 4w/8). Whole frames, or tiles
+        (x the window's frames: RTS mixes them) as memory allows."""
         cfg, tc, n = self.cfg, self.cfg.tiling, lq.shape[0]
         chunk = cfg.chunk_frames or None
         up = F.interpolate(lq, scale_factor=4, mode="bicubic", align_corners=False).clamp(0, 1)
         with autocast(self.device, self.dtype):
-            if self._tiled(max(up.shape[-2:]), tc.encoder_tile):
+            p = self._plan("encode", up, tc.encoder_tile, group=n)
+            if p.tiled:
                 z = tiled_apply(lambda x, box: self.model.encode(x, chunk), up, tc.encoder_tile, tc.encoder_overlap,
                                 align=self.vae_factor)
             else:
                 z = self.model.encode(up, chunk)
 
-            def unet(zt, box):
+            def unet(zt):
                 self.unet_calls += 1
                 self.unet_evals[tuple(zt.shape[-2:])] += zt.shape[0]
-                return self.model.predict(zt, t, num_frames=n, chunk=chunk)
+                return self.denoiser(zt, t, n, chunk)
 
-            if self._tiled(max(z.shape[-2:]), tc.latent_tile):
-                out = tiled_apply(unet, z, tc.latent_tile, tc.latent_overlap, align=self.unet_factor)
-            else:
-                out = unet(z, None)
+            p = self._plan("predict", z, tc.latent_tile, group=n)
+            out = tiled_batched(unet, (z,), tc.latent_tile if p.tiled else None, tc.latent_overlap, p.batch,
+                                align=self.unet_factor, group=n)
         return one_step_x0(out.float(), z.float(), big_d, self.model.prediction_type)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """(T, 4, h, w) -> (T, 3, 8h, 8w) in [0, 1] (fp32 decode when running fp16)."""
         tc, n, chunk = self.cfg.tiling, z.shape[0], self.cfg.chunk_frames or None
+        p = self._plan("decode", z, tc.decoder_tile, group=n)
         with autocast(self.device, self.dtype, enabled=self.dtype != torch.float16):
-            if self._tiled(max(z.shape[-2:]), tc.decoder_tile):
+            if p.tiled:
                 out = tiled_apply(lambda x, box: self.model.decode(x, n, chunk), z, tc.decoder_tile, tc.decoder_overlap)
             else:
                 out = self.model.decode(z, n, chunk)

@@ -198,3 +198,53 @@ def test_load_raft_from_files(tmp_path, random_raft):
     torch.save(bad, tmp_path / "bad.pth")
     with pytest.raises(SdatcError, match="update_block.flow_head.conv2.bias"):
         load_raft(FlowConfig(raft_weights=str(tmp_path / "bad.pth")))
+
+
+class PairRAFT(torch.nn.Module):
+    """A stand-in RAFT: a flow that depends on both images of each pair (their difference), counting pairs."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+        self.pairs = 0
+
+    def forward(self, img1, img2, num_flow_updates=12):
+        self.pairs += img1.shape[0]
+        d = (img1 - img2)[:, :2] * self.w  # (N, 2, H, W)
+        return [d * 3.0]
+
+
+def test_window_flows_are_computed_once_per_frame_pair(monkeypatch):
+    """Overlapping windows share frame pairs: RAFT sees each pair once per clip (both directions), and the
+    guidance built from cached flows equals the one from the window's own flows."""
+    import numpy as np
+
+    from sdatc.config import load_config
+    from sdatc.models.sdatc import SDATC, ModelConfig
+    from sdatc.pipelines import restore as restore_mod
+    from sdatc.pipelines.restore import PipelineConfig, RestorePipeline, WindowConfig
+    from sdatc.pipelines.sampler import SamplerConfig
+
+    model = SDATC.from_config(load_config(ModelConfig, "configs/model/sdatc_tiny.yaml")).eval()
+    monkeypatch.setattr(model, "predict", lambda z_t, t, z_c: torch.tanh(z_t - z_c))
+    monkeypatch.setattr(model, "decode", lambda z, feats=None, num_frames=1, w=1.0:
+                        torch.nn.functional.interpolate(z[:, :3], scale_factor=8).tanh())
+    guides = []
+    real = restore_mod.FlowGuidance.from_flows
+
+    def spy(fwd, bwd, size, cfg):
+        guides.append((fwd.clone(), bwd.clone()))
+        return real(fwd, bwd, size, cfg)
+
+    monkeypatch.setattr(restore_mod.FlowGuidance, "from_flows", staticmethod(spy))
+    raft = PairRAFT()
+    cfg = PipelineConfig(sampler=SamplerConfig(steps=2), window=WindowConfig(5, 3))
+    pipe = RestorePipeline(model, cfg, raft=raft, progress=False)
+    frames = np.random.default_rng(0).integers(0, 256, (8, 16, 24, 3), dtype=np.uint8)
+    assert len(list(pipe.restore(iter(frames), num_frames=8))) == 8
+    assert raft.pairs == 2 * 7  # 7 frame pairs in 8 frames, each both ways, once (not 2 x 4 per window)
+    lq = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255
+    for (fwd, bwd), (s, e) in zip(guides, [(0, 5), (3, 8)]):
+        ref_f, ref_b = compute_flows(PairRAFT(), lq[s:e], 12)
+        torch.testing.assert_close(fwd, ref_f)
+        torch.testing.assert_close(bwd, ref_b)

@@ -4,7 +4,8 @@
   frame (coupling only comes from STAM, in the decoder), so window boundaries do not matter.
 * Latent tiling only changes a per-pixel denoiser's result by float rounding (Gaussian blending of
   identical values), and a spatial denoiser's result noticeably (the check can fail).
-* ``unet_calls`` is windows x steps x latent tiles, as counted by a spy on ``model.predict``.
+* Frame-tile evaluations (``unet_evals``) are windows x frames x steps x latent tiles, and calls are
+  those in batches of the memory plan, as counted by a spy on ``model.predict``.
 * Flow guidance (random RAFT-large, saved to a file and loaded with ``load_raft``) lowers the window's
   final warping loss ``FlowGuidance.loss`` on a real clip with motion.
 
@@ -144,7 +145,8 @@ def test_windows_with_stride_equal_length_are_independent(model, clip, monkeypat
     assert_frames_close(full[:3], head, max_diff=0)
 
     orig = restore_mod.frame_noise
-    monkeypatch.setattr(restore_mod, "frame_noise", lambda seed, frame, step, shape: orig(seed, frame + 3, step, shape))
+    monkeypatch.setattr(restore_mod, "frame_noise",
+                        lambda seed, frame, step, shape, device="cpu": orig(seed, frame + 3, step, shape, device))
     tail = run(model, clip[3:], pipeline_cfg(3, 3))
     assert_frames_close(full[3:], tail, max_diff=0)
 
@@ -188,7 +190,7 @@ def test_latent_tiling_of_a_per_pixel_denoiser_is_exact(model_no_stam, clip, mon
     assert calls == [(2, 4, 12, 16)] * STEPS
     calls.clear()
     tiled = run(model_no_stam, frames, pipeline_cfg(2, 2, tiling=LATENT_TILES))
-    assert calls == [(2, 4, 8, 8)] * (STEPS * 6)  # the latent stage really was tiled
+    assert calls == [(12, 4, 8, 8)] * STEPS  # really tiled: 6 tiles x 2 frames on the batch axis, one call a step
     z_untiled, z_tiled = latents
     if equal:
         torch.testing.assert_close(z_tiled, z_untiled, **LATENT_TOL)
@@ -201,15 +203,17 @@ def test_latent_tiling_of_a_per_pixel_denoiser_is_exact(model_no_stam, clip, mon
 
 
 @pytest.mark.parametrize("num_frames, length, stride, tiling, real_unet", [
-    (7, 3, 2, LATENT_TILES, False),  # 3 windows (the last shifted back), 6 latent tiles
-    (7, 3, 3, TilingConfig(mode="auto", latent_tile=12, latent_overlap=4), False),  # 3 windows; 16 > 12: 1 x 2 tiles
+    (7, 3, 2, LATENT_TILES, False),  # 3 windows (the last shifted back), 6 latent tiles, all in one batch
+    (7, 3, 2, dataclasses.replace(LATENT_TILES, memory_gb=2e-6), False),  # the same, a few tiles per call
+    (7, 3, 3, TilingConfig(mode="auto", latent_tile=12, latent_overlap=4), False),  # 3 windows; memory to spare: untiled
     (5, 5, 5, TilingConfig(mode="off", latent_tile=8, latent_overlap=4), True),  # one window, no tiling
 ])
 def test_unet_calls_is_windows_times_steps_times_tiles(model_no_stam, carphone_frames, monkeypatch,
                                                        num_frames, length, stride, tiling, real_unet):
-    """A spy on ``model.predict`` records every call with its batch (the window's frames) and
+    """A spy on ``model.predict`` records every call with its batch (tiles x the window's frames) and
     tile size; it wraps the real UNet path once, a per-pixel stand-in (fast) otherwise (the count does
-    not depend on the denoiser)."""
+    not depend on the denoiser). Frame-tile evaluations are windows x frames x steps x tiles; calls are
+    those split into batches of the memory plan's size."""
     frames = np.ascontiguousarray(carphone_frames[:num_frames, 40:64, 60:92])  # latents 12x16
     spy, denoiser = [], model_no_stam.predict if real_unet else pointwise_denoiser
 
@@ -224,17 +228,21 @@ def test_unet_calls_is_windows_times_steps_times_tiles(model_no_stam, carphone_f
     assert len(out) == num_frames
 
     windows = plan_windows(num_frames, length, stride)
-    if tiling.mode == "off":
+    sizes = [e - s for s, e in windows]
+    if tiling.mode != "on":
         tiles, tile = 1, (12, 16)
     else:
         ys = tile_starts(12, tiling.latent_tile, tiling.latent_overlap, align=pipe.unet_factor)
         xs = tile_starts(16, tiling.latent_tile, tiling.latent_overlap, align=pipe.unet_factor)
         tiles, tile = len(ys) * len(xs), (min(tiling.latent_tile, 12), min(tiling.latent_tile, 16))
-    expected = len(windows) * STEPS * tiles
-    assert expected == {7: {2: 54, 3: 18}, 5: {5: 3}}[num_frames][stride]  # the grid, spelled out
-    assert pipe.unet_calls == len(spy) == expected
-    sizes = [e - s for s, e in windows]
-    assert spy == [((n, 4, *tile), (n, 4, *tile)) for n in sizes for _ in range(STEPS * tiles)]
+    assert tiles == (6 if tiling.mode == "on" else 1)
+    assert pipe.unet_evals == {tile: sum(sizes) * STEPS * tiles}
+    batch = pipe.plans["predict"].batch
+    if tiling.memory_gb is not None:
+        assert 1 <= batch < 3 * tiles  # the budget really split the window's tiles
+    expected = [min(batch, n * tiles - c) for n in sizes for _ in range(STEPS) for c in range(0, n * tiles, batch)]
+    assert pipe.unet_calls == len(spy) == len(expected)
+    assert spy == [((b, 4, *tile), (b, 4, *tile)) for b in expected]
 
 
 # --------------------------------------------------------------------------- flow guidance
