@@ -460,3 +460,17 @@ def encode_tiled(model, img: Tensor, levels, tile: int, overlap: int) -> tuple[T
         outs = _run_tiles(plan, (h, w), img.device, fn)
     out = tiled_apply(lambda _, box: outs[box], img, tile, overlap, align=f)
     return out[0], dict(zip(levels, out[1:]))
+
+
+def tiled_shared(root: nn.Module, fn: Callable[[Tensor], Tensor | tuple[Tensor, ...]], x: Tensor, tile: int,
+                 overlap: int, align: int = 1) -> Tensor | tuple[Tensor, ...]:
+    """Any VAE forward ``fn(x_tile)`` over tiles of ``x`` (N, C, H, W) with the GroupNorms (and mid attention)
+    under ``root`` sharing whole-frame statistics, Gaussian-blended (UltraVSR's encoder and decoder).
+    ``fn(x)`` as is when one tile covers ``x``."""
+    h, w = x.shape[-2:]
+    plan = _plan(h, w, tile, overlap, align=align)
+    if plan is None:
+        return fn(x)
+    with _shared_norms(root):
+        outs = _run_tiles(plan, (h, w), x.device, lambda box: fn(x[..., box[0]:box[1], box[2]:box[3]]))
+    return tiled_apply(lambda _, box: outs[box], x, tile, overlap, align=align)

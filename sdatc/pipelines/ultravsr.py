@@ -30,7 +30,8 @@ from sdatc.pipelines.drs import DRSConfig, DRSEstimator
 from sdatc.pipelines.memory import StagePlan, memory_budget, plan_stage, stage_bytes_per_pixel
 from sdatc.pipelines.restore import TilingConfig, WindowConfig, autocast, pad_to_multiple
 from sdatc.pipelines.speed import speed_up
-from sdatc.pipelines.tiling import tiled_apply, tiled_batched
+from sdatc.pipelines.tiled_vae import tiled_shared
+from sdatc.pipelines.tiling import tiled_batched
 from sdatc.pipelines.windows import FrameFeed, WindowBlender, plan_windows
 
 
@@ -85,9 +86,9 @@ class UltraVSRRunner:
         up = F.interpolate(lq, scale_factor=4, mode="bicubic", align_corners=False).clamp(0, 1)
         with autocast(self.device, self.dtype):
             p = self._plan("encode", up, tc.encoder_tile, group=n)
-            if p.tiled:
-                z = tiled_apply(lambda x, box: self.model.encode(x, chunk), up, tc.encoder_tile, tc.encoder_overlap,
-                                align=self.vae_factor)
+            if p.tiled:  # whole-frame GroupNorm statistics across tiles (tiled_vae.py)
+                z = tiled_shared(self.model.vae.encoder, lambda x: self.model.encode(x, chunk), up, tc.encoder_tile,
+                                 tc.encoder_overlap, align=self.vae_factor)
             else:
                 z = self.model.encode(up, chunk)
 
@@ -106,8 +107,9 @@ class UltraVSRRunner:
         tc, n, chunk = self.cfg.tiling, z.shape[0], self.cfg.chunk_frames or None
         p = self._plan("decode", z, tc.decoder_tile, group=n)
         with autocast(self.device, self.dtype, enabled=self.dtype != torch.float16):
-            if p.tiled:
-                out = tiled_apply(lambda x, box: self.model.decode(x, n, chunk), z, tc.decoder_tile, tc.decoder_overlap)
+            if p.tiled:  # tiles x all frames, whole-frame GroupNorm statistics (tiled_vae.py)
+                out = tiled_shared(self.model.vae.decoder, lambda x: self.model.decode(x, n, chunk), z, tc.decoder_tile,
+                                   tc.decoder_overlap)
             else:
                 out = self.model.decode(z, n, chunk)
         return ((out.float() + 1) / 2).clamp(0, 1)
