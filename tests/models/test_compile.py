@@ -68,6 +68,7 @@ def test_sdatc_denoiser_is_one_graph(sdatc_model):
     _assert_one_graph(sdatc_model.predict, z_t, t, z_c)
 
 
+@pytest.mark.slow  # ~15 s; the SDATC denoiser's check above runs in CI
 def test_ultravsr_one_step_is_one_graph():
     """Our code on UltraVSR's path (drivers, Sites, RTS); peft's LoRA layers and TAI chunks: the slow test."""
     model = _uvsr(["enabled.lora_unet=false", "enabled.lora_vae=false"])

@@ -97,11 +97,14 @@ def test_stage_costs_scale_with_the_model():
 def test_memory_to_spare_gives_steps_times_window_factor(carphone_frames, monkeypatch):
     """The issue's acceptance check: tiny config, 90x160 input, 2 steps, every frame once per step and window,
     whole windows per call. The count does not depend on what the stages compute, so the denoiser and the
-    decoder are cheap stand-ins (the real ones: scripts/bench_infer.py, benchmarks/cpu-2core/)."""
+    VAE and the DCM are cheap stand-ins (the real ones: scripts/bench_infer.py, benchmarks/cpu-2core/)."""
     model = SDATC.from_config(load_config(ModelConfig, "configs/model/sdatc_tiny.yaml")).eval()
     monkeypatch.setattr(model, "predict", lambda z_t, t, z_c: torch.tanh(z_t + z_c))
     monkeypatch.setattr(model, "decode", lambda z, feats=None, num_frames=1, w=1.0:
                         F.interpolate(z[:, :3], scale_factor=8, mode="nearest").tanh())
+    monkeypatch.setattr(model, "upscale", lambda lq: F.interpolate(lq, scale_factor=4, mode="nearest"))
+    monkeypatch.setattr(model, "encode", lambda img: (F.avg_pool2d(img, 8).repeat(1, 2, 1, 1)[:, :4],
+                                                      {lv: F.avg_pool2d(img, 2**lv) for lv in model.cfg.cfw_levels}))
     frames = np.ascontiguousarray(carphone_frames[:6, :90, :160])  # (6, 90, 160, 3), a real clip
     cfg = PipelineConfig(sampler=SamplerConfig(steps=2), window=WindowConfig(5, 3))
     cfg.flow.enabled = False
