@@ -93,6 +93,67 @@ def _upsampler(scale: int, num_feat: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+TAIL_ROWS = 8  # LR rows per band of the upsampler without grad, on the CPU (a GPU takes whole frames)
+
+
+class _RowConv:
+    """A 3x3 convolution (stride 1, padding 1) over an image of ``rows`` x ``width`` pixels that
+    arrives in bands of rows (one image, channels-last).
+
+    For each band: ``slot(n)`` is where the next n input rows are to be written, then ``run()``
+    returns the output rows that the rows received so far determine (None if none yet): every output
+    row once, from the rows it needs, with the image's zero padding at its top and bottom, so that
+    all bands together equal ``F.conv2d(image, weight, bias, padding=1)``. The last two input rows
+    are kept for the next band (a line buffer: nothing is recomputed).
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows: int, width: int, dtype: torch.dtype):
+        self.weight, self.bias, self.rows, self.width, self.dtype = weight, bias, rows, width, dtype
+        self.received = self.done = 0  # input rows received, output rows returned
+        self.keep: torch.Tensor | None = None  # the input rows after done - 1 (2 once a band ran)
+        self.window: torch.Tensor | None = None  # keep (or a zero row above the image) + the new rows
+
+    def slot(self, n: int) -> torch.Tensor:
+        """(1, C_in, n, width) channels-last view to write the next n input rows to."""
+        self.received += n
+        last = self.received == self.rows
+        top = 1 if self.keep is None else self.keep.shape[2]
+        window = torch.empty(1, self.weight.shape[1], top + n + last, self.width, dtype=self.dtype,
+                             device=self.weight.device, memory_format=torch.channels_last)
+        if self.keep is None:
+            window[:, :, :1].zero_()  # the zero padding above the image
+        else:
+            window[:, :, :top].copy_(self.keep)
+        if last:
+            window[:, :, -1:].zero_()  # and below it
+        self.window = window
+        return window[:, :, top:top + n]
+
+    def run(self) -> torch.Tensor | None:
+        """(1, C_out, m, width): the next m output rows (None: the rows received determine none yet)."""
+        window, last = self.window, self.received == self.rows
+        ready = self.received if last else self.received - 1  # output rows [done, ready) are known
+        if ready <= self.done:  # (never the last band)
+            self.keep = window
+            return None
+        y = F.conv2d(window, self.weight, self.bias, padding=(0, 1))  # (1, C_out, ready - done, W)
+        self.keep = window[:, :, window.shape[2] - last - 2:window.shape[2] - last]  # input rows ready - 1, ready
+        self.done = ready
+        return y
+
+
+def _register_cpu_sdpa_flops() -> None:
+    """Count the CPU flash-attention kernel in ``torch.utils.flop_counter`` as its CUDA siblings are."""
+    from torch.utils import flop_counter
+
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is not None and op not in flop_counter.flop_registry:  # sdpa_flop is registered already shape-wrapped
+        flop_counter.register_flop_formula(op, get_raw=True)(flop_counter.sdpa_flop)
+
+
+_register_cpu_sdpa_flops()
+
+
 class PatchEmbed(nn.Module):
     """SwinIR ``PatchEmbed`` with patch size 1: (B, C, H, W) map -> LayerNorm-ed tokens.
 
@@ -140,9 +201,126 @@ class BasicLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, H, W, C), H and W multiples of window_size
+        if not torch.is_grad_enabled():  # inference: the same function, fewer copies, fused attention
+            return _blocks_inference(self.blocks, x)
         for block in self.blocks:
             x = block(x)
         return x  # (B, H, W, C)
+
+
+@dataclasses.dataclass(frozen=True)
+class _WindowLayout:
+    """The tokens of B (H, W) grids ordered window by window for one (window, shift).
+
+    ``order[k]`` is the index in the (B*H*W) row-major tokens of the k-th token: each grid is
+    cyclically shifted by ``-shift`` (timm's ``torch.roll``) and cut into windows; the windows whose
+    shifted-window mask is not all zero (the last window row and column, where the roll wraps) come
+    after all the others, frame by frame: the last ``n_masked`` windows, the j-th of them with the
+    mask ``mask[j % len(mask)]`` (timm's 0 / -100 values).
+    """
+
+    order: torch.Tensor  # (B*H*W,) long
+    inverse: torch.Tensor  # (B*H*W,) long: order[inverse[i]] == i
+    mask: torch.Tensor | None  # (masked windows per frame, N, N) float32; None without shift
+    n_masked: int  # windows with a mask, all frames
+
+
+_LAYOUTS: dict[tuple, _WindowLayout] = {}
+CHUNK_WINDOWS = 32  # windows per chunk of a block's forward without grad, on the CPU (32 x 64 tokens)
+
+
+def _window_layout(b: int, h: int, w: int, ws: int, shift: tuple[int, int], device: torch.device) -> _WindowLayout:
+    key = (b, h, w, ws, shift, str(device))
+    if key in _LAYOUTS:
+        return _LAYOUTS[key]
+    sh, sw = shift
+    nh, nw = h // ws, w // ws
+    r, c = torch.arange(h), torch.arange(w)
+    src = ((r[:, None] + sh) % h) * w + (c[None, :] + sw) % w  # (h, w): grid index of each shifted pixel
+    win = src.view(nh, ws, nw, ws).transpose(1, 2).reshape(nh, nw, ws * ws)  # (nh, nw, N)
+    frames = torch.arange(b)[:, None, None] * (h * w)  # (B, 1, 1)
+    if sh or sw:
+        def labels(n: int, s: int) -> torch.Tensor:  # timm's regions (0, -ws), (-ws, -s), (-s, None)
+            lab = torch.zeros(n, dtype=torch.long)
+            lab[n - ws:] = 1
+            if s:
+                lab[n - s:] = 2
+            return lab
+
+        lab = (labels(h, sh)[:, None] * 3 + labels(w, sw)[None, :]).view(nh, ws, nw, ws).transpose(1, 2)
+        last = torch.zeros(nh, nw, dtype=torch.bool)
+        last[-1, :] = True
+        last[:, -1] = True
+        lab = lab[last].flatten(1)  # (masked windows per frame, N)
+        mask = ((lab[:, :, None] != lab[:, None, :]).float() * -100.0).to(device)  # (n, N, N)
+        order = torch.cat([(win[~last] + frames).reshape(-1), (win[last] + frames).reshape(-1)])
+        n_masked = b * len(lab)
+    else:
+        order, mask, n_masked = (win + frames[:, None]).reshape(-1), None, 0
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel())
+    if len(_LAYOUTS) >= 64:
+        _LAYOUTS.clear()
+    _LAYOUTS[key] = _WindowLayout(order.to(device), inverse.to(device), mask, n_masked)
+    return _LAYOUTS[key]
+
+
+def _block_inference(block: SwinTransformerBlock, t: torch.Tensor, layout: _WindowLayout) -> torch.Tensor:
+    """timm's ``SwinTransformerBlock.forward`` (eval) on tokens already in ``layout`` order, without grad.
+
+    t: (B*H*W, C) tokens, window by window; it is updated in place, ``CHUNK_WINDOWS`` windows at a
+    time so that the activations of a chunk stay in cache, and returned.
+    """
+    attn, mlp = block.attn, block.mlp
+    n, heads = attn.window_area, attn.num_heads
+    n_win = t.shape[0] // n
+    n_plain = n_win - layout.n_masked
+    bias = attn._get_rel_pos_bias().to(t.dtype)  # (1, heads, N, N)
+    masks = None if layout.mask is None else bias + layout.mask.to(t.dtype)[:, None]  # (n, heads, N, N)
+    chunk = CHUNK_WINDOWS if t.device.type == "cpu" else n_win  # a GPU takes all windows at once
+    bounds = [*range(0, n_plain, chunk), *range(n_plain, n_win, chunk), n_win]
+    for w0, w1 in zip(bounds[:-1], bounds[1:]):
+        w1 = min(w1, n_plain) if w0 < n_plain else w1
+        x = t[w0 * n:w1 * n]  # (nw*N, C), a view: updated in place
+        nw = w1 - w0
+        qkv = attn.qkv(block.norm1(x)).view(nw, n, 3, heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (nw, heads, N, head_dim) each
+        if w0 < n_plain:
+            m = bias
+        else:
+            idx = torch.arange(w0 - n_plain, w1 - n_plain, device=t.device) % masks.shape[0]
+            m = masks.index_select(0, idx)  # (nw, heads, N, N)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=attn.scale)  # (nw, heads, N, hd)
+        x += attn.proj(o.transpose(1, 2).reshape(nw * n, -1))
+        x += mlp(block.norm2(x))
+    return t
+
+
+def _blocks_inference(blocks: nn.ModuleList, x: torch.Tensor, buffers: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """The blocks of a :class:`BasicLayer`, without grad: (B, H, W, C) -> (B, H, W, C).
+
+    The same function as timm's blocks in sequence (up to float rounding) with fewer memory passes:
+    the tokens stay window by window between blocks (one gather per block instead of a roll, a
+    partition, a reverse and a roll back), each block runs on chunks of windows that stay in cache,
+    attention is ``scaled_dot_product_attention`` with the relative position bias as its mask, and
+    the shifted-window mask is added only where it is not all zero. ``buffers``: two (B*H*W, C)
+    tensors the gathers write to in turn (the result is a view of one of them); new ones if None.
+    """
+    b, h, w, c = x.shape
+    if not len(blocks):
+        return x
+    if buffers is None:
+        buffers = [torch.empty(b * h * w, c, device=x.device, dtype=x.dtype) for _ in range(2)]
+    t, prev = x.reshape(b * h * w, c), None
+    for i, block in enumerate(blocks):
+        ws = block.window_size
+        if ws[0] != ws[1] or h % ws[0] or w % ws[0]:
+            raise ValueError(f"{h}x{w} tokens do not tile into {ws} windows")
+        layout = _window_layout(b, h, w, ws[0], tuple(block.shift_size), x.device)
+        index = layout.order if prev is None else prev.inverse[layout.order]
+        t = _block_inference(block, torch.index_select(t, 0, index, out=buffers[i % 2]), layout)
+        prev = layout
+    return torch.index_select(t, 0, prev.inverse, out=buffers[len(blocks) % 2]).view(b, h, w, c)
 
 
 class RSTB(nn.Module):
@@ -227,6 +405,8 @@ class DCM(nn.Module):
             raise ValueError(
                 f"DCM expects (B, {self.cfg.in_channels}, h, w) input, got {tuple(x.shape)}"
             )
+        if not torch.is_grad_enabled():
+            return self._forward_inference(x)
         h, w = x.shape[-2:]
         s = self.cfg.upscale
         x = self._pad(x)  # (B, 3, H, W), H, W multiples of window_size
@@ -240,6 +420,81 @@ class DCM(nn.Module):
 
         out = out / self.cfg.img_range + mean
         return out[:, :, : s * h, : s * w]  # (B, 3, s*h, s*w)
+
+    def _forward_inference(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` without grad: the same function (up to float rounding) in fewer memory passes.
+
+        Feature maps are channels-last throughout, so the (B, H, W, C) token views of the body and
+        the (B, C, H, W) maps of the convolutions are the same memory (no permute copies); the Swin
+        blocks run window by window (:func:`_blocks_inference`); the upsampler runs on bands of rows
+        (:meth:`_tail_inference`). The result is channels-last (B, in_channels, s*h, s*w).
+        """
+        h, w = x.shape[-2:]
+        s = self.cfg.upscale
+        x = self._pad(x)  # (B, 3, H, W), H, W multiples of window_size
+        mean = self.mean.to(x.dtype)
+        x = ((x - mean) * self.cfg.img_range).contiguous(memory_format=torch.channels_last)
+
+        feat = self.conv_first(x)  # (B, C, H, W) channels-last
+        t = self.patch_embed.norm(feat.permute(0, 2, 3, 1))  # (B, H, W, C)
+        buffers = [torch.empty(t.numel() // t.shape[-1], t.shape[-1], device=t.device, dtype=t.dtype) for _ in range(2)]
+        for layer in self.layers:  # RSTB: t + conv(blocks(t))
+            y = _blocks_inference(layer.residual_group.blocks, t, buffers)  # (B, H, W, C)
+            t += layer.conv(y.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        feat = self.conv_after_body(self.norm(t).permute(0, 3, 1, 2)).add_(feat)  # (B, C, H, W)
+        return self._tail_inference(feat, mean)[:, :, : s * h, : s * w]  # (B, 3, s*h, s*w)
+
+    def _tail_inference(self, feat: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+        """conv_before_upsample, upsample, conv_last, + mean: (B, C, H, W) -> channels-last (B, 3, sH, sW).
+
+        Frame by frame, on bands of ``TAIL_ROWS`` rows of ``feat`` passed down the convolutions as
+        line buffers (:class:`_RowConv`: each output row computed once, the whole-frame result), so
+        that every intermediate stays small (in cache, no fresh pages). Each [conv, PixelShuffle]
+        stage computes its output channels in sub-pixel-major order, which makes the shuffle a copy
+        of whole pixels.
+        """
+        cbu, lrelu = self.conv_before_upsample
+        mods = list(self.upsample)
+        stages = [(cbu.weight, cbu.bias, lrelu, 1)]
+        for conv, shuffle in zip(mods[0::2], mods[1::2]):
+            r = shuffle.upscale_factor
+            cs = conv.out_channels // (r * r)  # PixelShuffle's channel c * r * r + i * r + j -> (i * r + j) * cs + c
+            weight = conv.weight.view(cs, r * r, *conv.weight.shape[1:]).transpose(0, 1).reshape(conv.weight.shape)
+            stages.append((weight, conv.bias.view(cs, r * r).t().reshape(-1), None, r))
+        stages.append((self.conv_last.weight, self.conv_last.bias, None, 1))
+        b, _, h, w = feat.shape
+        s = self.cfg.upscale
+        dtype = torch.promote_types(feat.dtype, mean.dtype)  # (the reference adds the mean in x's dtype)
+        out = torch.empty(b, self.cfg.in_channels, s * h, s * w, device=feat.device, dtype=dtype,
+                          memory_format=torch.channels_last)
+        band_rows = TAIL_ROWS if feat.device.type == "cpu" else h
+        for i in range(b):
+            convs, scale, done = [], 1, 0
+            for weight, bias, _, r in stages:
+                convs.append(_RowConv(weight, bias, h * scale, w * scale, feat.dtype))
+                scale *= r
+            for a0 in range(0, h, band_rows):
+                x = feat[i:i + 1, :, a0:a0 + band_rows]  # (1, C, n, W)
+                convs[0].slot(x.shape[2]).copy_(x)
+                for k, (conv, (_, _, act, r)) in enumerate(zip(convs, stages)):
+                    y = conv.run()
+                    if y is None:
+                        break
+                    if act is not None:
+                        y = act(y)
+                    if k + 1 == len(convs):  # conv_last: (1, 3, m, sW) rows of the output
+                        band = out[i:i + 1, :, done:done + y.shape[2]]
+                        band.copy_(y)
+                        if self.cfg.img_range != 1:
+                            band.div_(self.cfg.img_range)
+                        band.add_(mean)
+                        done += y.shape[2]
+                        break
+                    # PixelShuffle(r): (1, r*r*C, m, W), channels (i, j, c) -> the next conv's rows (1, C, r*m, r*W)
+                    _, cr, m, cols = y.shape
+                    convs[k + 1].slot(r * m).permute(0, 2, 3, 1).view(m, r, cols, r, cr // (r * r)).copy_(
+                        y.permute(0, 2, 3, 1).reshape(m, cols, r, r, -1).transpose(1, 2))
+        return out
 
 
 def _init_weights(m: nn.Module) -> None:

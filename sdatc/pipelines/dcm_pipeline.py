@@ -3,7 +3,9 @@ MATLAB bicubic x4, with the same ``restore(frames, num_frames)`` interface as :c
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -26,46 +28,99 @@ class Bicubic(torch.nn.Module):
         return imresize(x.double(), scale=self.scale).to(x.dtype)  # (B, 3, h, w) -> (B, 3, sh, sw)
 
 
+@contextlib.contextmanager
+def _intra_op_threads(n: int):
+    """torch's intra-op threads set to ``n`` for the block, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class DCMPipeline:
     """DCM-only restoration (the built-in preview model, and the DCM-only baseline): frame by frame,
     pixel-tiled above ``tiling.dcm_tile``; no diffusion, no colour correction (the DCM is trained
-    with L1 to GT). Same interface as :class:`RestorePipeline`."""
+    with L1 to GT). Same interface as :class:`RestorePipeline`.
+
+    On the CPU the frames of a batch are split over ``workers`` threads (default: torch's intra-op
+    thread count, at most ``batch``), each running its frames with that count / workers intra-op
+    threads (1 on 2 cores): the DCM's many small operations then do not wait for each other at OpenMP
+    barriers (on a shared machine a descheduled OpenMP thread stalls every barrier). The next batch
+    runs while the caller consumes the current one. A frame's output does not depend on the split
+    (up to float rounding).
+    """
 
     unet_calls = 0
 
     def __init__(self, dcm, cfg: PipelineConfig, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, progress: bool = True, batch: int = 4):
+                 dtype: torch.dtype = torch.float32, progress: bool = True, batch: int = 4,
+                 workers: int | None = None):
         self.dcm, self.cfg, self.device, self.dtype, self.progress = dcm, cfg, torch.device(device), dtype, progress
         self.batch = batch
+        threads = torch.get_num_threads()
+        if workers is None:
+            workers = threads if self.device.type == "cpu" else 1
+        self.workers = max(1, min(workers, batch))
+        self.worker_threads = max(1, threads // self.workers)  # intra-op threads of each worker
+        self._pool: ThreadPoolExecutor | None = None
         autocast(self.device, dtype)  # fp16 on the CPU: an error now, not at the first frame
 
-    @torch.no_grad()
+    def _restore_batch(self, lq: torch.Tensor) -> list[np.ndarray]:
+        """(B, 3, h, w) float in [0, 1] -> B frames (4h, 4w, 3) uint8, in the calling thread."""
+        t = self.cfg.tiling
+        with torch.inference_mode(), autocast(self.device, self.dtype):
+            if t.mode == "on" or (t.mode == "auto" and max(lq.shape[-2:]) > t.dcm_tile):
+                out = tiled_apply(lambda x, box: self.dcm(x), lq, t.dcm_tile, t.dcm_overlap)
+            else:
+                out = self.dcm(lq)  # (B, 3, 4h, 4w)
+            out = out.float().clamp_(0, 1).mul_(255).round_().to(torch.uint8).cpu()
+        return [y.permute(1, 2, 0).numpy() for y in out]
+
+    def _submit(self, lq: torch.Tensor) -> list[Future]:
+        """Start restoring a batch: its frames split over the worker threads, or here without workers."""
+        if self.workers < 2:
+            done: Future = Future()
+            done.set_result(self._restore_batch(lq))
+            return [done]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="dcm",
+                                            initializer=torch.set_num_threads, initargs=(self.worker_threads,))
+        return [self._pool.submit(self._restore_batch, part) for part in lq.tensor_split(min(self.workers, len(lq)))]
+
     def restore(self, frames: Iterable[np.ndarray], num_frames: int) -> Iterator[np.ndarray]:
-        """Stream restored frames (4h, 4w, 3) uint8, in order, for ``num_frames`` input frames."""
+        """Stream restored frames (4h, 4w, 3) uint8, in order, for ``num_frames`` input frames.
+
+        The next batch is restored while the caller consumes this one (with workers, decoding and
+        encoding overlap the DCM); with workers, torch's intra-op thread count is the workers' until
+        the stream ends, then restored.
+        """
         if num_frames < 1:
             raise SdatcError("the clip has no frames")
-        t, size, buf = self.cfg.tiling, None, []
-        count = 0
-        for frame in frames:
-            if size is None:
-                size = frame.shape[:2]
-                if min(size) < 8:
-                    raise SdatcError(f"frames of {size[1]}x{size[0]} are too small (at least 8x8 LR pixels)")
-            elif frame.shape[:2] != size:
-                raise SdatcError(f"frame {count} is {frame.shape[1]}x{frame.shape[0]}, earlier frames {size[1]}x{size[0]}")
-            buf.append(torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1))
-            count += 1
-            if len(buf) == self.batch or count == num_frames:
-                lq = torch.stack(buf).to(self.device).float().div(255)  # (B, 3, h, w)
-                buf = []
-                with autocast(self.device, self.dtype):
-                    if t.mode == "on" or (t.mode == "auto" and max(lq.shape[-2:]) > t.dcm_tile):
-                        out = tiled_apply(lambda x, box: self.dcm(x), lq, t.dcm_tile, t.dcm_overlap)
-                    else:
-                        out = self.dcm(lq)  # (B, 3, 4h, 4w)
-                for y in out.float().clamp(0, 1):
-                    yield (y * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-            if count == num_frames:
-                break
+        threads = contextlib.nullcontext() if self.workers < 2 else _intra_op_threads(self.worker_threads)
+        with threads:
+            size, buf, pending = None, [], []
+            count = 0
+            for frame in frames:
+                if size is None:
+                    size = frame.shape[:2]
+                    if min(size) < 8:
+                        raise SdatcError(f"frames of {size[1]}x{size[0]} are too small (at least 8x8 LR pixels)")
+                elif frame.shape[:2] != size:
+                    raise SdatcError(f"frame {count} is {frame.shape[1]}x{frame.shape[0]}, earlier frames {size[1]}x{size[0]}")
+                buf.append(torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1))
+                count += 1
+                if len(buf) == self.batch or count == num_frames:
+                    lq = torch.stack(buf).to(self.device).float().div(255)  # (B, 3, h, w)
+                    buf = []
+                    running = self._submit(lq)
+                    for job in pending:
+                        yield from job.result()
+                    pending = running
+                if count == num_frames:
+                    break
+            for job in pending:
+                yield from job.result()
         if count < num_frames:
             raise SdatcError(f"the clip ended after {count} frames, {num_frames} expected")

@@ -1,0 +1,160 @@
+"""The DCM's inference path (no grad) against its reference path (grad enabled: timm's blocks as they are).
+
+Without grad the DCM runs the same function with fewer memory passes (sdatc/models/dcm.py,
+``DCM._forward_inference``): window-ordered tokens between Swin blocks, chunked blocks with
+``scaled_dot_product_attention``, the shifted-window mask only on the windows where it is not zero,
+channels-last maps, the upsampler on bands of rows through line buffers. Here both paths run on the
+same weights (strong random ones, so that attention, the bias and the mask all matter): float32 within
+rounding, float64 to 1e-12 relative, the same FLOPs, and band / chunk sizes that do not change the result.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from timm.models.swin_transformer import SwinTransformerBlock
+from torch.utils.flop_counter import FlopCounterMode
+
+from sdatc.models import dcm as dcm_module
+from sdatc.models.dcm import DCM, DCMConfig, _RowConv, _window_layout
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def strong_dcm(seed: int = 0, **kw) -> DCM:
+    """A small DCM with weights large enough that every part of the body changes the output."""
+    torch.manual_seed(seed)
+    cfg = dict(embed_dim=24, depths=[2, 2], num_heads=[2, 3], window_size=8, num_feat=16)
+    dcm = DCM(DCMConfig(**{**cfg, **kw})).eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in dcm.named_parameters():
+            if name.endswith("relative_position_bias_table"):
+                p.copy_(2.0 * torch.randn(p.shape, generator=g))
+            elif p.ndim == 1:
+                p.copy_((1.0 if "norm" in name and name.endswith("weight") else 0.0) + 0.2 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
+    return dcm
+
+
+def both(dcm: DCM, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(reference, inference-path) outputs."""
+    with torch.enable_grad():
+        ref = dcm(x)
+    with torch.inference_mode():
+        fast = dcm(x)
+    return ref, fast
+
+
+@pytest.mark.parametrize("size", [(16, 24), (37, 45), (9, 13), (3, 5)])
+def test_inference_path_equals_reference(carphone_frames, size):
+    h, w = size
+    dcm = strong_dcm()
+    x = torch.from_numpy(carphone_frames[:3, 20:20 + h, 30:30 + w].copy()).permute(0, 3, 1, 2).float() / 255
+    ref, fast = both(dcm, x)
+    assert fast.shape == ref.shape == (3, 3, 4 * h, 4 * w)
+    assert ref.std() > 0.2
+    torch.testing.assert_close(fast, ref, atol=2e-5 * ref.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("upscale, img_range", [(2, 1.0), (3, 1.0), (4, 255.0)])
+def test_other_scales_and_img_range(upscale, img_range):
+    dcm = strong_dcm(1, upscale=upscale, img_range=img_range)
+    ref, fast = both(dcm, torch.rand(2, 3, 19, 27))
+    assert fast.shape == (2, 3, 19 * upscale, 27 * upscale)
+    torch.testing.assert_close(fast, ref, atol=2e-5 * ref.abs().max().item(), rtol=0)
+
+
+def test_float64_same_function():
+    dcm = strong_dcm(2).double()
+    ref, fast = both(dcm, torch.rand(2, 3, 21, 30, dtype=torch.float64))
+    torch.testing.assert_close(fast, ref, atol=1e-12 * ref.abs().max().item(), rtol=0)
+
+
+def test_band_rows_and_window_chunks_do_not_matter(monkeypatch):
+    dcm = strong_dcm(3)
+    x = torch.rand(2, 3, 26, 35)
+    with torch.inference_mode():
+        base = dcm(x)
+        for rows, chunk in [(1, 1), (3, 7), (1000, 10**6)]:
+            monkeypatch.setattr(dcm_module, "TAIL_ROWS", rows)
+            monkeypatch.setattr(dcm_module, "CHUNK_WINDOWS", chunk)
+            torch.testing.assert_close(dcm(x), base, atol=2e-5 * base.abs().max().item(), rtol=0)
+
+
+def test_frames_do_not_depend_on_the_batch():
+    dcm = strong_dcm(4)
+    x = torch.rand(3, 3, 16, 24)
+    with torch.inference_mode():
+        together = dcm(x)
+        alone = torch.cat([dcm(x[i:i + 1]) for i in range(3)])
+    torch.testing.assert_close(together, alone, atol=2e-5 * alone.abs().max().item(), rtol=0)
+
+
+def test_same_flops_as_the_reference():
+    dcm = strong_dcm(5)
+    x = torch.rand(1, 3, 24, 40)
+    counts = []
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad), FlopCounterMode(display=False) as fc:
+            dcm(x)
+        counts.append(fc.get_total_flops())
+    assert counts[0] == counts[1] > 0
+
+
+@pytest.mark.parametrize("rows, bands", [(13, [13]), (13, [1] * 13), (13, [5, 5, 3]), (2, [1, 1]), (1, [1]), (9, [2, 7])])
+def test_row_conv_is_conv2d(rows, bands):
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, rows, 7).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(6, 4, 3, 3), torch.randn(6)
+    conv, outs, start = _RowConv(weight, bias, rows, 7, torch.float32), [], 0
+    for n in bands:
+        conv.slot(n).copy_(x[:, :, start:start + n])
+        start += n
+        y = conv.run()
+        if y is not None:
+            outs.append(y)
+    torch.testing.assert_close(torch.cat(outs, dim=2), F.conv2d(x, weight, bias, padding=1), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("h, w, shift", [(16, 24, 4), (8, 8, 4), (24, 16, 0), (16, 32, 2)])
+def test_window_layout_matches_timm(h, w, shift):
+    """The order is a permutation into windows of the rolled grid; the masked windows come last with
+    timm's own shifted-window mask, and timm's mask is zero on every other window."""
+    b, ws = 2, 8
+    lay = _window_layout(b, h, w, ws, (shift, shift), torch.device("cpu"))
+    n_tok = b * h * w
+    assert torch.equal(lay.order.sort().values, torch.arange(n_tok))
+    assert torch.equal(lay.order[lay.inverse], torch.arange(n_tok))
+    grid = torch.arange(n_tok).view(b, h, w, 1)
+    rolled = torch.roll(grid, (-shift, -shift), (1, 2))
+    windows = rolled.view(b, h // ws, ws, w // ws, ws).transpose(2, 3).reshape(b, -1, ws * ws)
+    ours = lay.order.view(-1, ws * ws)
+    assert {tuple(r) for r in ours.tolist()} == {tuple(r) for r in windows.reshape(-1, ws * ws).tolist()}
+    block = SwinTransformerBlock(8, (h, w), num_heads=1, window_size=ws, shift_size=shift,
+                                 always_partition=True, dynamic_mask=True)
+    timm_mask = block.get_attn_mask(torch.zeros(1, h, w, 8))  # (nW, N, N) or None, windows row-major
+    if not shift:
+        assert timm_mask is None and lay.mask is None and lay.n_masked == 0
+        return
+    masked = [i for i in range(len(timm_mask)) if timm_mask[i].any()]
+    n_masked = len(lay.mask)
+    assert lay.n_masked == b * n_masked and len(masked) <= n_masked
+    first = {tuple(r): i for i, r in enumerate(windows[0].tolist())}  # window -> timm's index, frame 0
+    plain = ours[:len(ours) - lay.n_masked]
+    for i in range(b):  # frame i's masked windows: the i-th group of the last n_masked * b
+        group = ours[len(ours) - lay.n_masked + i * n_masked:len(ours) - lay.n_masked + (i + 1) * n_masked]
+        for j, win in enumerate(group.tolist()):
+            k = first[tuple(v - i * h * w for v in win)]
+            assert torch.equal(lay.mask[j], timm_mask[k])
+    for win in plain.tolist():
+        f = win[0] // (h * w)
+        assert not timm_mask[first[tuple(v - f * h * w for v in win)]].any()
