@@ -11,8 +11,9 @@ import numpy as np
 import torch
 
 from sdatc.errors import SdatcError
+from sdatc.pipelines.memory import StagePlan, memory_budget, plan_stage, stage_bytes_per_pixel
 from sdatc.pipelines.restore import PipelineConfig, autocast
-from sdatc.pipelines.tiling import tiled_apply
+from sdatc.pipelines.tiling import tiled_batched
 
 
 class Bicubic(torch.nn.Module):
@@ -40,9 +41,11 @@ def _intra_op_threads(n: int):
 
 
 class DCMPipeline:
-    """DCM-only restoration (the built-in preview model, and the DCM-only baseline): frame by frame,
-    pixel-tiled above ``tiling.dcm_tile``; no diffusion, no colour correction (the DCM is trained
-    with L1 to GT). Same interface as :class:`RestorePipeline`.
+    """DCM-only restoration (the built-in preview model, and the DCM-only baseline): frame by frame, no
+    diffusion, no colour correction (the DCM is trained with L1 to GT). Same interface as
+    :class:`RestorePipeline`. Tiling as there (``tiling.mode``, :func:`plan_stage`): with ``auto``, whole
+    frames when a batch fits the memory budget, else tiles of ``tiling.dcm_tile`` LR pixels; ``plans``
+    tells what ran.
 
     On the CPU the frames of a batch are split over ``workers`` threads (default: torch's intra-op
     thread count, at most ``batch``), each running its frames with that count / workers intra-op
@@ -65,17 +68,25 @@ class DCMPipeline:
         self.workers = max(1, min(workers, batch))
         self.worker_threads = max(1, threads // self.workers)  # intra-op threads of each worker
         self._pool: ThreadPoolExecutor | None = None
+        self._budget: int | None = None
+        self.plans: dict[str, StagePlan] = {}
         autocast(self.device, dtype)  # fp16 on the CPU: an error now, not at the first frame
+
+    def _plan(self, lq: torch.Tensor) -> StagePlan:
+        if self._budget is None:
+            self._budget = memory_budget(self.device, self.cfg.tiling.memory_gb) // self.workers  # workers run at once
+        t = self.cfg.tiling
+        plan = plan_stage(len(lq), tuple(lq.shape[-2:]), stage_bytes_per_pixel(self.dcm, "dcm"), self._budget,
+                          t.dcm_tile, t.mode)
+        self.plans["dcm"] = plan
+        return plan
 
     def _restore_batch(self, lq: torch.Tensor) -> list[np.ndarray]:
         """(B, 3, h, w) float in [0, 1] -> B frames (4h, 4w, 3) uint8, in the calling thread."""
-        t = self.cfg.tiling
+        t, plan = self.cfg.tiling, self._plan(lq)
         with torch.inference_mode(), autocast(self.device, self.dtype):
-            if t.mode == "on" or (t.mode == "auto" and max(lq.shape[-2:]) > t.dcm_tile):
-                out = tiled_apply(lambda x, box: self.dcm(x), lq, t.dcm_tile, t.dcm_overlap)
-            else:
-                out = self.dcm(lq)  # (B, 3, 4h, 4w)
-            out = out.float().clamp_(0, 1).mul_(255).round_().to(torch.uint8).cpu()
+            out = tiled_batched(self.dcm, (lq,), t.dcm_tile if plan.tiled else None, t.dcm_overlap, plan.batch)
+            out = out.float().clamp_(0, 1).mul_(255).round_().to(torch.uint8).cpu()  # (B, 3, 4h, 4w)
         return [y.permute(1, 2, 0).numpy() for y in out]
 
     def _submit(self, lq: torch.Tensor) -> list[Future]:

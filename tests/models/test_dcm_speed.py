@@ -3,9 +3,10 @@
 Without grad the DCM runs the same function with fewer memory passes (sdatc/models/dcm.py,
 ``DCM._forward_inference``): window-ordered tokens between Swin blocks, chunked blocks with
 ``scaled_dot_product_attention``, the shifted-window mask only on the windows where it is not zero,
-channels-last maps, the upsampler on bands of rows through line buffers. Here both paths run on the
-same weights (strong random ones, so that attention, the bias and the mask all matter): float32 within
-rounding, float64 to 1e-12 relative, the same FLOPs, and band / chunk sizes that do not change the result.
+channels-last maps, the upsampler folded into one LR convolution with exact border strips. Here both
+paths run on the same weights (strong random ones, so that attention, the bias and the mask all
+matter): float32 within rounding, float64 to 1e-12 relative, the FLOPs the fold predicts, and chunk
+sizes that do not change the result.
 """
 
 import math
@@ -17,7 +18,7 @@ from timm.models.swin_transformer import SwinTransformerBlock
 from torch.utils.flop_counter import FlopCounterMode
 
 from sdatc.models import dcm as dcm_module
-from sdatc.models.dcm import DCM, DCMConfig, _RowConv, _window_layout
+from sdatc.models.dcm import DCM, DCMConfig, _upsampler_chain, _window_layout
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -79,13 +80,12 @@ def test_float64_same_function():
     torch.testing.assert_close(fast, ref, atol=1e-12 * ref.abs().max().item(), rtol=0)
 
 
-def test_band_rows_and_window_chunks_do_not_matter(monkeypatch):
+def test_window_chunks_do_not_matter(monkeypatch):
     dcm = strong_dcm(3)
     x = torch.rand(2, 3, 26, 35)
     with torch.inference_mode():
         base = dcm(x)
-        for rows, chunk in [(1, 1), (3, 7), (1000, 10**6)]:
-            monkeypatch.setattr(dcm_module, "TAIL_ROWS", rows)
+        for chunk in [1, 7, 10**6]:
             monkeypatch.setattr(dcm_module, "CHUNK_WINDOWS", chunk)
             torch.testing.assert_close(dcm(x), base, atol=2e-5 * base.abs().max().item(), rtol=0)
 
@@ -99,30 +99,63 @@ def test_frames_do_not_depend_on_the_batch():
     torch.testing.assert_close(together, alone, atol=2e-5 * alone.abs().max().item(), rtol=0)
 
 
-def test_same_flops_as_the_reference():
+def conv_flops(pixels: int, c_out: int, c_in: int, k: int) -> int:
+    return 2 * pixels * c_out * c_in * k * k
+
+
+def chain_flops(h: int, w: int, nf: int, s: int = 4) -> int:
+    """FLOPs of the x4 upsampler and conv_last on (h, w) LR features: 3x3 convs at 1x, 2x, then 4x."""
+    return conv_flops(h * w, 4 * nf, nf, 3) + conv_flops(4 * h * w, 4 * nf, nf, 3) + conv_flops(16 * h * w, 3, nf, 3)
+
+
+def test_flops_are_the_reference_with_the_upsampler_folded():
+    """The body's FLOPs are unchanged; the upsampler's become one 5x5 conv to 48 sub-pixel channels on
+    the LR grid plus the four border strips (2 LR pixels deep, computed from 4-pixel crops)."""
     dcm = strong_dcm(5)
-    x = torch.rand(1, 3, 24, 40)
+    h, w, nf = 24, 40, dcm.cfg.num_feat
+    x = torch.rand(1, 3, h, w)
+    with torch.inference_mode():
+        dcm._folded_tail()  # folded once, before counting
     counts = []
     for grad in (True, False):
         with torch.set_grad_enabled(grad), FlopCounterMode(display=False) as fc:
             dcm(x)
         counts.append(fc.get_total_flops())
-    assert counts[0] == counts[1] > 0
+    strips = 2 * chain_flops(4, w, nf) + 2 * chain_flops(h, 4, nf)
+    expected = counts[0] - chain_flops(h, w, nf) + conv_flops(h * w, 48, nf, 5) + strips
+    assert counts[1] == expected < counts[0]
 
 
-@pytest.mark.parametrize("rows, bands", [(13, [13]), (13, [1] * 13), (13, [5, 5, 3]), (2, [1, 1]), (1, [1]), (9, [2, 7])])
-def test_row_conv_is_conv2d(rows, bands):
-    torch.manual_seed(0)
-    x = torch.randn(1, 4, rows, 7).contiguous(memory_format=torch.channels_last)
-    weight, bias = torch.randn(6, 4, 3, 3), torch.randn(6)
-    conv, outs, start = _RowConv(weight, bias, rows, 7, torch.float32), [], 0
-    for n in bands:
-        conv.slot(n).copy_(x[:, :, start:start + n])
-        start += n
-        y = conv.run()
-        if y is not None:
-            outs.append(y)
-    torch.testing.assert_close(torch.cat(outs, dim=2), F.conv2d(x, weight, bias, padding=1), atol=1e-5, rtol=0)
+@pytest.mark.parametrize("upscale", [2, 3, 4, 8])
+def test_folded_upsampler_is_the_chain(upscale):
+    """Away from the border the fold is the chain itself (float64); its kernel radius is 2 LR pixels."""
+    dcm = strong_dcm(6, upscale=upscale).double()
+    with torch.inference_mode():
+        fold = dcm._folded_tail()
+        z = torch.randn(2, dcm.cfg.num_feat, 14, 17, dtype=torch.float64)
+        mods = list(dcm.upsample)
+        convs = [(c.weight, c.bias, sh.upscale_factor) for c, sh in zip(mods[0::2], mods[1::2])]
+        ref = _upsampler_chain(z, convs, (dcm.conv_last.weight, dcm.conv_last.bias))  # (B, 3, sH, sW)
+        y = F.conv2d(z, fold.weight, fold.bias, padding=fold.radius)  # (B, s*s*3, H, W), channels (i, j, o)
+        ours = y.view(2, upscale, upscale, 3, 14, 17).permute(0, 3, 4, 1, 5, 2).reshape(ref.shape)
+    assert fold.radius == 2 and fold.weight.shape == (upscale * upscale * 3, dcm.cfg.num_feat, 5, 5)
+    inner = (slice(None), slice(None), slice(2 * upscale, -2 * upscale), slice(2 * upscale, -2 * upscale))
+    torch.testing.assert_close(ours[inner], ref[inner], atol=1e-12 * ref.abs().max().item(), rtol=0)
+    assert (ours[:, :, 0] - ref[:, :, 0]).abs().max() > 1e-3 * ref.abs().max()  # the border is not (so strips)
+
+
+def test_fold_follows_weight_changes():
+    dcm = strong_dcm(7)
+    x = torch.rand(1, 3, 16, 16)
+    with torch.inference_mode():
+        dcm(x)
+        first = dcm._folded_tail()
+        with torch.no_grad():
+            dcm.conv_last.weight.mul_(2.0)
+        assert dcm._folded_tail() is not first
+    ref, fast = both(dcm, x)
+    torch.testing.assert_close(fast, ref, atol=2e-5 * ref.abs().max().item(), rtol=0)
+    assert "_fold" not in dcm.state_dict()
 
 
 @pytest.mark.parametrize("h, w, shift", [(16, 24, 4), (8, 8, 4), (24, 16, 0), (16, 32, 2)])

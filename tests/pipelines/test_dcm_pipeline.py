@@ -69,3 +69,25 @@ def test_input_checks(dcm, clip):
         list(pipe.restore(iter([clip[0][:5]]), 1))
     with pytest.raises(SdatcError, match="no frames"):
         list(pipe.restore(iter([]), 0))
+
+
+def test_tiles_only_when_memory_asks(dcm, clip):
+    """``auto`` restores whole frames when the batch fits the budget (even above ``dcm_tile``) and tiles
+    when it does not; the tiled frames stay close to the whole ones (overlaps blended)."""
+    from sdatc.pipelines.restore import TilingConfig
+
+    def run(memory_gb: float, mode: str = "auto"):
+        cfg = PipelineConfig(tiling=TilingConfig(mode=mode, memory_gb=memory_gb, dcm_tile=16, dcm_overlap=4))
+        pipe = DCMPipeline(dcm, cfg, progress=False, workers=1, batch=7)
+        out = np.stack(list(pipe.restore(iter(clip), len(clip))))
+        return out, pipe.plans["dcm"]
+
+    whole, plan = run(1.0)
+    assert not plan.tiled and plan.batch == 7 and plan.need < plan.budget
+    tiled, plan = run(plan.need / 7 / 2**30 / 2)  # half a frame fits: tiles
+    assert plan.tiled and plan.need > plan.budget
+    forced, plan_on = run(1.0, "on")
+    assert plan_on.tiled
+    assert np.abs(tiled.astype(int) - forced).max() <= 1  # the same tiles (batched otherwise: rounding)
+    diff = np.abs(tiled.astype(int) - whole)
+    assert diff.mean() < 2.0 and diff.max() < 64, (diff.mean(), diff.max())
