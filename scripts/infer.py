@@ -7,8 +7,8 @@
     accelerate launch --num_processes 8 scripts/infer.py --config ... --input ... --output ...   # clips sharded
 
 Without --config: configs/infer/sdatc.yaml when $SDATC_SD21_PATH is set, else configs/infer/preview.yaml.
-Writes OUT/<name>.mp4 (same fps and frame count, 4x size, audio kept) and, with save_frames=true,
-OUT/<name>/%08d.png. Existing outputs are skipped unless overwrite=true. Exit status 1 if a clip failed.
+Writes OUT/<name>.mp4 (the same frames at the same times, 4x size; audio, aspect ratio, rotation,
+colour tags and bit depth kept) and, with save_frames=true, OUT/<name>/%08d.png. Existing outputs are skipped unless overwrite=true. Exit status 1 if a clip failed.
 """
 
 import argparse

@@ -4,9 +4,10 @@
         pretrained=weights/stable-diffusion-2-1-base checkpoint=weights/sdatc
     accelerate launch --num_processes 8 scripts/infer.py --config ... # clips sharded over 8 GPUs
 
-Each clip becomes ``OUT/<name>.mp4`` (same fps and frame count, 4x size, audio copied) and, with
-``save_frames=true``, ``OUT/<name>/%08d.png``; both are written under temporary names. A failing
-clip is reported and the others go on.
+Each clip becomes ``OUT/<name>.mp4`` (same frame count and frame times, 4x size, audio copied; the
+input's sample aspect ratio, rotation, colour tags and bit depth kept) and, with ``save_frames=true``,
+``OUT/<name>/%08d.png``; both are written under temporary names. A failing clip is reported and the
+others go on.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from sdatc.config import load_config, resolve_config_path
-from sdatc.data.video import FrameWriter, VideoReader, VideoWriter, list_clips
+from sdatc.data.video import FrameWriter, VideoMeta, VideoReader, VideoWriter, list_clips
 from sdatc.errors import SdatcError
 from sdatc.models.backbone import ENV_SD21, SD21_HELP, resolve_pretrained
 from sdatc.models.dcm import DCM
@@ -60,6 +61,7 @@ class InferConfig:
     overwrite: bool = False
     output_crf: int = 15  # x264 quality of the restored mp4 (lower is better)
     output_preset: str = "medium"
+    output_pix_fmt: Literal["auto", "yuv420p", "yuv420p10le"] = "auto"  # auto: 10-bit for >8-bit input
     fps: float = 25.0  # frame rate given to clips that are frame folders
     copy_audio: bool = True
     compile: bool = False  # torch.compile the denoiser (modes sdatc / ultravsr); channels_last and TF32 either way
@@ -190,23 +192,39 @@ def outputs_of(cfg: InferConfig, name: str) -> list[Path]:
     return [out / f"{name}.mp4"] + ([out / name] if cfg.save_frames else [])
 
 
+def output_pix_fmt(meta: VideoMeta, choice: str = "auto") -> str:
+    """The restored mp4's pixel format: ``choice``, or for ``auto`` yuv420p10le when the input has more
+    than 8 bits per component, else yuv420p (the restoration itself works on 8-bit RGB either way)."""
+    if choice == "auto":
+        return "yuv420p10le" if meta.bit_depth > 8 else "yuv420p"
+    if choice not in ("yuv420p", "yuv420p10le"):
+        raise SdatcError(f"output_pix_fmt {choice!r} is not one of auto, yuv420p, yuv420p10le")
+    return choice
+
+
 def write_restored(stream, src: Path, mp4: Path, frames_dir: Path | None = None, crf: int = 15,
                    preset: str = "medium", copy_audio: bool = True, fps: float = 25.0, name: str | None = None,
-                   progress: bool = True) -> int:
+                   progress: bool = True, pix_fmt: str = "auto") -> int:
     """Restore the clip ``src`` (a video or a frame folder at ``fps``) through ``stream(reader, n)`` into
-    ``mp4`` (and PNGs in ``frames_dir``), each under a temporary name; returns the frames written."""
+    ``mp4`` (and PNGs in ``frames_dir``), each under a temporary name; returns the frames written. Output
+    frame i is input frame i: it keeps its timestamp; SAR, rotation, colour tags and HDR10 metadata are kept."""
     reader = VideoReader(src, fps=fps)
     meta, n, name = reader.meta, len(reader), name or src.stem
+    if meta.color.hdr:
+        print(f"note: {name} is HDR ({meta.color.hdr}): its tags are kept, but the model was trained on SDR video")
     audio = src if copy_audio and meta.has_audio else None
-    writer = VideoWriter(mp4, fps=meta.rate or fps, crf=crf, preset=preset, audio_from=audio)
+    writer = VideoWriter(mp4, fps=meta.rate or fps, crf=crf, preset=preset, audio_from=audio,
+                         pix_fmt=output_pix_fmt(meta, pix_fmt), source=meta)
     frames = FrameWriter(frames_dir, overwrite=True) if frames_dir else contextlib.nullcontext()
     with writer, frames:
-        for frame in tqdm(stream(reader, n), total=n, desc=name, unit="fr", leave=False, disable=not progress):
-            writer.write(frame)
+        for i, frame in enumerate(tqdm(stream(reader, n), total=n, desc=name, unit="fr", leave=False,
+                                       disable=not progress)):
+            writer.write(frame, pts=reader.timestamps[i] if i < len(reader.timestamps) else None)
             if frames_dir:
                 frames.write(frame)
         if writer.count != n:
             raise SdatcError(f"{name}: wrote {writer.count} of {n} frames")
+        writer.end_pts = reader.end_pts
     return n
 
 
@@ -221,7 +239,7 @@ def restore_clip(pipe, cfg: InferConfig, name: str, src: Path) -> int:
         stream = pipe.restore
     return write_restored(stream, src, mp4, frames_dir[0] if frames_dir else None, crf=cfg.output_crf,
                           preset=cfg.output_preset, copy_audio=cfg.copy_audio, fps=cfg.fps, name=name,
-                          progress=pipe.progress)
+                          progress=pipe.progress, pix_fmt=cfg.output_pix_fmt)
 
 
 def run(cfg: InferConfig, progress: bool = True) -> list[dict]:

@@ -1,12 +1,15 @@
 """Video I/O on PyAV: stream RGB uint8 frames from a video file or a frame folder, write mp4 / PNG.
 
     with VideoReader("clip.mp4") as r:          # or a folder of png/jpg frames
-        print(r.meta)                            # fps, frames, size, pix_fmt, codec, audio, x264 SEI
-        with VideoWriter("out.mp4", fps=r.meta.fps, crf=18, audio_from="clip.mp4") as w:
-            for frame in r:                      # (H, W, 3) uint8 RGB, one at a time
-                w.write(frame)
+        print(r.meta)                            # fps, frames, size, pix_fmt, codec, audio, x264 SEI, colour, ...
+        with VideoWriter("out.mp4", fps=r.meta.rate, crf=18, audio_from="clip.mp4", source=r.meta) as w:
+            for i, frame in enumerate(r):        # (H, W, 3) uint8 RGB, one at a time
+                w.write(frame, pts=r.timestamps[i])   # the input's frame times (VFR kept)
+            w.end_pts = r.end_pts                # where the last frame ends (the audio is cut there)
 
-Writers go to a hidden temporary name beside the target and are renamed only when complete.
+With ``source=meta`` the mp4 keeps the input's time base, sample aspect ratio, display rotation (metadata
+only: pixels stay as stored), colour tags (RGB <-> YUV with the tagged matrix and range) and HDR10
+metadata. Writers go to a hidden temporary name beside the target and are renamed only when complete.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import shutil
+import struct
 import warnings
 from collections.abc import Iterable, Iterator
 from fractions import Fraction
@@ -36,6 +40,32 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp")
 SCALE_FLAGS = "bicubic"
 
 _PIL_MODES = {"RGB": "rgb24", "RGBA": "rgba", "L": "gray", "LA": "graya", "P": "pal8", "I;16": "gray16", "I": "gray32"}
+# YUV matrices (FFmpeg's AVColorSpace numbers) the scale filter converts RGB to, and ranges (AVColorRange)
+_SCALE_MATRIX = {1: "bt709", 4: "fcc", 5: "bt470", 6: "smpte170m", 7: "smpte240m", 9: "bt2020"}
+_SCALE_RANGE = {1: "tv", 2: "pc"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ColorTags:
+    """A stream's colour description in FFmpeg's numbers (AVColorPrimaries, AVColorTransferCharacteristic,
+    AVColorSpace, AVColorRange); 2 (range: 0) is unspecified."""
+
+    primaries: int = 2  # 1 bt709, 9 bt2020
+    trc: int = 2  # transfer: 1 bt709, 16 smpte2084 (PQ), 18 arib-std-b67 (HLG)
+    space: int = 2  # YUV matrix: 1 bt709, 5/6 bt601, 9 bt2020nc
+    range: int = 0  # 1 limited (tv), 2 full (pc)
+
+    @property
+    def hdr(self) -> str | None:
+        """``"PQ"`` or ``"HLG"`` for an HDR transfer, else None."""
+        return {16: "PQ", 18: "HLG"}.get(self.trc)
+
+    def for_output(self) -> ColorTags:
+        """The tags of an encode from RGB: a matrix the scale filter cannot produce (RGB, bt2020c, ICtCp,
+        ...) becomes bt2020nc for bt2020 primaries, else bt709; the rest is kept."""
+        if self.space == 2 or self.space in _SCALE_MATRIX:
+            return self
+        return dataclasses.replace(self, space=9 if self.primaries == 9 else 1)
 
 
 @dataclasses.dataclass
@@ -52,7 +82,30 @@ class VideoMeta:
     codec: str | None = None
     has_audio: bool = False
     encoder_settings: str | None = None  # e.g. "x264 - core 165 r3222 ... crf=25.0 ..."
-    rate: Fraction | None = dataclasses.field(default=None, repr=False)  # exact fps
+    rate: Fraction | None = dataclasses.field(default=None, repr=False)  # exact fps (the average one for VFR)
+    time_base: Fraction | None = dataclasses.field(default=None, repr=False)  # unit of the reader's timestamps
+    end_pts: int | None = dataclasses.field(default=None, repr=False)  # where the stream's last frame ends
+    sar: Fraction | None = None  # sample (pixel) aspect ratio; None when square or unknown
+    rotation: int = 0  # display rotation, degrees counter-clockwise: metadata, frames are read as stored
+    display_matrix: tuple[int, ...] | None = dataclasses.field(default=None, repr=False)  # rotation (+ flips)
+    color: ColorTags = ColorTags()
+    mastering_display: str | None = None  # HDR10, x264's syntax: "G(x,y)B(x,y)R(x,y)WP(x,y)L(max,min)"
+    content_light: str | None = None  # HDR10 "MaxCLL,MaxFALL" in cd/m2
+
+    @property
+    def bit_depth(self) -> int:
+        """Bits per component of ``pix_fmt`` (8 when unknown)."""
+        try:
+            return max(c.bits for c in av.VideoFormat(self.pix_fmt).components)
+        except (ValueError, TypeError):
+            return 8
+
+    @property
+    def frame_ticks(self) -> int:
+        """One frame at the nominal rate, in ``time_base`` units."""
+        if not self.rate or not self.time_base:
+            return 1
+        return max(1, round(1 / (self.rate * self.time_base)))
 
     def encoder_option(self, name: str) -> str | None:
         """One option of the encoder settings string, e.g. ``encoder_option("crf") -> "25.0"``."""
@@ -137,6 +190,45 @@ def _av_reason(e: Exception) -> str:
     return getattr(e, "strerror", None) or str(e).split(": '", 1)[0]
 
 
+def _first_frame(container, stream) -> av.VideoFrame | None:
+    """The first decoded frame (FFmpeg attaches the display matrix and HDR10 metadata to frames), or None."""
+    container.seek(0)
+    try:
+        return next(container.decode(stream), None)
+    except av.error.FFmpegError:
+        return None
+
+
+def _mastering_display(data: bytes) -> str | None:
+    """AVMasteringDisplayMetadata (r, g, b, white point xy; min, max luminance: rationals; has_primaries,
+    has_luminance) in x264's syntax: xy in units of 0.00002, luminance in 0.0001 cd/m2."""
+    v = struct.unpack("=22i", data[:88])
+    (rx, ry, gx, gy, bx, by, wx, wy, lmin, lmax) = (Fraction(n, d or 1) for n, d in zip(v[0:20:2], v[1:20:2]))
+    if not (v[20] and v[21]):
+        return None
+
+    def xy(x: Fraction, y: Fraction) -> str:
+        return f"({round(x * 50000)},{round(y * 50000)})"
+
+    return f"G{xy(gx, gy)}B{xy(bx, by)}R{xy(rx, ry)}WP{xy(wx, wy)}L({round(lmax * 10000)},{round(lmin * 10000)})"
+
+
+def _frame_display_info(frame: av.VideoFrame | None, cc) -> dict:
+    """Rotation, display matrix, colour tags and HDR10 metadata of the first frame (colour: else the stream's)."""
+    if frame is None:
+        return {"color": ColorTags(cc.color_primaries, cc.color_trc, cc.colorspace, cc.color_range)}
+    info = {"color": ColorTags(frame.color_primaries, frame.color_trc, frame.colorspace, frame.color_range)}
+    sd = frame.side_data
+    if (m := sd.get("DISPLAYMATRIX")) is not None:
+        info["display_matrix"] = struct.unpack("=9i", bytes(m)[:36])
+        info["rotation"] = int(frame.rotation)
+    if (md := sd.get("MASTERING_DISPLAY_METADATA")) is not None:
+        info["mastering_display"] = _mastering_display(bytes(md))
+    if (cll := sd.get("CONTENT_LIGHT_LEVEL")) is not None:
+        info["content_light"] = "{},{}".format(*struct.unpack("=2I", bytes(cll)[:8]))
+    return info
+
+
 def _read_sei(container, stream) -> str | None:
     """The encoder's settings string from the first packets' SEI (x264/x265 write one)."""
     for i, packet in enumerate(container.demux(stream)):
@@ -152,10 +244,15 @@ def _read_sei(container, stream) -> str | None:
 
 
 class VideoReader:
-    """Stream RGB uint8 frames (H, W, 3) from a video file or a folder of png/jpg frames."""
+    """Stream RGB uint8 frames (H, W, 3) from a video file or a folder of png/jpg frames.
+
+    YUV -> RGB uses each frame's tagged matrix and range (PyAV >= 17 reformats with the frame's own
+    tags; untagged: BT.601 limited, as ffmpeg). While iterating, ``timestamps`` collects each frame's
+    pts in ``meta.time_base`` units (a frame folder: 0, 1, 2, ... at ``fps``)."""
 
     def __init__(self, path: str | Path, fps: float | None = None):
         self.path = Path(path)
+        self.timestamps: list[int] = []
         if not self.path.exists():
             raise SdatcError(f"input not found: {self.path}")
         if self.path.is_dir():
@@ -192,6 +289,7 @@ class VideoReader:
             path=str(self.path), kind="frames", num_frames=len(self._files), width=w, height=h,
             fps=fps, pix_fmt=_PIL_MODES.get(mode, mode), codec=self._files[0].suffix.lower().lstrip("."),
             rate=Fraction(fps).limit_denominator(100000) if fps else None,
+            time_base=1 / Fraction(fps).limit_denominator(100000) if fps else None,
         )
 
     def _video_meta(self) -> VideoMeta:
@@ -209,11 +307,14 @@ class VideoReader:
             n = s.frames or self._count_packets(c, s)
             c.seek(0)
             sei = _read_sei(c, s) if cc.name in ("h264", "hevc") else None
+            sar = s.sample_aspect_ratio or cc.sample_aspect_ratio
             return VideoMeta(
                 path=str(self.path), kind="video", num_frames=n, width=cc.width, height=cc.height,
                 fps=float(rate) if rate else None, pix_fmt=cc.format.name if cc.format else str(cc.pix_fmt),
                 codec=cc.name, has_audio=bool(c.streams.audio), encoder_settings=sei,
-                rate=Fraction(rate) if rate else None,
+                rate=Fraction(rate) if rate else None, time_base=Fraction(s.time_base),
+                end_pts=(s.start_time or 0) + s.duration if s.duration else None,
+                sar=Fraction(sar) if sar and sar != 1 else None, **_frame_display_info(_first_frame(c, s), cc),
             )
         except av.error.FFmpegError as e:
             raise SdatcError(f"{self.path}: not a readable video ({_av_reason(e)})") from None
@@ -229,8 +330,10 @@ class VideoReader:
         return self.meta.num_frames
 
     def __iter__(self) -> Iterator[np.ndarray]:
+        self.timestamps = []
         if self._files is not None:
-            for f in self._files:
+            for i, f in enumerate(self._files):
+                self.timestamps.append(i)
                 yield read_image(f)
             return
         c = _open_container(self.path)
@@ -238,13 +341,31 @@ class VideoReader:
         try:
             for frame in c.decode(video=0):
                 count += 1
-                yield frame.to_ndarray(format="rgb24")
+                self.timestamps.append(self._next_pts(frame.pts))
+                yield frame.to_ndarray(format="rgb24")  # with the frame's colour matrix and range
         except av.error.FFmpegError as e:
             raise SdatcError(f"{self.path}: truncated or corrupt video, decoding failed after {count} frames ({_av_reason(e)})") from None
         finally:
             c.close()
         if count < self.meta.num_frames:
             raise SdatcError(f"{self.path}: truncated or corrupt video, decoded {count} of {self.meta.num_frames} frames")
+
+    def _next_pts(self, pts: int | None) -> int:
+        """A frame's pts; one nominal frame after the previous when missing or not increasing (damaged files)."""
+        if self.timestamps and (pts is None or pts <= self.timestamps[-1]):
+            return self.timestamps[-1] + self.meta.frame_ticks
+        return pts or 0
+
+    @property
+    def end_pts(self) -> int | None:
+        """Where the last frame read so far ends: the stream's end after a full read, else one nominal frame
+        after its pts (``meta.time_base`` units; None before reading)."""
+        if not self.timestamps:
+            return None
+        last, end = self.timestamps[-1], self.meta.end_pts
+        if end is not None and end > last and len(self.timestamps) >= self.meta.num_frames:
+            return end
+        return last + self.meta.frame_ticks
 
     def read_all(self, max_frames: int | None = None) -> np.ndarray:
         """All frames (or the first ``max_frames``) as one (T, H, W, 3) uint8 array."""
@@ -279,10 +400,17 @@ def read_video(path: str | Path, max_frames: int | None = None) -> np.ndarray:
 
 
 class FrameConverter:
-    """Convert av.VideoFrames to ``pix_fmt`` through a scale filter graph (the ffmpeg CLI's conversion)."""
+    """Convert av.VideoFrames to ``pix_fmt`` through a scale filter graph (the ffmpeg CLI's conversion).
+    ``color``: the YUV matrix and range to convert to; unspecified ones keep the filter's defaults."""
 
-    def __init__(self, pix_fmt: str):
+    def __init__(self, pix_fmt: str, color: ColorTags | None = None):
         self.pix_fmt, self._graph = pix_fmt, None
+        color = color or ColorTags()
+        self.args = f"flags={SCALE_FLAGS}"
+        if color.space in _SCALE_MATRIX:
+            self.args += f":out_color_matrix={_SCALE_MATRIX[color.space]}"
+        if color.range in _SCALE_RANGE:
+            self.args += f":out_range={_SCALE_RANGE[color.range]}"
 
     def __call__(self, vf: av.VideoFrame) -> av.VideoFrame:
         if vf.format.name == self.pix_fmt:
@@ -290,7 +418,7 @@ class FrameConverter:
         if self._graph is None:
             g = av.filter.Graph()
             src = g.add_buffer(width=vf.width, height=vf.height, format=vf.format.name, time_base=Fraction(1, 10))
-            chain = [src, g.add("scale", f"flags={SCALE_FLAGS}"), g.add("format", self.pix_fmt), g.add("buffersink")]
+            chain = [src, g.add("scale", self.args), g.add("format", self.pix_fmt), g.add("buffersink")]
             for a, b in zip(chain, chain[1:]):
                 a.link_to(b)
             g.configure()
@@ -319,16 +447,22 @@ class VideoWriter:
         path: output ``.mp4``; written as a hidden temporary file, renamed on ``close()``.
         fps: frame rate (float or Fraction; keep the source's exact ``meta.rate``).
         crf: x264 constant rate factor (0 = lossless); ``bitrate`` (bit/s) instead selects ABR.
-        preset: x264 preset. pix_fmt: ``yuv420p`` (default, plays everywhere) or ``yuv444p``.
+        preset: x264 preset. pix_fmt: ``yuv420p`` (default, plays everywhere), ``yuv420p10le`` or ``yuv444p``.
         audio_from: a video file whose audio stream is copied (transcoded to AAC when mp4 can't hold it).
         odd_size: ``"pad"`` (replicate the last row/column to reach even size for 4:2:0, with a
             warning) or ``"error"``.
         options: extra libx264 options (``{"threads": "1", "x264-params": "keyint=30"}``).
+        source: the input's VideoMeta: its time base (``write(frame, pts)`` takes the input's
+            timestamps), sample aspect ratio, display matrix, colour tags and HDR10 metadata are kept;
+            RGB -> YUV uses its matrix and range (untagged: BT.601 limited, as ffmpeg).
+
+    ``end_pts`` (set before closing; ``time_base`` units like the pts) is where the last frame ends:
+    the video and the copied audio stop there. Default: one frame at ``fps`` after the last pts.
     """
 
     def __init__(self, path: str | Path, fps: float | Fraction, crf: float | None = 18, bitrate: int | None = None,
                  preset: str = "medium", pix_fmt: str = "yuv420p", audio_from: str | Path | None = None,
-                 odd_size: str = "pad", options: dict[str, str] | None = None):
+                 odd_size: str = "pad", options: dict[str, str] | None = None, source: VideoMeta | None = None):
         self.path = Path(path)
         if self.path.suffix.lower() != ".mp4":
             raise SdatcError(f"{self.path}: VideoWriter writes .mp4 files")
@@ -336,7 +470,14 @@ class VideoWriter:
         self.crf, self.bitrate, self.preset, self.pix_fmt = crf, bitrate, preset, pix_fmt
         self.odd_size, self.options = odd_size, dict(options or {})
         self.audio_from = Path(audio_from) if audio_from else None
+        self.source = source
+        self.time_base = source.time_base if source is not None and source.time_base else 1 / self.rate
+        self.color = source.color.for_output() if source is not None else ColorTags()
+        self.end_pts: int | None = None
         self.count = 0
+        self._tick = max(1, round(1 / (self.rate * self.time_base)))  # one frame at fps
+        self._t0 = self._last = self._held = None  # first pts; last frame's time; a packet awaiting its duration
+        self._durations: dict[int, int] = {}  # frame time -> duration, until its packet is muxed
         self._stream = None
         self._size = None
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -345,14 +486,14 @@ class VideoWriter:
         self._audio = None
 
     def _open_stream(self, h: int, w: int) -> None:
-        even = (h + h % 2, w + w % 2) if self.pix_fmt in ("yuv420p", "nv12") else (h, w)
+        even = (h + h % 2, w + w % 2) if self.pix_fmt in ("yuv420p", "yuv420p10le", "nv12") else (h, w)
         if even != (h, w):
             if self.odd_size == "error":
                 raise SdatcError(f"{self.path}: {w}x{h} is odd-sized; {self.pix_fmt} needs even sizes")
             warnings.warn(f"{self.path.name}: odd size {w}x{h} padded to {even[1]}x{even[0]} for {self.pix_fmt}", stacklevel=3)
         s = self._c.add_stream("libx264", rate=self.rate)
         s.width, s.height, s.pix_fmt = even[1], even[0], self.pix_fmt
-        s.codec_context.time_base = 1 / self.rate
+        s.codec_context.time_base = self.time_base
         s.codec_context.thread_type = "FRAME"  # as the ffmpeg CLI does (PyAV defaults to slices)
         opts = {"preset": self.preset}
         if self.bitrate is not None:
@@ -360,11 +501,26 @@ class VideoWriter:
         elif self.crf is not None:
             opts["crf"] = str(self.crf)
         opts.update(self.options)
+        if self.source is not None:
+            self._keep_source_properties(s, opts)
         s.options = opts
         self._stream, self._size, self._even = s, (h, w), even
-        self._convert = FrameConverter(self.pix_fmt)
+        self._convert = FrameConverter(self.pix_fmt, self.color)
         if self.audio_from is not None:  # after the video stream, so video is stream 0
             self._open_audio()
+
+    def _keep_source_properties(self, s, opts: dict[str, str]) -> None:
+        """SAR, display matrix (rotation as metadata), colour tags and HDR10 metadata of ``source``."""
+        src, cc, c = self.source, s.codec_context, self.color
+        if src.sar:
+            s.sample_aspect_ratio = src.sar  # the output is 4x in both directions: the same SAR
+        if src.display_matrix:
+            s.set_display_matrix(list(src.display_matrix))
+        cc.color_primaries, cc.color_trc, cc.colorspace, cc.color_range = c.primaries, c.trc, c.space, c.range
+        hdr10 = [f"mastering-display={src.mastering_display}"] if src.mastering_display else []
+        hdr10 += [f"cll={src.content_light}"] if src.content_light else []
+        if hdr10:
+            opts["x264-params"] = ":".join(filter(None, [opts.get("x264-params"), *hdr10]))
 
     def _open_audio(self) -> None:
         src = _open_container(self.audio_from)
@@ -412,8 +568,9 @@ class VideoWriter:
                 p.stream = self._a_out
                 self._c.mux(p)
 
-    def write(self, frame: np.ndarray) -> None:
-        """Append one RGB uint8 frame (H, W, 3)."""
+    def write(self, frame: np.ndarray, pts: int | None = None) -> None:
+        """Append one RGB uint8 frame (H, W, 3) shown at ``pts`` (``time_base`` units, increasing; the
+        first frame's is time 0). Default: one frame at ``fps`` after the previous frame."""
         if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
             raise SdatcError(f"{self.path}: frames must be uint8 (H, W, 3), got {frame.dtype} {frame.shape}")
         h, w = frame.shape[:2]
@@ -424,24 +581,55 @@ class VideoWriter:
         if self._even != (h, w):
             frame = np.pad(frame, ((0, self._even[0] - h), (0, self._even[1] - w), (0, 0)), mode="edge")
         vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
-        self.write_av_frame(self._convert(vf))
+        self.write_av_frame(self._convert(vf), pts)
 
-    def write_av_frame(self, vf: av.VideoFrame) -> None:
-        """Append a frame already in ``pix_fmt`` at the stream size (used by the x264 degrader)."""
+    def write_av_frame(self, vf: av.VideoFrame, pts: int | None = None) -> None:
+        """Append a frame already in ``pix_fmt`` at the stream size, at ``pts`` (as ``write``)."""
         if self._stream is None:
             self._open_stream(vf.height, vf.width)
-        vf.pts, vf.time_base = self.count, 1 / self.rate
-        self._c.mux(self._stream.encode(vf))
+        if self._t0 is None:
+            self._t0 = pts or 0
+        t = pts - self._t0 if pts is not None else 0 if self._last is None else self._last + self._tick
+        if self._last is not None:
+            if t <= self._last:
+                raise SdatcError(f"{self.path}: frame {self.count} at {pts} is not after the previous frame")
+            self._durations[self._last] = t - self._last
+            self._mux_held()
+        vf.pts, vf.time_base = t, self.time_base
+        self._last = t
+        self._mux_video(self._stream.encode(vf))
         self.count += 1
-        self._mux_audio(self.count / self.rate)
+        self._mux_audio(float((t + self._tick) * self.time_base))
+
+    def _mux_video(self, packets) -> None:
+        """Mux packets with their frame's duration (the last frame's sets where the video ends); a packet
+        of the newest frame waits until that is known (the next frame, or ``close``)."""
+        for p in packets:
+            if self._held is not None:  # not expected (x264 emits one packet per frame): mux it as it is
+                self._c.mux(self._held)
+                self._held = None
+            if p.pts in self._durations:
+                p.duration = self._durations.pop(p.pts)
+                self._c.mux(p)
+            else:
+                self._held = p
+
+    def _mux_held(self) -> None:
+        if self._held is not None and self._held.pts in self._durations:
+            p, self._held = self._held, None
+            self._mux_video([p])
 
     def close(self) -> Path:
         """Flush, close and rename to the final name. Returns the final path."""
         if self._stream is None:
             self.abort()
             raise SdatcError(f"{self.path}: no frames were written")
-        self._c.mux(self._stream.encode(None))
-        self._mux_audio(self.count / self.rate)  # audio up to the end of the video, not beyond
+        end = self.end_pts - self._t0 if self.end_pts is not None else None
+        end = end if end is not None and end > self._last else self._last + self._tick
+        self._durations[self._last] = end - self._last
+        self._mux_held()
+        self._mux_video(self._stream.encode(None))
+        self._mux_audio(float(end * self.time_base))  # audio up to the end of the video, not beyond
         if self._audio is not None:
             if self._transcode:
                 self._c.mux(self._a_out.encode(None))
