@@ -203,9 +203,12 @@ class _VSRPipeline:
         return self._pipeline().restore(frames, num_frames, **restore_kw)
 
     def restore_file(self, in_path: str | Path, out_path: str | Path, crf: int = 15, preset: str = "medium",
-                     copy_audio: bool = True, fps: float = 25.0, overwrite: bool = False) -> Path:
+                     copy_audio: bool = True, fps: float = 25.0, overwrite: bool = False,
+                     pix_fmt: str = "auto") -> Path:
         """Restore a video file (or a folder of frames, at ``fps``) to ``out_path`` (an mp4, written under a
-        temporary name, audio copied). Returns ``out_path``; an existing output is an error unless ``overwrite``."""
+        temporary name, audio copied; frame times, aspect ratio, rotation and colour tags kept; ``pix_fmt``:
+        auto (10-bit for >8-bit input), yuv420p or yuv420p10le). Returns ``out_path``; an existing output is
+        an error unless ``overwrite``."""
         from sdatc.inference import write_restored
 
         src, dst = Path(in_path), Path(out_path)
@@ -218,7 +221,7 @@ class _VSRPipeline:
         dst.parent.mkdir(parents=True, exist_ok=True)
         kw = {"source": src} if self.mode == "ultravsr" else {}
         write_restored(lambda reader, n: self.stream(reader, n, **kw), src, dst, crf=crf, preset=preset,
-                       copy_audio=copy_audio, fps=fps, progress=self.progress)
+                       copy_audio=copy_audio, fps=fps, progress=self.progress, pix_fmt=pix_fmt)
         return dst
 
 

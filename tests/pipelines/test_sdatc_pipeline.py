@@ -101,7 +101,10 @@ def test_restore_file(pipe, frames, tmp_path):
     dst = pipe.restore_file(src, tmp_path / "out" / "x4.mp4")
     reader = VideoReader(dst)
     assert len(reader) == 3 and reader.meta.width == 128 and reader.meta.height == 96
+    assert reader.meta.pix_fmt == "yuv420p"  # auto: 8-bit input, 8-bit output
     assert not list((tmp_path / "out").glob("*.tmp*"))
+    ten = pipe.restore_file(src, tmp_path / "out" / "x4_10bit.mp4", pix_fmt="yuv420p10le")
+    assert VideoReader(ten).meta.pix_fmt == "yuv420p10le"
     with pytest.raises(SdatcError, match="exists"):
         pipe.restore_file(src, dst)
     with pytest.raises(SdatcError, match="is the input"):
