@@ -426,12 +426,12 @@ class DCM(nn.Module):
         return out[:, :, : s * h, : s * w]  # (B, 3, s*h, s*w)
 
     def _forward_inference(self, x: torch.Tensor) -> torch.Tensor:
-        """``forward`` without grad: the same function (up to float rounding) in fewer memory passes.
+        """``forward`` without grad: the same function (up to float rounding) in fewer memory passes and FLOPs.
 
         Feature maps are channels-last throughout, so the (B, H, W, C) token views of the body and
         the (B, C, H, W) maps of the convolutions are the same memory (no permute copies); the Swin
-        blocks run window by window (:func:`_blocks_inference`); the upsampler runs on bands of rows
-        (:meth:`_tail_inference`). The result is channels-last (B, in_channels, s*h, s*w).
+        blocks run window by window (:func:`_blocks_inference`); the upsampler runs as one convolution on
+        the LR grid (:meth:`_tail_inference`, :class:`_FoldedTail`). The result is channels-last (B, in_channels, s*h, s*w).
         """
         h, w = x.shape[-2:]
         s = self.cfg.upscale
