@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from sdatc.errors import SdatcError
-from sdatc.pipelines.memory import StagePlan, memory_budget, plan_stage, stage_bytes_per_pixel
+from sdatc.pipelines.memory import StagePlan, StagePlanner
 from sdatc.pipelines.restore import PipelineConfig, autocast
 from sdatc.pipelines.tiling import tiled_batched
 
@@ -68,22 +68,14 @@ class DCMPipeline:
         self.workers = max(1, min(workers, batch))
         self.worker_threads = max(1, threads // self.workers)  # intra-op threads of each worker
         self._pool: ThreadPoolExecutor | None = None
-        self._budget: int | None = None
-        self.plans: dict[str, StagePlan] = {}
+        self._plan = StagePlanner(dcm, self.device, cfg.tiling, share=self.workers)  # the workers run at once
+        self.plans: dict[str, StagePlan] = self._plan.plans
         autocast(self.device, dtype)  # fp16 on the CPU: an error now, not at the first frame
-
-    def _plan(self, lq: torch.Tensor) -> StagePlan:
-        if self._budget is None:
-            self._budget = memory_budget(self.device, self.cfg.tiling.memory_gb) // self.workers  # workers run at once
-        t = self.cfg.tiling
-        plan = plan_stage(len(lq), tuple(lq.shape[-2:]), stage_bytes_per_pixel(self.dcm, "dcm"), self._budget,
-                          t.dcm_tile, t.mode)
-        self.plans["dcm"] = plan
-        return plan
 
     def _restore_batch(self, lq: torch.Tensor) -> list[np.ndarray]:
         """(B, 3, h, w) float in [0, 1] -> B frames (4h, 4w, 3) uint8, in the calling thread."""
-        t, plan = self.cfg.tiling, self._plan(lq)
+        t = self.cfg.tiling
+        plan = self._plan("dcm", lq, t.dcm_tile)
         with torch.inference_mode(), autocast(self.device, self.dtype):
             out = tiled_batched(self.dcm, (lq,), t.dcm_tile if plan.tiled else None, t.dcm_overlap, plan.batch)
             out = out.float().clamp_(0, 1).mul_(255).round_().to(torch.uint8).cpu()  # (B, 3, 4h, 4w)

@@ -100,6 +100,25 @@ def plan_stage(items: int, size: tuple[int, int], bytes_per_pixel: float, budget
     return StagePlan(True, batch, need, budget)
 
 
+class StagePlanner:
+    """Plans a pipeline's stages (:func:`plan_stage`) against one budget, read at the first plan (once the
+    model is resident) and divided by ``share`` (workers that run at once); ``plans`` keeps each stage's last."""
+
+    def __init__(self, model, device: torch.device, tiling, share: int = 1):
+        self.model, self.device, self.tiling, self.share = model, device, tiling, share
+        self.budget: int | None = None
+        self.plans: dict[str, StagePlan] = {}
+
+    def __call__(self, stage: str, x: torch.Tensor, tile: int, group: int = 1) -> StagePlan:
+        """The plan for ``x`` (N, C, h, w) at ``stage``, with tiles of ``tile`` pixels if needed."""
+        if self.budget is None:
+            self.budget = memory_budget(self.device, self.tiling.memory_gb) // self.share
+        plan = plan_stage(x.shape[0], tuple(x.shape[-2:]), stage_bytes_per_pixel(self.model, stage), self.budget,
+                          tile, self.tiling.mode, group)
+        self.plans[stage] = plan
+        return plan
+
+
 def describe(plans: dict[str, StagePlan]) -> str:
     """One line per run: which stages tile, with how many items per call."""
     parts = []

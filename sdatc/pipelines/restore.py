@@ -32,7 +32,7 @@ from tqdm import tqdm
 from sdatc.errors import SdatcError
 from sdatc.pipelines.colour import colour_correct
 from sdatc.pipelines.flow import FlowConfig, FlowGuidance, load_raft, pair_flows
-from sdatc.pipelines.memory import StagePlan, memory_budget, plan_stage, stage_bytes_per_pixel
+from sdatc.pipelines.memory import StagePlan, StagePlanner
 from sdatc.pipelines.sampler import Sampler, SamplerConfig
 from sdatc.pipelines.speed import speed_up
 from sdatc.pipelines.tiled_vae import decode_tiled, encode_tiled
@@ -145,18 +145,10 @@ class RestorePipeline:
         self.vae_factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
         self.unet_factor = 2 ** (len(model.unet.config.block_out_channels) - 1)
         self.denoiser = speed_up(model, self.device, compile=compile)  # model.predict, or compiled
-        self.plans: dict[str, StagePlan] = {}
-        self._budget: int | None = None  # read at the first window, once the model is resident
+        self._plan = StagePlanner(model, self.device, cfg.tiling)  # budget read at the first window
+        self.plans: dict[str, StagePlan] = self._plan.plans
 
     # ------------------------------------------------------------------ stages, tiled by memory
-
-    def _plan(self, stage: str, x: torch.Tensor, tile: int, group: int = 1) -> StagePlan:
-        if self._budget is None:
-            self._budget = memory_budget(self.device, self.cfg.tiling.memory_gb)
-        plan = plan_stage(x.shape[0], tuple(x.shape[-2:]), stage_bytes_per_pixel(self.model, stage), self._budget,
-                          tile, self.cfg.tiling.mode, group)
-        self.plans[stage] = plan
-        return plan
 
     def _autocast(self, enabled: bool = True):
         return autocast(self.device, self.dtype, enabled)

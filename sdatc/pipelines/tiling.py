@@ -122,6 +122,26 @@ def _scaled(v: int, s: Fraction, k: int) -> int:
     return int(p)
 
 
+def _accumulators(outs: tuple[Tensor, ...], th: int, tw: int, H: int, W: int, kind: str, frames: int | None = None,
+                  blend: bool = True) -> tuple[list[Fraction], list[torch.dtype], list[Tensor], list[Tensor], list[Tensor]]:
+    """From the first call's outputs (from a (th, tw) tile): per output its scale, dtype, zeroed weighted sum
+    (its leading dims, or ``frames`` then its dims after the batch; (H * s, W * s) last), zeroed weight sum
+    (H * s, W * s) and tile weights (``blend_weights``, or ones when ``blend`` is False)."""
+    scales, dtypes, acc, norm, weights = [], [], [], [], []
+    for k, o in enumerate(outs):
+        s = _scale(o, th, tw, k)
+        oh, ow = _scaled(H, s, k), _scaled(W, s, k)
+        dt, dev = torch.promote_types(o.dtype, torch.float32), o.device
+        lead = o.shape[:-2] if frames is None else (frames, *o.shape[1:-2])
+        scales.append(s)
+        dtypes.append(o.dtype)
+        acc.append(torch.zeros(*lead, oh, ow, device=dev, dtype=dt))
+        norm.append(torch.zeros(oh, ow, device=dev, dtype=dt))
+        weights.append(blend_weights(*o.shape[-2:], kind, device=dev, dtype=dt) if blend
+                       else torch.ones(*o.shape[-2:], device=dev, dtype=dt))
+    return scales, dtypes, acc, norm, weights
+
+
 def tiled_apply(fn: TileFn, x: Tensor, tile: int, overlap: int, kind: str = "gaussian",
                 align: int = 1) -> Tensor | tuple[Tensor, ...]:
     """Apply ``fn`` over overlapping spatial tiles of ``x`` and blend the outputs.
@@ -149,11 +169,8 @@ def tiled_apply(fn: TileFn, x: Tensor, tile: int, overlap: int, kind: str = "gau
         return fn(x, (0, H, 0, W))
     th, tw = min(tile // align * align, H), min(tile // align * align, W)  # the same for every tile
 
-    acc: list[Tensor] = []  # per output: sum of w * out, (..., H * s, W * s)
-    norm: list[Tensor] = []  # per output: sum of w, (H * s, W * s)
-    scales: list[Fraction] = []
-    weights: list[Tensor] = []
-    single, lead, dtypes = True, [], []
+    scales: list[Fraction] = []  # per output; with dtypes, acc (sum of w * out), norm (sum of w), weights
+    single = True
     for y0 in ys:
         for x0 in xs:
             box = (y0, y0 + th, x0, x0 + tw)
@@ -161,16 +178,8 @@ def tiled_apply(fn: TileFn, x: Tensor, tile: int, overlap: int, kind: str = "gau
             outs = _as_tuple(raw)
             if not scales:  # first tile: read each output's scale, allocate the accumulators
                 single = not isinstance(raw, (tuple, list))
-                for k, o in enumerate(outs):
-                    s = _scale(o, th, tw, k)
-                    oh, ow = _scaled(H, s, k), _scaled(W, s, k)
-                    acc_dtype = torch.promote_types(o.dtype, torch.float32)
-                    scales.append(s)
-                    lead.append(o.shape[:-2])
-                    dtypes.append(o.dtype)
-                    acc.append(torch.zeros(*o.shape[:-2], oh, ow, device=o.device, dtype=acc_dtype))
-                    norm.append(torch.zeros(oh, ow, device=o.device, dtype=acc_dtype))
-                    weights.append(blend_weights(*o.shape[-2:], kind, device=o.device, dtype=acc_dtype))
+                scales, dtypes, acc, norm, weights = _accumulators(outs, th, tw, H, W, kind)
+                lead = [o.shape[:-2] for o in outs]
             if len(outs) != len(scales):
                 raise ValueError(f"the tile function returned {len(outs)} outputs for box {box}, "
                                  f"{len(scales)} for the first tile")
@@ -222,28 +231,16 @@ def tiled_batched(fn: Callable[..., Tensor | tuple[Tensor, ...]], xs: tuple[Tens
     if len(boxes) == 1 and batch >= n:
         return fn(*xs)
     items = [(b, i) for b in range(len(boxes)) for i in range(n)]  # tile-major
-    acc: list[Tensor] = []
-    norm: list[Tensor] = []
-    scales: list[Fraction] = []
-    weights: list[Tensor] = []
-    single, dtypes = True, []
+    scales: list[Fraction] = []  # per output; with dtypes, acc (sum of w * out), norm (sum of w), weights
+    single = True
     for c in range(0, len(items), batch):
         chunk = items[c:c + batch]
         cut = [torch.stack([y[i, :, boxes[b][0]:boxes[b][1], boxes[b][2]:boxes[b][3]] for b, i in chunk]) for y in xs]
         raw = fn(*cut)
         outs = _as_tuple(raw)
-        if not scales:
+        if not scales:  # first call: read each output's scale, allocate the accumulators
             single = not isinstance(raw, (tuple, list))
-            for k, o in enumerate(outs):
-                s = _scale(o, th, tw, k)
-                oh, ow = _scaled(H, s, k), _scaled(W, s, k)
-                acc_dtype = torch.promote_types(o.dtype, torch.float32)
-                scales.append(s)
-                dtypes.append(o.dtype)
-                acc.append(torch.zeros(n, *o.shape[1:-2], oh, ow, device=o.device, dtype=acc_dtype))
-                norm.append(torch.zeros(oh, ow, device=o.device, dtype=acc_dtype))
-                weights.append(blend_weights(*o.shape[-2:], kind, device=o.device, dtype=acc_dtype)
-                               if len(boxes) > 1 else torch.ones(*o.shape[-2:], device=o.device, dtype=acc_dtype))
+            scales, dtypes, acc, norm, weights = _accumulators(outs, th, tw, H, W, kind, frames=n, blend=len(boxes) > 1)
         for k, o in enumerate(outs):
             s = scales[k]
             for j, (b, i) in enumerate(chunk):

@@ -27,7 +27,7 @@ from sdatc.errors import SdatcError
 from sdatc.models.ultravsr import UltraVSR, drs_step, one_step_x0
 from sdatc.pipelines.colour import colour_correct
 from sdatc.pipelines.drs import DRSConfig, DRSEstimator
-from sdatc.pipelines.memory import StagePlan, memory_budget, plan_stage, stage_bytes_per_pixel
+from sdatc.pipelines.memory import StagePlan, StagePlanner
 from sdatc.pipelines.restore import TilingConfig, WindowConfig, autocast, pad_to_multiple
 from sdatc.pipelines.speed import speed_up
 from sdatc.pipelines.tiled_vae import tiled_shared
@@ -60,20 +60,12 @@ class UltraVSRRunner:
         self.drs = DRSEstimator(cfg.drs, device=str(self.device), weights=weights)
         self.unet_calls = 0  # denoiser invocations (each a batch of frames x tiles)
         self.unet_evals: Counter[tuple[int, int]] = Counter()  # latent (h, w) of each frame-tile evaluation -> count
-        self.plans: dict[str, StagePlan] = {}
-        self._budget: int | None = None  # read at the first window, once the model is resident
+        self._plan = StagePlanner(model, self.device, cfg.tiling)  # budget read at the first window
+        self.plans: dict[str, StagePlan] = self._plan.plans
         self.denoiser = speed_up(model, self.device, compile=compile)  # model.predict, or compiled
         self.last_drs: tuple[float, int, str] | None = None  # (d, t_rec, how d was found) of the last clip
         self.vae_factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
         self.unet_factor = 2 ** (len(model.unet.config.block_out_channels) - 1)
-
-    def _plan(self, stage: str, x: torch.Tensor, tile: int, group: int = 1) -> StagePlan:
-        if self._budget is None:
-            self._budget = memory_budget(self.device, self.cfg.tiling.memory_gb)
-        plan = plan_stage(x.shape[0], tuple(x.shape[-2:]), stage_bytes_per_pixel(self.model, stage), self._budget,
-                          tile, self.cfg.tiling.mode, group)
-        self.plans[stage] = plan
-        return plan
 
     def _pad(self, lq: torch.Tensor) -> torch.Tensor:
         return pad_to_multiple(lq, self.model.pad_multiple)
