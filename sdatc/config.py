@@ -11,6 +11,11 @@ YAML is read with YAML 1.2 core booleans (only ``true``/``false``): ``tiling.mod
 string field as ``"off"`` (PyYAML's YAML 1.1 would make it False); bool fields also accept
 ``yes``/``no``/``on``/``off`` (any case). A class may retire keys: its ``_legacy_keys`` (key -> note)
 are dropped from old files with one printed note (and are errors as overrides).
+
+Inheritance: a file may name ``base: other.yaml`` (relative to the file; chains allowed). Its keys
+override the base's recursively: mappings merge key by key, lists and scalars replace. A missing base
+or a cycle is a one-line error naming both files. A duplicate key in a mapping is an error naming the
+file, the key and the line; a file that is not UTF-8 text is a one-line error.
 """
 
 from __future__ import annotations
@@ -48,8 +53,38 @@ _Loader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|F
 _BOOL_WORDS = {"true": True, "false": False, "yes": True, "no": False, "on": True, "off": False}
 
 
+
+class _DuplicateKey(Exception):
+    """A mapping names one key twice (raised by the loader; :func:`read_config_file` adds the file)."""
+
+    def __init__(self, key: Any, line: int, first: int):
+        super().__init__(f"duplicate key {key!r} on line {line} (first on line {first})")
+
+
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    """SafeLoader's mapping, refusing a key written twice (PyYAML keeps the last one silently).
+
+    Keys brought in by a YAML merge (``<<: *anchor``) may be overridden: only keys written in this
+    mapping itself count."""
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key, line = loader.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+        try:
+            if key in seen:
+                raise _DuplicateKey(key, line, seen[key])
+            seen[key] = line
+        except TypeError:  # an unhashable key: SafeConstructor reports it below
+            continue
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_Loader.construct_mapping = _construct_mapping
+
+
 def _load_yaml(text: str) -> Any:
-    """Parse YAML text with :class:`_Loader` (safe, YAML 1.2 core booleans)."""
+    """Parse YAML text with :class:`_Loader` (safe, YAML 1.2 core booleans, no duplicate keys)."""
     return yaml.load(text, Loader=_Loader)  # safe: _Loader is a SafeLoader
 
 
@@ -249,21 +284,78 @@ def apply_overrides(cfg: T, overrides: Sequence[str]) -> T:
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
-    """Load ``path`` (YAML) into ``cls``, apply overrides. ``path=None`` starts from the defaults."""
+    """Load ``path`` (YAML, with its ``base:`` chain) into ``cls``, apply overrides. ``path=None``: the defaults."""
     if path is None:
         cfg = from_dict(cls, {}, "<defaults>")
     else:
         path = resolve_config_path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = _load_yaml(path.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if data is not None and not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of keys")
-        cfg = from_dict(cls, data, str(path))
+        cfg = from_dict(cls, read_config_file(path), str(path))
     return apply_overrides(cfg, overrides)
+
+
+BASE_KEY = "base"
+
+
+def read_config_file(path: str | Path) -> dict:
+    """The mapping a YAML config file holds, its ``base:`` chain merged in (see :func:`merge_config`).
+
+    ``base`` is a path relative to the file that names it. A missing file, a missing base, a cycle, a
+    duplicate key, a file that is not UTF-8 text or not YAML: one-line ConfigErrors naming the files."""
+    return _read_with_bases(resolve_config_path(path), [])
+
+
+def _read_with_bases(path: Path, chain: list[Path]) -> dict:
+    data = _read_one(path)
+    base = data.pop(BASE_KEY, None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"{path}: base must be the path of another config file, got {base!r}")
+    base_path = (path.parent / base).resolve()
+    chain = [*chain, path.resolve()]
+    if base_path in chain:
+        loop = " -> ".join(str(p) for p in [*chain[chain.index(base_path):], base_path])
+        raise ConfigError(f"{path}: base {base!r} makes a cycle ({loop})")
+    if not base_path.is_file():
+        raise ConfigError(f"{path}: base config file not found: {base_path}")
+    return merge_config(_read_with_bases(base_path, chain), data)
+
+
+def _read_one(path: Path) -> dict:
+    """One file's own mapping (``base`` not followed)."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a YAML config (not UTF-8 text: byte {e.start} is 0x{e.object[e.start]:02x})") \
+            from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file ({e.strerror or e})") from None
+    if "\x00" in text:
+        raise ConfigError(f"{path}: not a YAML config (a binary file: it holds NUL bytes)")
+    try:
+        data = _load_yaml(text)
+    except _DuplicateKey as e:
+        raise ConfigError(f"{path}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of keys")
+    return data
+
+
+def merge_config(base: dict, override: dict) -> dict:
+    """``override`` on top of ``base``: mappings merge key by key (recursively); lists, scalars and null replace."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_config(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -302,7 +394,7 @@ def _wants_str(tp: Any) -> bool:
 def _yaml_value(raw: str, item: str) -> Any:
     try:
         return _load_yaml(raw) if raw.strip() else None
-    except yaml.YAMLError:
+    except (yaml.YAMLError, _DuplicateKey):
         raise ConfigError(f"command line: cannot parse the value of override {item!r}") from None
 
 

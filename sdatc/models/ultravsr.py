@@ -74,13 +74,10 @@ class UltraVSRConfig:
 
 
 def is_ultravsr_config(path) -> bool:
-    """Whether the model config file at ``path`` describes UltraVSR (it has an ``rts`` section)."""
-    import yaml
+    """Whether the model config file at ``path`` describes UltraVSR (it or its ``base:`` chain has an ``rts`` section)."""
+    from sdatc.config import read_config_file
 
-    from sdatc.config import resolve_config_path
-
-    data = yaml.safe_load(resolve_config_path(path).read_text()) or {}
-    return isinstance(data, dict) and "rts" in data
+    return "rts" in read_config_file(path)
 
 
 def drs_step(alphas_cumprod: torch.Tensor, d: float) -> tuple[int, float]:
