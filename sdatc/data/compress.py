@@ -36,16 +36,21 @@ class X264Result:
 
 def _encode(frames: Iterable[av.VideoFrame], width: int, height: int, fps: Fraction, pix_fmt: str,
             options: dict[str, str], bitrate: int | None = None) -> bytes:
-    """Encode av.VideoFrames (any pix_fmt; converted as the ffmpeg CLI does) into mp4 bytes with libx264."""
+    """Encode av.VideoFrames (any pix_fmt; converted as the ffmpeg CLI does) into mp4 bytes with libx264.
+
+    Deterministic: the RGB -> YUV conversion runs on one thread, and x264 never uses sliced threads
+    (PyAV's default thread type, SLICE, turns them on whenever threads > 1: a bitstream that depends on
+    the thread count and differs from the ffmpeg CLI's frame threads)."""
     buf = io.BytesIO()
     with av.open(buf, mode="w", format="mp4") as c:
         s = c.add_stream("libx264", rate=fps)
         s.width, s.height, s.pix_fmt = width, height, pix_fmt
         s.codec_context.time_base = 1 / fps
+        s.codec_context.thread_type = "FRAME"  # x264's frame threads (as the ffmpeg CLI), never slices
         if bitrate is not None:
             s.bit_rate = int(bitrate)
         s.options = options
-        for i, vf in enumerate(convert_frames(frames, pix_fmt)):
+        for i, vf in enumerate(convert_frames(frames, pix_fmt, threads=1)):
             vf.pts, vf.time_base = i, 1 / fps
             vf.pict_type = av.video.frame.PictureType.NONE  # let x264 choose (decoded frames carry I/P types)
             c.mux(s.encode(vf))
@@ -54,8 +59,12 @@ def _encode(frames: Iterable[av.VideoFrame], width: int, height: int, fps: Fract
 
 
 def _decode(data: bytes) -> list[av.VideoFrame]:
+    """The frames of an mp4 in memory, decoded on one thread (PyAV's default is one per CPU)."""
     with av.open(io.BytesIO(data), mode="r") as c:
-        return list(c.decode(video=0))
+        stream = c.streams.video[0]
+        stream.codec_context.thread_count = 1
+        stream.codec_context.thread_type = "NONE"
+        return list(c.decode(stream))
 
 
 def _sei(data: bytes) -> str:
@@ -73,7 +82,8 @@ def x264_compress(frames: Sequence[np.ndarray] | np.ndarray, *, crf: float | Non
         crf: constant rate factor (test sets), or ``bitrate`` in bit/s (ABR; training). Exactly one.
         fps: declared frame rate (it changes the bitstream at a fixed CRF or bitrate).
         lossless_first: the COMISR recipe: RGB -> lossless x264 (crf 0, yuv444p) -> decode -> encode.
-        threads: x264 threads; pinned to 1 by default so the bitstream does not depend on the machine.
+        threads: x264 threads; pinned to 1 by default so the bitstream does not depend on the machine
+            (more: x264's frame threads, deterministic; everything else in the round trip uses one thread).
         pix_fmt: ``yuv420p`` or ``yuv444p``. Odd sizes are edge-padded for 4:2:0 and cropped back.
     """
     if (crf is None) == (bitrate is None):
@@ -98,7 +108,7 @@ def x264_compress(frames: Sequence[np.ndarray] | np.ndarray, *, crf: float | Non
         data = _encode(src, W, H, rate, pix_fmt, {**opts, "crf": str(crf)})
     else:
         data = _encode(src, W, H, rate, pix_fmt, opts, bitrate=int(bitrate))
-    out = np.stack([f.to_ndarray(format="rgb24") for f in _decode(data)])
+    out = np.stack([f.to_ndarray(format="rgb24", threads=1) for f in _decode(data)])  # swscale on one thread
     if out.shape[0] != t:
         raise SdatcError(f"x264 round trip returned {out.shape[0]} frames for {t}")
     return X264Result(frames=out[:, :h, :w], data=data, settings=_sei(data))

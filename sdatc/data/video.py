@@ -401,10 +401,11 @@ def read_video(path: str | Path, max_frames: int | None = None) -> np.ndarray:
 
 class FrameConverter:
     """Convert av.VideoFrames to ``pix_fmt`` through a scale filter graph (the ffmpeg CLI's conversion).
-    ``color``: the YUV matrix and range to convert to; unspecified ones keep the filter's defaults."""
+    ``color``: the YUV matrix and range to convert to; unspecified ones keep the filter's defaults.
+    ``threads``: the filter graph's threads (0: FFmpeg's default, one per CPU)."""
 
-    def __init__(self, pix_fmt: str, color: ColorTags | None = None):
-        self.pix_fmt, self._graph = pix_fmt, None
+    def __init__(self, pix_fmt: str, color: ColorTags | None = None, threads: int = 0):
+        self.pix_fmt, self._graph, self.threads = pix_fmt, None, threads
         color = color or ColorTags()
         self.args = f"flags={SCALE_FLAGS}"
         if color.space in _SCALE_MATRIX:
@@ -417,6 +418,7 @@ class FrameConverter:
             return vf
         if self._graph is None:
             g = av.filter.Graph()
+            g.threads = self.threads
             src = g.add_buffer(width=vf.width, height=vf.height, format=vf.format.name, time_base=Fraction(1, 10))
             chain = [src, g.add("scale", self.args), g.add("format", self.pix_fmt), g.add("buffersink")]
             for a, b in zip(chain, chain[1:]):
@@ -428,8 +430,8 @@ class FrameConverter:
         return self._graph.pull()
 
 
-def convert_frames(frames: Iterable[av.VideoFrame], pix_fmt: str) -> Iterator[av.VideoFrame]:
-    convert = FrameConverter(pix_fmt)
+def convert_frames(frames: Iterable[av.VideoFrame], pix_fmt: str, threads: int = 0) -> Iterator[av.VideoFrame]:
+    convert = FrameConverter(pix_fmt, threads=threads)
     for vf in frames:
         yield convert(vf)
 

@@ -98,3 +98,27 @@ def test_bit_identical_to_ffmpeg_cli_recipe(tmp_path, carphone_frames):
         pytest.skip(f"x264 differs: ffmpeg CLI {cli_x264}, PyAV {encoder_version(ours.settings)}")
     assert cli.shape == ours.frames.shape
     assert np.array_equal(cli, ours.frames)
+
+
+def test_threads_are_frame_threads_as_the_ffmpeg_cli(tmp_path, carphone_frames):
+    """threads > 1 gives x264's frame threads with the CLI's settings, never sliced threads (PyAV's default
+    thread type, SLICE, made the bitstream depend on the thread count); the round trip is deterministic."""
+    import subprocess
+
+    import imageio_ffmpeg
+
+    from sdatc.data.video import VideoReader, encoder_version, write_frames
+
+    ours = x264_compress(carphone_frames, crf=25, fps=10, threads=4)
+    assert "threads=4 lookahead_threads=1 sliced_threads=0" in ours.settings, ours.settings
+    write_frames(tmp_path / "lr", carphone_frames)
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y", "-framerate", "10",
+                    "-i", str(tmp_path / "lr" / "%08d.png"), "-c:v", "libx264", "-preset", "medium", "-crf", "25",
+                    "-pix_fmt", "yuv420p", "-threads", "4", str(tmp_path / "cli.mp4")], check=True)
+    cli = (tmp_path / "cli.mp4").read_bytes()
+    cli_sei = cli[cli.find(b"x264 - core"):].split(b"\x00")[0].decode()
+    if VideoReader(tmp_path / "cli.mp4").meta.encoder_version != encoder_version(ours.settings):
+        pytest.skip("the ffmpeg CLI's x264 is another build")
+    assert cli_sei.split("options: ")[1] == ours.settings.split("options: ")[1]
+    again = x264_compress(carphone_frames, crf=25, fps=10, threads=4)
+    assert again.data == ours.data and np.array_equal(again.frames, ours.frames)
