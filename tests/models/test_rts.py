@@ -51,7 +51,8 @@ def test_conv_unit_ends_see_zeros():
     x = torch.randn(t, 48, 5, 4)
     padded = torch.cat([torch.zeros_like(x[:1]), x, torch.zeros_like(x[:1])])
     with torch.no_grad():
-        torch.testing.assert_close(m(x, t), m(padded, t + 2)[1:-1], atol=1e-6, rtol=0)
+        # padded clip: another batch size, so other conv kernels (fp32 rounding differs on AVX2 / AVX-512)
+        torch.testing.assert_close(m(x, t), m(padded, t + 2)[1:-1], atol=1e-5, rtol=1e-5)
 
 
 def test_attention_equals_a_loop_over_frames_and_heads():

@@ -36,7 +36,8 @@ def test_unet_path_equals_plain_sd_at_init(tiny_model):
     with torch.no_grad():
         ours = tiny_model.predict(z_t, t, z_c)
         ref = _plain_unet(tiny_model)(z_t, t, encoder_hidden_states=tiny_model.empty_prompt_embeds.expand(3, -1, -1)).sample
-        assert torch.allclose(ours, ref, atol=1e-6, rtol=0), (ours - ref).abs().max()
+        # our UNet path against diffusers' own forward: the same math in other kernels / order (fp32 rounding)
+        assert torch.allclose(ours, ref, atol=1e-5, rtol=0), (ours - ref).abs().max()
         _perturb_new_modules(tiny_model)  # the check can fail: perturbed modules change the output
         assert not torch.allclose(tiny_model.predict(z_t, t, z_c), ref, atol=1e-4)
 
@@ -48,7 +49,8 @@ def test_vae_path_equals_plain_autoencoder_at_init(tiny_model):
     vae.load_state_dict(pretrained_state_dict(tiny_model.vae))
     with torch.no_grad():
         z, feats = tiny_model.encode(img)
-        assert torch.allclose(z, vae.encode(img * 2 - 1).latent_dist.mode() * 0.18215, atol=1e-6)
+        # against diffusers' AutoencoderKL: the same math in another call order (fp32 rounding)
+        assert torch.allclose(z, vae.encode(img * 2 - 1).latent_dist.mode() * 0.18215, atol=1e-5)
         assert sorted(feats) == [1, 2] and feats[1].shape == (6, 32, 16, 24) and feats[2].shape == (6, 32, 8, 12)
         ours = tiny_model.decode(z, feats, num_frames=3, w=0.75)
         ref = vae.decode(z / 0.18215).sample

@@ -68,9 +68,10 @@ def test_tiled_batched_equals_one_tile_at_a_time(batch):
     x = torch.rand(3, 2, 24, 40, generator=torch.Generator().manual_seed(0))
     ref = tiled_apply(lambda t, box: _conv(t), x, 16, 8)
     out = tiled_batched(_conv, (x,), 16, 8, batch)
-    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    # conv kernels (gemm blocking) differ by batch size and CPU (AVX2 / AVX-512): a few fp32 ulps of 18-term sums
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     whole = tiled_batched(_conv, (x,), None, 0, batch)  # whole frames, `batch` frames per call
-    torch.testing.assert_close(whole, _conv(x), rtol=1e-6, atol=1e-6)  # conv kernels differ by batch size
+    torch.testing.assert_close(whole, _conv(x), rtol=1e-5, atol=1e-5)
 
 
 def test_tiled_batched_keeps_groups_together():
