@@ -4,7 +4,8 @@
     python scripts/check_weights.py --weights weights/ --hash-all --json weights.json
     python scripts/check_weights.py --weights weights/ --fetch [--mirror https://mirror.example/prefix]
 
-Covers SD 2.1-base, the trained SDATC modules, RAFT (flow guidance, warping error) and every learned
+Covers SD 2.1-base, the trained SDATC modules (none are published: train them with train.py, or
+use the preview model, infer.py's default), RAFT (flow guidance, warping error) and every learned
 metric (LPIPS, DISTS, FID, NIQE, MANIQA, CLIP-IQA). sha256 is shown for files whose hash is known
 (and checked: "sha256 mismatch"), or for all present files with --hash-all. Exit status 0 even when
 files are missing: the metrics that need them are skipped and reported as missing.
@@ -24,7 +25,10 @@ import json
 from sdatc.errors import SdatcError, run_cli
 from sdatc.weights import (
     ENV_MIRROR,
+    NO_TRAINED_WEIGHTS,
     SD21_DIR,
+    SDATC_COMPONENT,
+    SDATC_DIR,
     check_weights,
     fetch_missing,
     format_rows,
@@ -55,10 +59,14 @@ def main(argv=None) -> int:
     bad = [r for r in rows if r["status"] not in ("present", "missing")]
     print(f"{present} of {len(rows)} files present" + (f", {len(bad)} with a different hash" if bad else ""))
     get = sources(rows)
-    if get:
+    missing = {r["component"] for r in rows if r["status"] == "missing"}
+    if get or missing:
         print("\nmissing files come from (--fetch downloads the metric / RAFT ones; or copy each to the location above):")
         print("\n".join(f"  {line}" for line in get))
+    if "SD 2.1-base" in missing:
         print(f"  SD 2.1-base: the stabilityai/stable-diffusion-2-1-base repository (diffusers layout) -> {root / SD21_DIR}")
+    if SDATC_COMPONENT in missing:
+        print(f"  {NO_TRAINED_WEIGHTS} -> {root / SDATC_DIR}")
     if args.json:
         from sdatc.utils import atomic_write_text
 

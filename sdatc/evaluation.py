@@ -44,8 +44,11 @@ class EvalConfig:
     batch_size: int = 4  # frames per call of a learned metric
 
     def __post_init__(self):
+        from sdatc.checks import check_device
+
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        check_device(self.device)
 
 
 MISSING = "missing"

@@ -66,6 +66,12 @@ class InferConfig:
     copy_audio: bool = True
     compile: bool = False  # torch.compile the denoiser (modes sdatc / ultravsr); channels_last and TF32 either way
 
+    def __post_init__(self):
+        from sdatc.checks import check_device, check_fps
+
+        check_device(self.device)
+        check_fps(self.fps)
+
 
 PREVIEW_CONFIG = "configs/infer/preview.yaml"
 SDATC_CONFIG = "configs/infer/sdatc.yaml"
@@ -77,15 +83,66 @@ def default_config() -> str:
     return SDATC_CONFIG if os.environ.get(ENV_SD21) else PREVIEW_CONFIG
 
 
+NO_PUBLISHED_WEIGHTS = ("no trained SDATC or UltraVSR weights are published: train them (README, Training) or use "
+                        "the preview model (infer.py without --config)")
+RANDOM_WEIGHTS_HINT = ("allow_random_weights=true runs random weights, for smoke tests; with --config "
+                       "configs/infer/tiny.yaml it takes seconds on a CPU (the full-size model takes hours per clip)")
+
+
+def _checkpoint_kind(ckpt: Path) -> str | None:
+    """Which system's modules ``ckpt`` (a folder or a .safetensors file) holds: "sdatc", "ultravsr" or None."""
+    from safetensors import safe_open
+
+    if ckpt.is_dir():
+        has = [kind for kind, name in (("sdatc", WEIGHTS_NAME), ("ultravsr", ULTRAVSR_WEIGHTS)) if (ckpt / name).is_file()]
+        return has[0] if len(has) == 1 else None
+    try:
+        with safe_open(str(ckpt), "pt") as f:
+            fmt = (f.metadata() or {}).get("format", "")
+    except Exception:
+        return None  # not readable: the load below says so
+    return "ultravsr" if fmt.startswith("ultravsr/") else "sdatc" if fmt.startswith("sdatc/") else None
+
+
+def _weights_file(ckpt: Path, name: str) -> Path:
+    """The weights file of checkpoint ``ckpt`` (a folder holding ``name``, or the file), verified against the
+    ``checksums.json`` that lists it; a folder without one loads unverified, with a note."""
+    from sdatc.models.saving import CHECKSUMS_NAME, verify_weights
+
+    weights = ckpt / name if ckpt.is_dir() else ckpt
+    if not weights.is_file():
+        raise SdatcError(f"no {name} in {ckpt}")
+    if not verify_weights(weights):
+        print(f"note: {weights} is not listed in a {CHECKSUMS_NAME} (written by an older sdatc, or by hand): "
+              "loaded unverified")
+    return weights
+
+
+def _load_weights(weights: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(weights))
+    except Exception as e:  # a damaged or foreign file
+        raise SdatcError(f"cannot read {weights}: {(str(e).splitlines() or [''])[0][:200]}") from None
+
+
 def build_model(cfg: InferConfig) -> SDATC | DCM:
     """The SDATC model with SD 2.1 and the trained modules (or the DCM alone with ``mode=dcm``), or
     an error saying what is missing."""
     if cfg.mode == "bicubic":
         return Bicubic(4)
+    name = ULTRAVSR_WEIGHTS if cfg.mode == "ultravsr" else WEIGHTS_NAME
     ckpt = resolve_config_path(cfg.checkpoint) if cfg.checkpoint else None
     if ckpt is not None and not ckpt.exists():
-        raise SdatcError(f"checkpoint not found: {ckpt} (config key checkpoint: a folder holding {WEIGHTS_NAME} "
-                         f"and {CONFIG_NAME}, as written by train.py, or a .safetensors file)")
+        raise SdatcError(f"checkpoint not found: {ckpt} (config key checkpoint: a folder holding {name} and "
+                         f"{CONFIG_NAME}, as written by train.py, or a .safetensors file); {NO_PUBLISHED_WEIGHTS}")
+    if ckpt is not None:
+        kind = _checkpoint_kind(ckpt)
+        want = "ultravsr" if cfg.mode == "ultravsr" else "sdatc"
+        if kind is not None and kind != want:
+            hint = ("mode=sdatc (configs/infer/sdatc.yaml, or mode=dcm for its DCM)" if kind == "sdatc"
+                    else "mode=ultravsr (configs/infer/ultravsr.yaml)")
+            raise SdatcError(f"{ckpt} is an {'SDATC' if kind == 'sdatc' else 'UltraVSR'} checkpoint, this config "
+                             f"runs mode={cfg.mode}: use {hint}")
     config_file = ckpt / CONFIG_NAME if ckpt is not None and ckpt.is_dir() and (ckpt / CONFIG_NAME).is_file() else cfg.model_config
     overrides = list(cfg.model_overrides) + ([f"backbone.pretrained={cfg.pretrained}"] if cfg.pretrained else [])
     if cfg.mode == "ultravsr":
@@ -99,18 +156,16 @@ def build_model(cfg: InferConfig) -> SDATC | DCM:
 def _build_diffusion(cfg: InferConfig, cls, model_cfg, ckpt: Path | None, weights_name: str):
     """SDATC or UltraVSR on SD 2.1 with its trained modules, or the error saying what is missing."""
     if resolve_pretrained(model_cfg.backbone) is None and not cfg.allow_random_weights:
-        raise SdatcError(f"no SD 2.1 weights: set pretrained=PATH or ${ENV_SD21} ({SD21_HELP}); "
-                         "allow_random_weights=true runs random weights for smoke tests")
+        raise SdatcError(f"no SD 2.1 weights: set pretrained=PATH or ${ENV_SD21} ({SD21_HELP}); {RANDOM_WEIGHTS_HINT}")
     if ckpt is None and not cfg.allow_random_weights:
         name = "SDATC" if cls is SDATC else "UltraVSR"
         raise SdatcError(f"no trained {name} modules: set checkpoint=PATH (a folder with {weights_name} and "
-                         f"{CONFIG_NAME} from train.py); allow_random_weights=true runs untrained modules")
+                         f"{CONFIG_NAME} from train.py; {NO_PUBLISHED_WEIGHTS}); allow_random_weights=true runs "
+                         "untrained modules")
+    weights = _weights_file(ckpt, weights_name) if ckpt is not None else None
     model = cls.from_config(model_cfg)
-    if ckpt is not None:
-        weights = ckpt / weights_name if ckpt.is_dir() else ckpt
-        if not weights.is_file():
-            raise SdatcError(f"no {weights_name} in {ckpt}")
-        model.load_trainable_state_dict(load_file(weights), str(weights))
+    if weights is not None:
+        model.load_trainable_state_dict(_load_weights(weights), str(weights))
     return model.eval()
 
 
@@ -120,10 +175,8 @@ def _build_dcm(cfg: InferConfig, model_cfg: ModelConfig, ckpt: Path | None) -> D
                          "train.py stage 0 or 1, e.g. assets/preview); allow_random_weights=true runs an untrained DCM")
     dcm = DCM(model_cfg.dcm)
     if ckpt is not None:
-        weights = ckpt / WEIGHTS_NAME if ckpt.is_dir() else ckpt
-        if not weights.is_file():
-            raise SdatcError(f"no {WEIGHTS_NAME} in {ckpt}")
-        state = {k[4:]: v for k, v in load_file(weights).items() if k.startswith("dcm.")}
+        weights = _weights_file(ckpt, WEIGHTS_NAME)
+        state = {k[4:]: v for k, v in _load_weights(weights).items() if k.startswith("dcm.")}
         if not state:
             raise SdatcError(f"{weights} holds no DCM weights (keys dcm.*)")
         result = dcm.load_state_dict(state, strict=False)

@@ -9,7 +9,8 @@ the missing metric and RAFT files from their official URLs, checking each hash; 
     <root>/hub/checkpoints/   alexnet-owt-7be5be79.pth  vgg16-397923af.pth  raft_large_C_T_SKHT_V2-ff5fadd5.pth
     <root>/hub/clip/          RN50.pt
     <root>/stable-diffusion-2-1-base/   SD 2.1-base in diffusers layout (or $SDATC_SD21_PATH)
-    <root>/sdatc/             trained SDATC modules (sdatc_modules.safetensors + config.yaml, from train.py)
+    <root>/sdatc/             trained SDATC modules (sdatc_modules.safetensors + config.yaml, from train.py;
+                              none are published)
 
 ``<root>`` is the ``weights`` config key, else ``$SDATC_WEIGHTS``, else ``$TORCH_HOME``, else torch's
 default ``~/.cache/torch`` (so a pyiqa cache filled on another machine can be copied as is). MANIQA
@@ -116,6 +117,9 @@ SD21_FILES = ("unet/config.json", "unet/diffusion_pytorch_model.safetensors", "v
               "text_encoder/config.json", "text_encoder/model.safetensors", "tokenizer/vocab.json",
               "tokenizer/merges.txt")
 SDATC_FILES = ("sdatc_modules.safetensors", "config.yaml")  # sdatc.models.sdatc WEIGHTS_NAME, CONFIG_NAME
+SDATC_COMPONENT = "SDATC trained modules"
+NO_TRAINED_WEIGHTS = ("trained SDATC / UltraVSR modules: none are published; train them (README, Training: "
+                      "scripts/train.py writes them) or use the preview model (assets/preview, infer.py's default)")
 
 
 def resolve_root(root: str | Path | None = None) -> Path:
@@ -171,7 +175,7 @@ def check_weights(root: Path, hash_all: bool = False) -> list[dict]:
     for rel in SD21_FILES:
         rows.append(_row("SD 2.1-base", rel, sd / rel, None, hash_all))
     for name in SDATC_FILES:
-        rows.append(_row("SDATC trained modules", name, root / SDATC_DIR / name, None, hash_all))
+        rows.append(_row(SDATC_COMPONENT, name, root / SDATC_DIR / name, None, hash_all))
     return rows
 
 

@@ -45,8 +45,12 @@ class DegradationConfig:
     noise_std: tuple[float, float] = (1.0, 15.0)
 
     def __post_init__(self):
+        from sdatc.checks import check_fps
+
         if self.scale < 1:
             raise ValueError(f"scale must be >= 1, got {self.scale}")
+        check_fps(self.fps)
+        check_fps(self.crf_fps, "crf_fps")
         for name in ("bitrate", "blur_sigma", "resize", "noise_std"):
             lo, hi = getattr(self, name)
             if lo > hi or lo < 0:

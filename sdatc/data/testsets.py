@@ -57,8 +57,11 @@ class TestSetConfig:
     overwrite: bool = False  # rebuild even if OUT holds a manifest with other settings
 
     def __post_init__(self):
+        from sdatc.checks import check_fps
+
         if self.scale < 1:
             raise ValueError(f"scale must be >= 1, got {self.scale}")
+        check_fps(self.fps)
         if self.clip_list is not None and self.clip_list not in CLIP_LISTS:
             raise ValueError(f"clip_list {self.clip_list!r} is not one of {list(CLIP_LISTS)}")
         if self.max_frames is not None and self.max_frames < 1:

@@ -1,9 +1,14 @@
 """What SDATC and UltraVSR share as models on a frozen SD 2.1: taking over the backbone, and saving / loading
 their trained modules (one safetensors file of the trainable tensors + the empty-prompt embedding, and the
-model's ``config.yaml``)."""
+model's ``config.yaml``).
+
+Every folder of weights sdatc writes (``save_pretrained``, training checkpoints) ends with ``checksums.json``:
+the size and sha256 of each of its files, written last. :func:`checksum_problem` compares a folder with it.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -13,6 +18,92 @@ from sdatc.config import dump_config, load_config
 from sdatc.errors import SdatcError
 
 CONFIG_NAME = "config.yaml"
+CHECKSUMS_NAME = "checksums.json"
+CHECKSUMS_FORMAT = "sdatc-checksums/1"
+
+
+def write_checksums(folder: str | Path, names: list[str] | None = None) -> Path:
+    """``folder/checksums.json``: size and sha256 of the files ``names`` (default: every file below
+    ``folder``); call it after the last file is written (the manifest itself is written atomically)."""
+    from sdatc.utils import atomic_write_text, sha256_file
+
+    folder = Path(folder)
+    if names is None:
+        names = [p.relative_to(folder).as_posix() for p in sorted(folder.rglob("*"))
+                 if p.is_file() and not p.name.startswith(".")]
+    files = {rel: {"bytes": (folder / rel).stat().st_size, "sha256": sha256_file(folder / rel)}
+             for rel in names if rel != CHECKSUMS_NAME}
+    out = folder / CHECKSUMS_NAME
+    atomic_write_text(out, json.dumps({"format": CHECKSUMS_FORMAT, "files": files}, indent=1) + "\n")
+    return out
+
+
+def read_checksums(folder: str | Path) -> dict[str, dict] | None:
+    """The ``{file: {"bytes", "sha256"}}`` of ``folder/checksums.json``; None when there is none.
+    An unreadable manifest raises SdatcError."""
+    path = Path(folder) / CHECKSUMS_NAME
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        files = data["files"]
+        if data.get("format") != CHECKSUMS_FORMAT or not all(
+                isinstance(v.get("bytes"), int) and isinstance(v.get("sha256"), str) for v in files.values()):
+            raise ValueError("not an sdatc checksums file")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise SdatcError(f"{CHECKSUMS_NAME} is unreadable ({type(e).__name__})") from None
+    return files
+
+
+def checksum_problem(folder: str | Path, names: list[str] | None = None) -> str | None:
+    """Why ``folder`` does not match its ``checksums.json`` (one phrase), or None when it does.
+
+    ``names``: check only these files (each must be listed); default every listed file. A folder
+    without the manifest is reported as ``"no checksums.json"``; callers decide what that means.
+    """
+    from sdatc.utils import sha256_file
+
+    folder = Path(folder)
+    try:
+        listed = read_checksums(folder)
+    except SdatcError as e:
+        return str(e)
+    if listed is None:
+        return f"no {CHECKSUMS_NAME}"
+    for name in names if names is not None else sorted(listed):
+        want = listed.get(name)
+        if want is None:
+            return f"{name} is not listed in {CHECKSUMS_NAME}"
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != want["bytes"]:
+            return f"{name} has {size} bytes, {want['bytes']} were saved" + (" (cut short)" if size < want["bytes"] else "")
+        if sha256_file(path) != want["sha256"]:
+            return f"{name} differs from the saved file (sha256 mismatch: changed or corrupted on disk)"
+    return None
+
+
+def verify_weights(file: str | Path) -> bool:
+    """Check a weights file (and the ``config.yaml`` beside it) against the ``checksums.json`` that lists it:
+    its folder's, or the one above (a training checkpoint's ``ema/``). SdatcError naming the folder and what
+    differs; True when verified, False when no manifest lists the file (loaded unverified)."""
+    file = Path(file)
+    for folder in (file.parent, file.parent.parent):
+        try:
+            listed = read_checksums(folder)
+        except SdatcError as e:
+            raise SdatcError(f"damaged checkpoint {folder}: {e}") from None
+        rel = file.relative_to(folder).as_posix()
+        if listed is None or rel not in listed:
+            continue
+        config = (file.parent / CONFIG_NAME).relative_to(folder).as_posix()
+        why = checksum_problem(folder, [rel] + ([config] if config in listed and config != rel else []))
+        if why is not None:
+            raise SdatcError(f"damaged checkpoint {folder}: {why}")
+        return True
+    return False
 
 
 def check_state(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str) -> None:
@@ -62,6 +153,7 @@ class TrainedModules:
         with atomic_path(folder / self.WEIGHTS_NAME) as tmp:
             save_file(tensors, str(tmp), metadata={"format": self.FORMAT})
         dump_config(self.cfg, folder / CONFIG_NAME)
+        write_checksums(folder, [self.WEIGHTS_NAME, CONFIG_NAME])
         return folder
 
     @classmethod
@@ -72,6 +164,7 @@ class TrainedModules:
         weights = folder / cls.WEIGHTS_NAME
         if not weights.is_file():
             raise SdatcError(f"no {cls.WEIGHTS_NAME} in {folder}")
+        verify_weights(weights)
         model = cls.from_config(load_config(cls.CONFIG_CLS, folder / CONFIG_NAME, overrides))
         model.load_trainable_state_dict(load_file(weights), str(weights))
         return model

@@ -71,6 +71,13 @@ class TilingConfig:
     def __post_init__(self):
         if self.memory_gb is not None and not self.memory_gb > 0:
             raise ValueError(f"tiling.memory_gb must be > 0 (or null: from the device), got {self.memory_gb}")
+        for stage in ("latent", "decoder", "encoder", "dcm"):
+            tile, overlap = getattr(self, f"{stage}_tile"), getattr(self, f"{stage}_overlap")
+            if not isinstance(tile, int) or isinstance(tile, bool) or tile < 1:
+                raise ValueError(f"tiling.{stage}_tile must be a whole number of pixels >= 1, got {tile!r}")
+            if not isinstance(overlap, int) or isinstance(overlap, bool) or not 0 <= overlap < tile:
+                raise ValueError(f"tiling.{stage}_overlap must be a whole number in [0, {stage}_tile={tile}), "
+                                 f"got {overlap!r}")
 
 
 @dataclasses.dataclass

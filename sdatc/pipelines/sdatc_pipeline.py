@@ -27,7 +27,7 @@ from torch import nn
 
 from sdatc.config import dump_config, load_config
 from sdatc.errors import SdatcError
-from sdatc.models.backbone import EMPTY_PROMPT_FILE, HUB_ID, hub_snapshot
+from sdatc.models.backbone import EMPTY_PROMPT_FILE, HUB_ID, hub_snapshot, is_local_path
 from sdatc.models.sdatc import SDATC
 from sdatc.models.sites import pretrained_state_dict
 from sdatc.models.ultravsr import UltraVSR
@@ -112,7 +112,7 @@ class _VSRPipeline:
         Hugging Face cache; ``HF_HUB_OFFLINE=1``: the cache only)."""
         value = str(folder_or_hub_id)
         folder = Path(value).expanduser()
-        if not folder.exists() and HUB_ID.fullmatch(value):
+        if not folder.exists() and not is_local_path(value) and HUB_ID.fullmatch(value):
             folder, _ = hub_snapshot(value, PIPELINE_HUB_FILES)
         weights = folder / cls.folder
         if not (folder / MODEL_INDEX).is_file() or not weights.is_dir():

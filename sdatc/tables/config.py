@@ -82,6 +82,9 @@ class TablesConfig:
     figures: FigureConfig = dataclasses.field(default_factory=FigureConfig)
 
     def __post_init__(self):
+        from sdatc.checks import check_device
+
+        check_device(self.device)
         unknown = [s for s in self.sets if s not in SETS]
         if unknown:
             raise ValueError(f"unknown set {unknown[0]!r} (known: {', '.join(SETS)})")

@@ -86,6 +86,9 @@ def generate(cfg, progress: bool = True) -> dict:
     if not cfg.init and not cfg.allow_random_weights:
         raise SdatcError("no stage-1 checkpoint: set init=[runs/stage1/checkpoint-N] (its DCM, guidance encoder "
                          "and UNet CAPM sample the latents)")
+    from sdatc.training.checkpoints import check_init
+
+    check_init(cfg)  # each init= checkpoint exists and verifies: one line, before any work
     out = Path(lat.dir)
     state = process_state()
     want = plan(cfg)

@@ -45,6 +45,7 @@ from sdatc.models.ultravsr import UltraVSR
 from sdatc.pipelines.flow import RAFT_WEIGHTS_NAME, load_raft
 from sdatc.training.checkpoints import (
     TrainState,
+    load_checkpoint,
     model_config,
     resolve_resume,
     save_checkpoint,
@@ -117,7 +118,8 @@ def build_model(cfg: TrainConfig):
     else:
         if resolve_pretrained(mcfg.backbone) is None and not cfg.allow_random_weights:
             raise SdatcError(f"no SD 2.1 weights: set pretrained=PATH or ${ENV_SD21} ({SD21_HELP}); "
-                             "allow_random_weights=true trains on a random backbone (smoke runs only)")
+                             "allow_random_weights=true trains on a random backbone, for smoke runs (with "
+                             "configs/train/tiny_stage1.yaml: seconds on a CPU)")
         model = (UltraVSR if cfg.system == "ultravsr" else SDATC).from_config(mcfg)
         modules = model.new_modules()
         missing = [n for n in cfg.trainable if n not in modules]
@@ -286,10 +288,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
             print(f"init: {n}")
     set_seed(cfg.seed + 1 + rank)  # noise and timesteps differ across processes; a resume restores the RNG below
     if resume is not None:
-        acc.load_state(str(resume))
+        load_checkpoint(acc, resume)
         if main:
             print(f"resumed from {resume} at step {state.step} (data position {state.position})")
-            truncate_metrics(out / "metrics.jsonl", state.step)
+    if main:  # the log holds no row after the checkpoint behind it (a new run: none)
+        truncate_metrics(out / "metrics.jsonl", state.step)
 
     validator = None
     if cfg.val.clip and main:

@@ -51,7 +51,7 @@ def test_missing_hub_id_offline_and_missing_folder(tiny_model_config, hub_cache,
     msg = str(e.value)
     assert "\n" not in msg and "HF_HUB_OFFLINE" in msg and "org/missing@main" in msg
     assert "local diffusers folder (unet/ vae/ scheduler/" in msg and "Hub id" in msg and str(tmp_path / "hf") in msg
-    with pytest.raises(SdatcError, match="SD 2.1 folder not found: .*nope; get Stable Diffusion 2.1-base"):
+    with pytest.raises(SdatcError, match="SD 2.1 folder not found: no such folder .*nope .*; get Stable Diffusion 2.1-base"):
         load_backbone(dataclasses.replace(cfg, pretrained=str(tmp_path / "nope")))
 
 
@@ -79,3 +79,27 @@ def test_online_hub_id_fetches_only_what_sdatc_needs(tiny_model_config, hub_cach
             "text_encoder/model.safetensors", "tokenizer/*"} <= set(pats)
     assert not any(p.endswith((".bin", ".ckpt")) or "fp16" in p for p in pats)
     assert bb_mod.hub_offline() is False
+
+
+@pytest.mark.parametrize("value", ["weights/stable-diffusion-2-1-base", "./sd21", "../sd21/base", "/nonexistent/sd21",
+                                   "~/no-such-sdatc-folder/sd21"])
+def test_path_like_pretrained_is_never_a_hub_id(value, tiny_model_config, tmp_path, monkeypatch):
+    """README: weights never download unless asked. A value starting with ./ ../ / ~, or whose first component
+    is an existing folder (weights/ here), is a path: missing, it is one line, and the Hub is never asked."""
+    import huggingface_hub
+
+    work = tmp_path / "work"
+    (work / "weights").mkdir(parents=True)
+    monkeypatch.chdir(work)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: calls.append(a) or str(tmp_path))
+    cfg = dataclasses.replace(tiny_model_config.backbone, pretrained=value)
+    with pytest.raises(SdatcError) as e:
+        resolve_pretrained(cfg)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("SD 2.1 folder not found: no such folder") and "nothing is downloaded" in msg
+    assert calls == []
+    assert bb_mod.is_local_path(value)
+    assert not bb_mod.is_local_path("stabilityai/stable-diffusion-2-1-base")  # no such local folder: a Hub id
