@@ -342,7 +342,7 @@ def write_restored(stream, src: Path, mp4: Path | None, frames_dir: Path | None 
 def restore_clip(pipe, cfg: InferConfig, name: str, src: Path) -> int:
     """Restore one clip to its outputs (without ``overwrite``: those that do not exist yet); returns the
     number of frames written."""
-    mp4, *frames_dir = [o if cfg.overwrite or not os.path.lexists(o) else None for o in outputs_of(cfg, name)]
+    mp4, *frames_dir = [o if cfg.overwrite or not o.exists() else None for o in outputs_of(cfg, name)]
     if isinstance(pipe, SDATCPipeline):
         stream = pipe.stream
     elif isinstance(pipe, UltraVSRRunner):  # DRS's bitstream estimator reads the clip's own file

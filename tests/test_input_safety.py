@@ -185,3 +185,24 @@ def test_issue_reproduction_as_a_user_types_it(tmp_path):
     assert p.returncode == 2, p.stdout + p.stderr
     assert p.stderr.strip().count("\n") == 0 and "Traceback" not in p.stderr and "is the input clip" in p.stderr
     assert digests(src) == before
+
+
+def test_input_reached_through_a_bind_mount_is_refused(tmp_path):
+    """The output folder is a bind mount of the input's parent (same folder, other path: only the identity
+    of the folders tells): refused. In a private mount namespace (unshare -m, as root); skipped elsewhere."""
+    import shutil
+
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        pytest.skip("a bind mount needs root and unshare (util-linux)")
+    src = make_input(tmp_path, "frames")
+    before = digests(src)
+    view = tmp_path / "view"
+    view.mkdir()
+    code = (f"from tests.test_input_safety import infer_cfg; from sdatc.inference import run; from pathlib import Path; "
+            f"run(infer_cfg(Path('{src}'), Path('{view}'), save_frames=True, overwrite=True), progress=False)")
+    p = subprocess.run(["unshare", "-m", "sh", "-c", f"mount --bind {src.parent} {view} && {sys.executable} -c \"{code}\""],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if "mount:" in p.stderr:
+        pytest.skip(f"bind mount not permitted here ({p.stderr.strip()[:120]})")
+    assert p.returncode != 0 and f"output {view}/clipf is the input clip {src}" in p.stderr, p.stderr[-2000:]
+    assert digests(src) == before

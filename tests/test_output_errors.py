@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from sdatc.config import load_config
 from sdatc.data.video import FrameWriter, VideoReader, VideoWriter, write_frames, write_video
 from sdatc.errors import SdatcError
 from sdatc.inference import InferConfig, run
-from sdatc.utils import NAME_MAX, temp_dir_sibling, temp_sibling
+from sdatc.utils import temp_dir_sibling, temp_sibling
 
 ROOT = Path(__file__).resolve().parents[1]
 INFER = ROOT / "scripts" / "infer.py"
@@ -176,7 +177,7 @@ def test_frame_writer_close_failure_keeps_the_old_folder(tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_replace(a, b)
 
-    monkeypatch.setattr("sdatc.data.video.os.replace", replace)
+    monkeypatch.setattr(os, "replace", replace)
     with pytest.raises(SdatcError, match="frames: the disk is full"):
         w.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["frames"]
@@ -208,7 +209,7 @@ def test_unwritable_output_folder_is_refused(tmp_path, monkeypatch, no_model):
     def denied(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr("sdatc.inference.tempfile.mkstemp", denied)
+    monkeypatch.setattr(tempfile, "mkstemp", denied)
     with pytest.raises(SdatcError, match=r"^output folder .*out cannot be written: permission denied$"):
         run(infer_cfg(clip, tmp_path / "out"), progress=False)
     assert list((tmp_path / "out").iterdir()) == []
@@ -280,7 +281,7 @@ def test_legal_long_names_get_short_temporary_names(tmp_path):
     name = "n" * 250
     tmp = temp_sibling(tmp_path / f"{name}.mp4", ".mp4")
     folder = temp_dir_sibling(tmp_path / name)
-    assert len(tmp.name.encode()) <= NAME_MAX and len(folder.name.encode()) <= NAME_MAX
+    assert len(tmp.name.encode()) <= 255 and len(folder.name.encode()) <= 255
     assert tmp.name.startswith(".") and folder.name.startswith(".")
     tmp.unlink()
     folder.rmdir()

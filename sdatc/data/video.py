@@ -679,7 +679,7 @@ class VideoWriter:
             self._audio = None
         c, self._c = self._c, None
         c.close()
-        if not self.overwrite and os.path.lexists(self.path):
+        if not self.overwrite and self.path.exists():  # (a dangling symlink is replaced: it is nothing)
             raise SdatcError(f"{self.path}: appeared while it was being written (set overwrite to replace it)")
         os.replace(self._tmp, self.path)
         self._tmp = None
@@ -718,7 +718,7 @@ class FrameWriter:
 
     def __init__(self, folder: str | Path, start: int = 0, ext: str = ".png", overwrite: bool = False):
         self.folder = Path(folder)
-        if os.path.lexists(self.folder) and not overwrite:
+        if self.folder.exists() and not overwrite:
             raise SdatcError(f"{self.folder}: already exists (set overwrite to replace it)")
         self.overwrite, self.ext, self.index, self.count = overwrite, ext, start, 0
         self.tmp = None
@@ -746,9 +746,9 @@ class FrameWriter:
         """Rename the finished folder into place (with ``overwrite``: swap out the old one, then remove it)."""
         old = None
         try:
+            if self.folder.exists() and not self.overwrite:
+                raise SdatcError(f"{self.folder}: appeared while it was being written (set overwrite to replace it)")
             if os.path.lexists(self.folder):
-                if not self.overwrite:
-                    raise SdatcError(f"{self.folder}: appeared while it was being written (set overwrite to replace it)")
                 if self.folder.is_dir() and not self.folder.is_symlink():
                     old = temp_dir_sibling(self.folder)  # empty: the old folder is renamed over it
                     os.replace(self.folder, old)
@@ -757,10 +757,11 @@ class FrameWriter:
             os.replace(self.tmp, self.folder)
             self.tmp = None
         except BaseException as e:
-            if old is not None and not os.path.lexists(self.folder):
-                os.replace(old, self.folder)  # put the old folder back
-            elif old is not None:
-                shutil.rmtree(old, ignore_errors=True)  # still the empty placeholder
+            with contextlib.suppress(OSError):
+                if old is not None and not os.path.lexists(self.folder):
+                    os.replace(old, self.folder)  # put the old folder back
+                elif old is not None:
+                    old.rmdir()  # still the empty placeholder (rmdir: never anything in it)
             self.abort()
             if isinstance(e, OSError):
                 raise os_error(self.folder, e) from None
