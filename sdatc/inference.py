@@ -39,7 +39,7 @@ from sdatc.pipelines.restore import PipelineConfig, RestorePipeline, cast_weight
 from sdatc.pipelines.sampler import respaced_timesteps
 from sdatc.pipelines.sdatc_pipeline import SDATCPipeline
 from sdatc.pipelines.ultravsr import UltraVSRPipelineConfig, UltraVSRRunner
-from sdatc.utils import ClipClaim, process_state
+from sdatc.utils import ClipClaim, natural_key, process_state
 
 
 @dataclasses.dataclass
@@ -362,7 +362,8 @@ def run(cfg: InferConfig, progress: bool = True) -> list[dict]:
         raise SdatcError("both input (--input) and output (--output) are required")
     check_output(cfg)  # before any work: the output folder is writable and outside a folder given as input
     skipped: list[Path] = []
-    clips = list_clips(cfg.input, skipped)
+    clashes: dict[str, list[Path]] = {}  # clips of one name (a.mp4, a.mkv) would share their outputs: they fail
+    clips = list_clips(cfg.input, skipped, clashes=clashes)
     check_paths(cfg, clips)  # no output may touch an input clip
     out = Path(cfg.output).resolve()
     check_model(cfg)  # a broken model setting is an error even when every output exists
@@ -375,6 +376,10 @@ def run(cfg: InferConfig, progress: bool = True) -> list[dict]:
     todo = [(n, p) for n, p in mine if cfg.overwrite or not all(o.exists() for o in outputs_of(cfg, n))]
     results = [{"clip": n, "status": "skipped", "frames": 0, "seconds": 0.0, "rank": state.process_index,
                 "reason": "output exists"} for n, p in mine if (n, p) not in todo]
+    if main:
+        results += [{"clip": n, "status": "failed", "frames": 0, "seconds": 0.0, "rank": state.process_index,
+                     "error": f"{len(ps)} clips share this name ({', '.join(p.name for p in ps)}) and would write "
+                              f"the same {n}.mp4: rename all but one"} for n, ps in clashes.items()]
     if todo:
         device, dtype = pick_device(cfg, state)
         if device.type == "cpu" and state.num_processes > 1:  # share the cores: oversubscribed threads spin
@@ -407,7 +412,7 @@ def run(cfg: InferConfig, progress: bool = True) -> list[dict]:
             results.append(row)
     if state.num_processes > 1:
         results = gather_object(results)
-    return sorted(results, key=lambda r: list(clips).index(r["clip"]))
+    return sorted(results, key=lambda r: natural_key(r["clip"]))
 
 
 def summary(results: list[dict]) -> str:

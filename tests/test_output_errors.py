@@ -291,3 +291,15 @@ def test_legal_long_names_get_short_temporary_names(tmp_path):
     write_video(tmp_path / f"{name}.mp4", _noise(2, 16, 16), fps=10, crf=25)
     write_frames(tmp_path / name, _noise(2, 16, 16))
     assert VideoReader(tmp_path / f"{name}.mp4").meta.num_frames == 2 and len(list((tmp_path / name).iterdir())) == 2
+
+
+def test_two_clips_of_one_name_fail_those_clips_only(tmp_path):
+    """a.mp4 and a.mkv would both write a.mp4: that name fails, with both files named; b is restored."""
+    clips = tmp_path / "clips"
+    write_video(clips / "a.mp4", _noise(2, 16, 16), fps=10, crf=25)
+    shutil.copy(clips / "a.mp4", clips / "a.mkv")
+    write_video(clips / "b.mp4", _noise(2, 16, 16, seed=1), fps=10, crf=25)
+    results = run(infer_cfg(clips, tmp_path / "out"), progress=False)
+    assert [(r["clip"], r["status"]) for r in results] == [("a", "failed"), ("b", "done")]
+    assert results[0]["error"] == "2 clips share this name (a.mkv, a.mp4) and would write the same a.mp4: rename all but one"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["b.mp4"]

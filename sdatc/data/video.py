@@ -155,12 +155,14 @@ def is_video_file(path: str | Path) -> bool:
     return path.is_file() and path.suffix.lower() in VIDEO_EXTS and not path.name.startswith(".")
 
 
-def list_clips(root: str | Path, skipped: list[Path] | None = None, prefer_frames: bool = False) -> dict[str, Path]:
+def list_clips(root: str | Path, skipped: list[Path] | None = None, prefer_frames: bool = False,
+               clashes: dict[str, list[Path]] | None = None) -> dict[str, Path]:
     """Clips under ``root``, by name: a video file or a frame folder is one clip; otherwise every
     video file and every frame folder directly inside ``root`` (sorted naturally). Entries that are
     neither are appended to ``skipped`` when a list is given. Two clips of one name are an error,
     unless ``prefer_frames``: then a frame folder wins over a video of its name (infer.py's
-    ``save_frames`` output: the PNGs are exact, the mp4 is re-encoded)."""
+    ``save_frames`` output: the PNGs are exact, the mp4 is re-encoded), or ``clashes`` is a dict: then
+    the clips of one name are left out and recorded there (name -> paths), so only they fail."""
     root = Path(root)
     if not root.exists():
         raise SdatcError(f"input not found: {root}")
@@ -182,9 +184,14 @@ def list_clips(root: str | Path, skipped: list[Path] | None = None, prefer_frame
         if name in clips and prefer_frames and clips[name].is_dir() != p.is_dir():
             clips[name] = clips[name] if clips[name].is_dir() else p
             continue
+        if clashes is not None and (name in clips or name in clashes):
+            clashes.setdefault(name, [clips.pop(name)] if name in clips else []).append(p)
+            continue
         if name in clips:
             raise SdatcError(f"{root}: two clips are named {name!r} ({clips[name].name}, {p.name})")
         clips[name] = p
+    if not clips and clashes:
+        raise SdatcError(f"{root}: every clip shares its name with another ({', '.join(clashes)}): rename them")
     if not clips:
         raise SdatcError(f"{root}: no clips found (expected video files or folders of png/jpg frames)")
     return clips
