@@ -14,7 +14,7 @@ colour tags and bit depth kept) and, with save_frames=true, OUT/<name>/%08d.png.
 import argparse
 
 from sdatc.config import add_config_arguments, config_from_args
-from sdatc.errors import run_cli
+from sdatc.errors import SdatcError, os_reason, run_cli
 from sdatc.inference import InferConfig, default_config, run, summary
 from sdatc.utils import process_state
 
@@ -31,7 +31,10 @@ def main(argv=None) -> int:
         if main_process:
             print(f"config: {args.config} (the default; --config picks another)")
     cfg = config_from_args(InferConfig, args, {"input": "input", "output": "output"})
-    results = run(cfg)
+    try:
+        results = run(cfg)
+    except OSError as e:  # what the checks could not foresee (a disk gone read-only mid-run): one line naming the file
+        raise SdatcError(f"{e.filename or cfg.output}: {os_reason(e)}") from e
     if main_process:
         print(summary(results))
         print(f"outputs in {cfg.output}/")

@@ -2,12 +2,39 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 from collections.abc import Callable
 
 
 class SdatcError(Exception):
     """An error caused by input, configuration or environment; shown to the user without a traceback."""
+
+
+_OS_REASONS = {
+    errno.ENOSPC: "the disk is full (no space left on device)",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted (permissions, or a file system that does not allow it)",
+    errno.ENAMETOOLONG: "the file name is too long",
+    errno.ELOOP: "a symlink loop",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EISDIR: "it is a folder",
+    errno.EEXIST: "it already exists",
+    errno.ENOENT: "no such file or folder",
+    errno.EIO: "an input/output error (a failing disk or connection)",
+}
+
+
+def os_reason(e: OSError) -> str:
+    """What an OSError means, in words a person can act on (``the disk is full (no space left on device)``)."""
+    return _OS_REASONS.get(e.errno, e.strerror or str(e) or type(e).__name__)
+
+
+def os_error(path, e: OSError, doing: str = "cannot write") -> SdatcError:
+    """A one-line SdatcError naming ``path`` for an OSError: ``cannot write out/a.mp4: the disk is full (...)``."""
+    return SdatcError(f"{doing} {path}: {os_reason(e)}")
 
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import functools
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Literal
@@ -26,7 +27,7 @@ from tqdm import tqdm
 
 from sdatc.config import load_config, resolve_config_path
 from sdatc.data.video import FrameWriter, VideoMeta, VideoReader, VideoWriter, list_clips
-from sdatc.errors import SdatcError
+from sdatc.errors import SdatcError, os_error, os_reason
 from sdatc.models.backbone import ENV_SD21, SD21_HELP, resolve_pretrained
 from sdatc.models.dcm import DCM
 from sdatc.models.saving import CONFIG_NAME
@@ -38,7 +39,7 @@ from sdatc.pipelines.restore import PipelineConfig, RestorePipeline, cast_weight
 from sdatc.pipelines.sampler import respaced_timesteps
 from sdatc.pipelines.sdatc_pipeline import SDATCPipeline
 from sdatc.pipelines.ultravsr import UltraVSRPipelineConfig, UltraVSRRunner
-from sdatc.utils import ClipClaim, process_state
+from sdatc.utils import ClipClaim, natural_key, process_state
 
 
 @dataclasses.dataclass
@@ -125,16 +126,17 @@ def _load_weights(weights: Path) -> dict[str, torch.Tensor]:
         raise SdatcError(f"cannot read {weights}: {(str(e).splitlines() or [''])[0][:200]}") from None
 
 
-def build_model(cfg: InferConfig) -> SDATC | DCM:
-    """The SDATC model with SD 2.1 and the trained modules (or the DCM alone with ``mode=dcm``), or
-    an error saying what is missing."""
+def check_model(cfg: InferConfig) -> tuple[ModelConfig | UltraVSRConfig | None, Path | None]:
+    """Validate the model settings without building anything: the checkpoint and its weights file exist,
+    the model config parses. Runs before any clip is looked at, so a broken setting is an error even when
+    every output exists already. Returns (model config, checkpoint); (None, None) for bicubic."""
     if cfg.mode == "bicubic":
-        return Bicubic(4)
-    name = ULTRAVSR_WEIGHTS if cfg.mode == "ultravsr" else WEIGHTS_NAME
+        return None, None
     ckpt = resolve_config_path(cfg.checkpoint) if cfg.checkpoint else None
+    weights_name = ULTRAVSR_WEIGHTS if cfg.mode == "ultravsr" else WEIGHTS_NAME
     if ckpt is not None and not ckpt.exists():
-        raise SdatcError(f"checkpoint not found: {ckpt} (config key checkpoint: a folder holding {name} and "
-                         f"{CONFIG_NAME}, as written by train.py, or a .safetensors file); {NO_PUBLISHED_WEIGHTS}")
+        raise SdatcError(f"checkpoint not found: {ckpt} (config key checkpoint: a folder holding {weights_name} "
+                         f"and {CONFIG_NAME}, as written by train.py, or a .safetensors file); {NO_PUBLISHED_WEIGHTS}")
     if ckpt is not None:
         kind = _checkpoint_kind(ckpt)
         want = "ultravsr" if cfg.mode == "ultravsr" else "sdatc"
@@ -143,11 +145,21 @@ def build_model(cfg: InferConfig) -> SDATC | DCM:
                     else "mode=ultravsr (configs/infer/ultravsr.yaml)")
             raise SdatcError(f"{ckpt} is an {'SDATC' if kind == 'sdatc' else 'UltraVSR'} checkpoint, this config "
                              f"runs mode={cfg.mode}: use {hint}")
+    if ckpt is not None and ckpt.is_dir() and not (ckpt / weights_name).is_file():
+        raise SdatcError(f"no {weights_name} in {ckpt}")
     config_file = ckpt / CONFIG_NAME if ckpt is not None and ckpt.is_dir() and (ckpt / CONFIG_NAME).is_file() else cfg.model_config
     overrides = list(cfg.model_overrides) + ([f"backbone.pretrained={cfg.pretrained}"] if cfg.pretrained else [])
+    return load_config(UltraVSRConfig if cfg.mode == "ultravsr" else ModelConfig, config_file, overrides), ckpt
+
+
+def build_model(cfg: InferConfig) -> SDATC | DCM:
+    """The SDATC model with SD 2.1 and the trained modules (or the DCM alone with ``mode=dcm``), or
+    an error saying what is missing."""
+    if cfg.mode == "bicubic":
+        return Bicubic(4)
+    model_cfg, ckpt = check_model(cfg)
     if cfg.mode == "ultravsr":
-        return _build_diffusion(cfg, UltraVSR, load_config(UltraVSRConfig, config_file, overrides), ckpt, ULTRAVSR_WEIGHTS)
-    model_cfg = load_config(ModelConfig, config_file, overrides)
+        return _build_diffusion(cfg, UltraVSR, model_cfg, ckpt, ULTRAVSR_WEIGHTS)
     if cfg.mode == "dcm":
         return _build_dcm(cfg, model_cfg, ckpt)
     return _build_diffusion(cfg, SDATC, model_cfg, ckpt, WEIGHTS_NAME)
@@ -245,6 +257,93 @@ def outputs_of(cfg: InferConfig, name: str) -> list[Path]:
     return [out / f"{name}.mp4"] + ([out / name] if cfg.save_frames else [])
 
 
+# --------------------------------------------------------------------------- inputs are never written
+
+
+def _resolve(path: Path, what: str) -> Path:
+    try:
+        return path.resolve()
+    except RuntimeError:  # Python < 3.13 says "Symlink loop" this way
+        raise SdatcError(f"{what} {path}: a symlink loop") from None
+    except OSError as e:
+        raise os_error(path, e, f"{what}") from None
+
+
+def _contains(folder: Path, path: Path) -> bool:
+    """``path`` is ``folder`` or lies inside it (both resolved); also through a bind mount or a hard-linked
+    file, by comparing the identity (device, inode) of ``path`` and its existing parents with ``folder``'s."""
+    if path == folder or folder in path.parents:
+        return True
+    try:
+        target = folder.stat()
+    except OSError:
+        return False
+    for p in (path, *path.parents):
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
+            return True
+    return False
+
+
+def check_output(cfg: InferConfig) -> None:
+    """The output folder lies outside a folder given as input (symlinks, ``..`` and bind mounts resolved)
+    and can be written: a hidden probe file is created and removed there (or, while it does not exist, in
+    its nearest existing parent). Called before the clips are listed, so nothing is loaded yet."""
+    out = _resolve(Path(cfg.output), "output")
+    src = _resolve(Path(cfg.input), "input")
+    if src.is_dir() and _contains(src, out):
+        raise SdatcError(f"output {cfg.output} must not be inside the input folder {cfg.input} "
+                         "(inputs are never modified)")
+    if _contains(src, out):
+        raise SdatcError(f"output {cfg.output} is {'the' if out == src else 'below the'} input clip {cfg.input}: "
+                         "--output is a folder (inputs are never modified)")
+    _check_writable(Path(cfg.output))
+
+
+def check_paths(cfg: InferConfig, clips: dict[str, Path]) -> None:
+    """Refuse, before any work, a run that could write over or delete an input: no output (the mp4, the
+    frames folder, their temporary files and the lock, all in the output folder) may be an input clip,
+    lie inside one, or be a folder above an input frame folder, whatever ``overwrite`` says (symlinks,
+    ``..``, bind mounts and hard links resolved)."""
+    out = _resolve(Path(cfg.output), "output")
+    for name, clip in clips.items():
+        clip = _resolve(clip, "input")
+        if _contains(clip, out):
+            raise SdatcError(f"output {cfg.output} is inside the input clip {clip} (inputs are never modified)")
+        for o in outputs_of(cfg, name):
+            o = _resolve(o, "output")
+            inside, holds = _contains(clip, o), _contains(o, clip)
+            if inside or holds:
+                what = "is" if inside and holds else "is inside" if inside else "holds"
+                raise SdatcError(f"output {o} {what} the input clip {clip}: choose another --output "
+                                 "(inputs are never modified, whatever overwrite says)")
+
+
+def _check_writable(out: Path) -> None:
+    """The output folder (or, while it does not exist, its nearest existing parent) is a folder where files
+    can be created: a hidden probe file is written and removed."""
+    folder = out
+    while not folder.exists() and folder != folder.parent:
+        if os.path.lexists(folder):  # a dangling symlink
+            raise SdatcError(f"output {out}: {folder} is a symlink to nothing")
+        folder = folder.parent
+    if not folder.is_dir():
+        raise SdatcError(f"output {out} is a file, not a folder" if folder == out else
+                         f"output {out}: {folder} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".sdatc-probe.", dir=folder)
+        try:
+            os.write(fd, b"probe")
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        raise SdatcError(f"output folder {folder} cannot be written: {os_reason(e)}") from None
+
+
 def output_pix_fmt(meta: VideoMeta, choice: str = "auto") -> str:
     """The restored mp4's pixel format: ``choice``, or for ``auto`` yuv420p10le when the input has more
     than 8 bits per component, else yuv420p (the restoration itself works on 8-bit RGB either way)."""
@@ -255,35 +354,47 @@ def output_pix_fmt(meta: VideoMeta, choice: str = "auto") -> str:
     return choice
 
 
-def write_restored(stream, src: Path, mp4: Path, frames_dir: Path | None = None, crf: int = 15,
+def write_restored(stream, src: Path, mp4: Path | None, frames_dir: Path | None = None, crf: int = 15,
                    preset: str = "medium", copy_audio: bool = True, fps: float = 25.0, name: str | None = None,
-                   progress: bool = True, pix_fmt: str = "auto") -> int:
+                   progress: bool = True, pix_fmt: str = "auto", overwrite: bool = True) -> int:
     """Restore the clip ``src`` (a video or a frame folder at ``fps``) through ``stream(reader, n)`` into
-    ``mp4`` (and PNGs in ``frames_dir``), each under a temporary name; returns the frames written. Output
-    frame i is input frame i: it keeps its timestamp; SAR, rotation, colour tags and HDR10 metadata are kept."""
+    ``mp4`` (and PNGs in ``frames_dir``; either may be None), each under a temporary name; returns the frames
+    written. An existing output is replaced with ``overwrite`` (else an error); an output that is the input,
+    or holds it, is always an error. Output frame i is input frame i: it keeps its timestamp; SAR, rotation, colour tags and HDR10
+    metadata are kept."""
+    for o in filter(None, (mp4, frames_dir)):  # run() checked already (check_paths); restore_file did not
+        s, r = src.resolve(), o.resolve()
+        if _contains(s, r) or _contains(r, s):
+            raise SdatcError(f"output {o} is or holds the input {src} (inputs are never modified)")
     reader = VideoReader(src, fps=fps)
     meta, n, name = reader.meta, len(reader), name or src.stem
     if meta.color.hdr:
         print(f"note: {name} is HDR ({meta.color.hdr}): its tags are kept, but the model was trained on SDR video")
     audio = src if copy_audio and meta.has_audio else None
-    writer = VideoWriter(mp4, fps=meta.rate or fps, crf=crf, preset=preset, audio_from=audio,
-                         pix_fmt=output_pix_fmt(meta, pix_fmt), source=meta)
-    frames = FrameWriter(frames_dir, overwrite=True) if frames_dir else contextlib.nullcontext()
-    with writer, frames:
-        for i, frame in enumerate(tqdm(stream(reader, n), total=n, desc=name, unit="fr", leave=False,
-                                       disable=not progress)):
-            writer.write(frame, pts=reader.timestamps[i] if i < len(reader.timestamps) else None)
-            if frames_dir:
-                frames.write(frame)
-        if writer.count != n:
-            raise SdatcError(f"{name}: wrote {writer.count} of {n} frames")
-        writer.end_pts = reader.end_pts
+    writer = (VideoWriter(mp4, fps=meta.rate or fps, crf=crf, preset=preset, audio_from=audio, overwrite=overwrite,
+                          pix_fmt=output_pix_fmt(meta, pix_fmt), source=meta) if mp4 else contextlib.nullcontext())
+    with writer:
+        frames = FrameWriter(frames_dir, overwrite=overwrite) if frames_dir else contextlib.nullcontext()
+        with frames:
+            count = 0
+            for i, frame in enumerate(tqdm(stream(reader, n), total=n, desc=name, unit="fr", leave=False,
+                                           disable=not progress)):
+                if mp4:
+                    writer.write(frame, pts=reader.timestamps[i] if i < len(reader.timestamps) else None)
+                if frames_dir:
+                    frames.write(frame)
+                count += 1
+            if count != n:
+                raise SdatcError(f"{name}: wrote {count} of {n} frames")
+            if mp4:
+                writer.end_pts = reader.end_pts
     return n
 
 
 def restore_clip(pipe, cfg: InferConfig, name: str, src: Path) -> int:
-    """Restore one clip to its outputs; returns the number of frames written."""
-    mp4, *frames_dir = outputs_of(cfg, name)
+    """Restore one clip to its outputs (without ``overwrite``: those that do not exist yet); returns the
+    number of frames written."""
+    mp4, *frames_dir = [o if cfg.overwrite or not o.exists() else None for o in outputs_of(cfg, name)]
     if isinstance(pipe, SDATCPipeline):
         stream = pipe.stream
     elif isinstance(pipe, UltraVSRRunner):  # DRS's bitstream estimator reads the clip's own file
@@ -292,7 +403,7 @@ def restore_clip(pipe, cfg: InferConfig, name: str, src: Path) -> int:
         stream = pipe.restore
     return write_restored(stream, src, mp4, frames_dir[0] if frames_dir else None, crf=cfg.output_crf,
                           preset=cfg.output_preset, copy_audio=cfg.copy_audio, fps=cfg.fps, name=name,
-                          progress=pipe.progress, pix_fmt=cfg.output_pix_fmt)
+                          progress=pipe.progress, pix_fmt=cfg.output_pix_fmt, overwrite=cfg.overwrite)
 
 
 def run(cfg: InferConfig, progress: bool = True) -> list[dict]:
@@ -301,11 +412,13 @@ def run(cfg: InferConfig, progress: bool = True) -> list[dict]:
 
     if not cfg.input or not cfg.output:
         raise SdatcError("both input (--input) and output (--output) are required")
-    src, out = Path(cfg.input).resolve(), Path(cfg.output).resolve()
-    if src.is_dir() and (out == src or src in out.parents):
-        raise SdatcError(f"output {cfg.output} must not be inside the input folder {cfg.input} (inputs are never modified)")
+    check_output(cfg)  # before any work: the output folder is writable and outside a folder given as input
     skipped: list[Path] = []
-    clips = list_clips(cfg.input, skipped)
+    clashes: dict[str, list[Path]] = {}  # clips of one name (a.mp4, a.mkv) would share their outputs: they fail
+    clips = list_clips(cfg.input, skipped, clashes=clashes)
+    check_paths(cfg, clips)  # no output may touch an input clip
+    out = Path(cfg.output).resolve()
+    check_model(cfg)  # a broken model setting is an error even when every output exists
     state = process_state()
     main = state.is_main_process
     if skipped and main:
@@ -315,6 +428,10 @@ def run(cfg: InferConfig, progress: bool = True) -> list[dict]:
     todo = [(n, p) for n, p in mine if cfg.overwrite or not all(o.exists() for o in outputs_of(cfg, n))]
     results = [{"clip": n, "status": "skipped", "frames": 0, "seconds": 0.0, "rank": state.process_index,
                 "reason": "output exists"} for n, p in mine if (n, p) not in todo]
+    if main:
+        results += [{"clip": n, "status": "failed", "frames": 0, "seconds": 0.0, "rank": state.process_index,
+                     "error": f"{len(ps)} clips share this name ({', '.join(p.name for p in ps)}) and would write "
+                              f"the same {n}.mp4: rename all but one"} for n, ps in clashes.items()]
     if todo:
         device, dtype = pick_device(cfg, state)
         if device.type == "cpu" and state.num_processes > 1:  # share the cores: oversubscribed threads spin
@@ -347,7 +464,7 @@ def run(cfg: InferConfig, progress: bool = True) -> list[dict]:
             results.append(row)
     if state.num_processes > 1:
         results = gather_object(results)
-    return sorted(results, key=lambda r: list(clips).index(r["clip"]))
+    return sorted(results, key=lambda r: natural_key(r["clip"]))
 
 
 def summary(results: list[dict]) -> str:

@@ -25,10 +25,23 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+NAME_MAX = 255  # bytes in one file name on Linux, macOS and Windows file systems
+
+
+def hidden_name(name: str, tail: str, room: int = 0) -> str:
+    """``.<name><tail>`` for a temporary or lock file beside ``name``, or ``.<hash><tail>`` (16 hex digits of
+    its sha256) when that plus ``room`` bytes would pass NAME_MAX: a legal 250-byte clip name still gets one."""
+    full = f".{name}{tail}"
+    if len(full.encode()) + room <= NAME_MAX:
+        return full
+    return f".{hashlib.sha256(name.encode()).hexdigest()[:16]}{tail}"
+
+
 def temp_sibling(path: str | Path, suffix: str = "") -> Path:
     """A unique hidden temporary name beside ``path`` (same folder, so rename is atomic)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    tail = f".tmp{suffix}"  # mkstemp puts 8 random characters between prefix and tail
+    fd, tmp = tempfile.mkstemp(prefix=hidden_name(path.name, ".", 8 + len(tail.encode())), suffix=tail, dir=path.parent)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())
     return Path(tmp)
@@ -37,7 +50,7 @@ def temp_sibling(path: str | Path, suffix: str = "") -> Path:
 def temp_dir_sibling(path: str | Path) -> Path:
     """A unique hidden temporary folder beside ``path`` (normal permissions, unlike mkdtemp's 0700)."""
     path = Path(path)
-    tmp = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = tempfile.mkdtemp(prefix=hidden_name(path.name, ".", 8 + 4), suffix=".tmp", dir=path.parent)
     os.chmod(tmp, 0o777 & ~_umask())
     return Path(tmp)
 

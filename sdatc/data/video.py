@@ -14,7 +14,9 @@ metadata. Writers go to a hidden temporary name beside the target and are rename
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import re
 import shutil
 import struct
@@ -28,7 +30,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from sdatc.errors import SdatcError
+from sdatc.errors import SdatcError, os_error
 from sdatc.utils import natural_key, temp_dir_sibling, temp_sibling
 
 VIDEO_EXTS = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v")
@@ -131,9 +133,21 @@ def encoder_version(settings: str | None) -> str | None:
 
 
 def list_frame_files(folder: str | Path) -> list[Path]:
+    """The image files of ``folder`` in natural order; a folder that cannot be listed is an SdatcError."""
     folder = Path(folder)
-    files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")]
+    try:
+        files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")]
+    except OSError as e:
+        raise os_error(folder, e, "cannot read the folder") from None
     return sorted(files, key=lambda p: natural_key(p.name))
+
+
+def _holds_frames(folder: Path) -> bool:
+    """A folder with frames, or one that cannot be read (it is listed as a clip and that clip fails alone)."""
+    try:
+        return bool(list_frame_files(folder))
+    except SdatcError:
+        return True
 
 
 def is_video_file(path: str | Path) -> bool:
@@ -141,12 +155,14 @@ def is_video_file(path: str | Path) -> bool:
     return path.is_file() and path.suffix.lower() in VIDEO_EXTS and not path.name.startswith(".")
 
 
-def list_clips(root: str | Path, skipped: list[Path] | None = None, prefer_frames: bool = False) -> dict[str, Path]:
+def list_clips(root: str | Path, skipped: list[Path] | None = None, prefer_frames: bool = False,
+               clashes: dict[str, list[Path]] | None = None) -> dict[str, Path]:
     """Clips under ``root``, by name: a video file or a frame folder is one clip; otherwise every
     video file and every frame folder directly inside ``root`` (sorted naturally). Entries that are
     neither are appended to ``skipped`` when a list is given. Two clips of one name are an error,
     unless ``prefer_frames``: then a frame folder wins over a video of its name (infer.py's
-    ``save_frames`` output: the PNGs are exact, the mp4 is re-encoded)."""
+    ``save_frames`` output: the PNGs are exact, the mp4 is re-encoded), or ``clashes`` is a dict: then
+    the clips of one name are left out and recorded there (name -> paths), so only they fail."""
     root = Path(root)
     if not root.exists():
         raise SdatcError(f"input not found: {root}")
@@ -161,16 +177,21 @@ def list_clips(root: str | Path, skipped: list[Path] | None = None, prefer_frame
         if p.name.startswith("."):
             continue
         name = p.stem if p.is_file() else p.name
-        if not (is_video_file(p) or (p.is_dir() and list_frame_files(p))):
+        if not (is_video_file(p) or (p.is_dir() and _holds_frames(p))):
             if skipped is not None:
                 skipped.append(p)
             continue
         if name in clips and prefer_frames and clips[name].is_dir() != p.is_dir():
             clips[name] = clips[name] if clips[name].is_dir() else p
             continue
+        if clashes is not None and (name in clips or name in clashes):
+            clashes.setdefault(name, [clips.pop(name)] if name in clips else []).append(p)
+            continue
         if name in clips:
             raise SdatcError(f"{root}: two clips are named {name!r} ({clips[name].name}, {p.name})")
         clips[name] = p
+    if not clips and clashes:
+        raise SdatcError(f"{root}: every clip shares its name with another ({', '.join(clashes)}): rename them")
     if not clips:
         raise SdatcError(f"{root}: no clips found (expected video files or folders of png/jpg frames)")
     return clips
@@ -460,12 +481,19 @@ class VideoWriter:
 
     ``end_pts`` (set before closing; ``time_base`` units like the pts) is where the last frame ends:
     the video and the copied audio stop there. Default: one frame at ``fps`` after the last pts.
+    ``overwrite=False``: an existing ``path`` is an error, also one that appears while writing. Any error
+    (a full disk included, which often shows only when ``close`` flushes x264) removes the temporary file
+    and is raised as one SdatcError naming ``path``.
     """
 
     def __init__(self, path: str | Path, fps: float | Fraction, crf: float | None = 18, bitrate: int | None = None,
                  preset: str = "medium", pix_fmt: str = "yuv420p", audio_from: str | Path | None = None,
-                 odd_size: str = "pad", options: dict[str, str] | None = None, source: VideoMeta | None = None):
+                 odd_size: str = "pad", options: dict[str, str] | None = None, source: VideoMeta | None = None,
+                 overwrite: bool = True):
         self.path = Path(path)
+        self.overwrite = overwrite
+        if not overwrite and self.path.exists():
+            raise SdatcError(f"{self.path}: already exists (set overwrite to replace it)")
         if self.path.suffix.lower() != ".mp4":
             raise SdatcError(f"{self.path}: VideoWriter writes .mp4 files")
         self.rate = _as_rate(fps)
@@ -482,10 +510,14 @@ class VideoWriter:
         self._durations: dict[int, int] = {}  # frame time -> duration, until its packet is muxed
         self._stream = None
         self._size = None
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = temp_sibling(self.path, ".mp4")
-        self._c = av.open(str(self._tmp), mode="w", format="mp4")
-        self._audio = None
+        self._audio = self._c = self._tmp = None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._tmp = temp_sibling(self.path, ".mp4")
+            self._c = av.open(str(self._tmp), mode="w", format="mp4")
+        except OSError as e:
+            self.abort()
+            raise os_error(self.path, e) from None
 
     def _open_stream(self, h: int, w: int) -> None:
         even = (h + h % 2, w + w % 2) if self.pix_fmt in ("yuv420p", "yuv420p10le", "nv12") else (h, w)
@@ -587,6 +619,12 @@ class VideoWriter:
 
     def write_av_frame(self, vf: av.VideoFrame, pts: int | None = None) -> None:
         """Append a frame already in ``pix_fmt`` at the stream size, at ``pts`` (as ``write``)."""
+        try:
+            self._write_av_frame(vf, pts)
+        except OSError as e:  # a full disk, a file system gone read-only: the caller's abort removes the file
+            raise os_error(self.path, e) from None
+
+    def _write_av_frame(self, vf: av.VideoFrame, pts: int | None) -> None:
         if self._stream is None:
             self._open_stream(vf.height, vf.width)
         if self._t0 is None:
@@ -622,10 +660,21 @@ class VideoWriter:
             self._mux_video([p])
 
     def close(self) -> Path:
-        """Flush, close and rename to the final name. Returns the final path."""
+        """Flush, close and rename to the final name. Returns the final path. On any error (x264 flushes
+        its lookahead here: a full disk often shows first now) the temporary file is removed."""
         if self._stream is None:
             self.abort()
             raise SdatcError(f"{self.path}: no frames were written")
+        try:
+            self._finish()
+        except BaseException as e:
+            self.abort()
+            if isinstance(e, OSError):
+                raise os_error(self.path, e) from None
+            raise
+        return self.path
+
+    def _finish(self) -> None:
         end = self.end_pts - self._t0 if self.end_pts is not None else None
         end = end if end is not None and end > self._last else self._last + self._tick
         self._durations[self._last] = end - self._last
@@ -636,19 +685,27 @@ class VideoWriter:
             if self._transcode:
                 self._c.mux(self._a_out.encode(None))
             self._audio[0].close()
-        self._c.close()
-        self._tmp.replace(self.path)
-        return self.path
+            self._audio = None
+        c, self._c = self._c, None
+        c.close()
+        if not self.overwrite and self.path.exists():  # (a dangling symlink is replaced: it is nothing)
+            raise SdatcError(f"{self.path}: appeared while it was being written (set overwrite to replace it)")
+        os.replace(self._tmp, self.path)
+        self._tmp = None
 
     def abort(self) -> None:
-        """Drop everything written so far (the target is never created)."""
-        try:
-            self._c.close()
-        except Exception:
-            pass
-        if self._audio is not None:
-            self._audio[0].close()
-        self._tmp.unlink(missing_ok=True)
+        """Drop everything written so far (the target is never created). Safe to call more than once."""
+        for closing in (self._c, self._audio[0] if self._audio is not None else None):
+            try:
+                if closing is not None:
+                    closing.close()
+            except Exception:  # already failing (a full disk): the file is removed below
+                pass
+        self._c = self._audio = None
+        if self._tmp is not None:
+            with contextlib.suppress(OSError):
+                self._tmp.unlink(missing_ok=True)
+            self._tmp = None
 
     def __enter__(self) -> VideoWriter:
         return self
@@ -661,32 +718,71 @@ class VideoWriter:
 
 
 class FrameWriter:
-    """Write frames as ``%08d.png`` into a folder that appears only when complete."""
+    """Write frames as ``%08d.png`` into a folder that appears only when complete.
+
+    ``overwrite=False``: an existing ``folder`` is an error, also one that appears while writing; with
+    ``overwrite`` the old folder is swapped out and removed only after the new one is in place. Any error
+    (a full disk included) removes the temporary folder and is raised as one SdatcError naming the folder.
+    """
 
     def __init__(self, folder: str | Path, start: int = 0, ext: str = ".png", overwrite: bool = False):
         self.folder = Path(folder)
         if self.folder.exists() and not overwrite:
             raise SdatcError(f"{self.folder}: already exists (set overwrite to replace it)")
         self.overwrite, self.ext, self.index, self.count = overwrite, ext, start, 0
-        self.folder.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = temp_dir_sibling(self.folder)
+        self.tmp = None
+        try:
+            self.folder.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = temp_dir_sibling(self.folder)
+        except OSError as e:
+            raise os_error(self.folder, e) from None
 
     def write(self, frame: np.ndarray) -> Path:
         path = self.tmp / f"{self.index:08d}{self.ext}"
-        if not cv2.imwrite(str(path), cv2.cvtColor(np.ascontiguousarray(frame), cv2.COLOR_RGB2BGR)):
-            raise SdatcError(f"{path}: could not write image")
+        ok, data = cv2.imencode(self.ext, cv2.cvtColor(np.ascontiguousarray(frame), cv2.COLOR_RGB2BGR))
+        if not ok:
+            raise SdatcError(f"{path}: could not encode image")
+        try:  # Python writes the file (cv2.imwrite returns only False): a full disk is an OSError saying so
+            with open(path, "wb") as f:
+                f.write(data.tobytes())
+        except OSError as e:
+            raise os_error(self.folder, e) from None
         self.index += 1
         self.count += 1
         return self.folder / path.name
 
     def close(self) -> Path:
-        if self.folder.exists():
-            shutil.rmtree(self.folder)
-        self.tmp.replace(self.folder)
+        """Rename the finished folder into place (with ``overwrite``: swap out the old one, then remove it)."""
+        old = None
+        try:
+            if self.folder.exists() and not self.overwrite:
+                raise SdatcError(f"{self.folder}: appeared while it was being written (set overwrite to replace it)")
+            if os.path.lexists(self.folder):
+                if self.folder.is_dir() and not self.folder.is_symlink():
+                    old = temp_dir_sibling(self.folder)  # empty: the old folder is renamed over it
+                    os.replace(self.folder, old)
+                else:  # a link or a file: removing it touches nothing it points to
+                    self.folder.unlink()
+            os.replace(self.tmp, self.folder)
+            self.tmp = None
+        except BaseException as e:
+            with contextlib.suppress(OSError):
+                if old is not None and not os.path.lexists(self.folder):
+                    os.replace(old, self.folder)  # put the old folder back
+                elif old is not None:
+                    old.rmdir()  # still the empty placeholder (rmdir: never anything in it)
+            self.abort()
+            if isinstance(e, OSError):
+                raise os_error(self.folder, e) from None
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
         return self.folder
 
     def abort(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = None
 
     def __enter__(self) -> FrameWriter:
         return self

@@ -221,7 +221,7 @@ class _VSRPipeline:
         dst.parent.mkdir(parents=True, exist_ok=True)
         kw = {"source": src} if self.mode == "ultravsr" else {}
         write_restored(lambda reader, n: self.stream(reader, n, **kw), src, dst, crf=crf, preset=preset,
-                       copy_audio=copy_audio, fps=fps, progress=self.progress, pix_fmt=pix_fmt)
+                       copy_audio=copy_audio, fps=fps, progress=self.progress, pix_fmt=pix_fmt, overwrite=overwrite)
         return dst
 
 
