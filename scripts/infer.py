@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     state = process_state()
     main_process = state.is_main_process
     line, warning = process_report(state)
-    if main_process:
+    if main_process and (state.num_processes > 1 or warning):  # a single process says nothing unless asked for more
         print(line)
         if warning:
             print(f"warning: {warning}", file=sys.stderr)

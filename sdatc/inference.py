@@ -262,7 +262,7 @@ STATUS_RANK = {"done": 0, "failed": 1, "finished by another process": 2, "output
 
 def _merge(rows: list[dict], clips: dict) -> list[dict]:
     """One row per clip from every process's rows: what was done to it beats why it was skipped."""
-    best: dict[str, dict] = {}
+    best: dict[str, tuple[int, dict]] = {}
     for r in rows:
         key = STATUS_RANK.get(r["status"], STATUS_RANK.get(r.get("reason", ""), 4))
         if r["clip"] not in best or key < best[r["clip"]][0]:
@@ -302,7 +302,11 @@ def _try_clip(pipe, cfg: InferConfig, name: str, path: Path, out: Path, run_id: 
     t0 = time.perf_counter()
     row = {"clip": name, "status": "done", "frames": 0, "seconds": 0.0, "rank": rank}
     claim = ClipClaim(out, name, outputs=outputs_of(cfg, name), run=run_id)  # other processes may share `out`
-    if not claim.acquire():
+    try:
+        acquired = claim.acquire()
+    except OSError as e:  # e.g. an output folder that cannot be written: this clip fails, the others go on
+        return {**row, "status": "failed", "error": f"cannot create the lock {claim.path}: {e.strerror or e}"}, claim
+    if not acquired:
         if claim.holder.get("run") == run_id:
             return None, claim
         return {**row, "status": "skipped", "held": True,

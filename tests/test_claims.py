@@ -243,7 +243,7 @@ def test_two_gloo_processes_with_uneven_clips_and_a_short_pg_timeout_write_every
     one still restoring; claimed clip by clip with no collective on work, both clips are written."""
     clips, out = tmp_path / "clips", tmp_path / "out"
     write_video(clips / "a_short.mp4", carphone_frames[:3, :48, :64], fps=25, crf=30)
-    _long_clip(clips / "b_long.mp4", carphone_frames[:, :48, :64], 500)  # about 15 s here, 5 timeouts
+    _long_clip(clips / "b_long.mp4", carphone_frames[:, :48, :64], 700)  # 700 as in the issue: 10-25 s here
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     env = {**ENV, "ACCELERATE_USE_CPU": "1", "SDATC_PG_TIMEOUT_S": "3"}
@@ -253,8 +253,8 @@ def test_two_gloo_processes_with_uneven_clips_and_a_short_pg_timeout_write_every
     assert "processes: 2 (gloo on cpu" in p.stdout
     assert p.stdout.count("2 done, 0 skipped") == 1, p.stdout  # rank 0 reports every process's clips
     assert re.search(r"a_short: done \(rank \d\) 3 frames", p.stdout)
-    assert re.search(r"b_long: done \(rank \d\) 500 frames", p.stdout)
-    assert VideoReader(out / "b_long.mp4").meta.num_frames == 500 and VideoReader(out / "a_short.mp4").meta.num_frames == 3
+    assert re.search(r"b_long: done \(rank \d\) 700 frames", p.stdout)
+    assert VideoReader(out / "b_long.mp4").meta.num_frames == 700 and VideoReader(out / "a_short.mp4").meta.num_frames == 3
     assert _leftovers(out) == []  # no lock, no per-process results file
 
 
@@ -274,3 +274,22 @@ def test_infer_says_how_many_processes_and_warns_when_the_launcher_asked_for_mor
     assert process_report(two) == ("processes: 2 (gloo on cpu, rank 0 reports)", None)
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert process_report(two)[1] == "the launcher asked for 4 processes, but this runs as 2"
+
+
+def test_stage2_latents_claim_shards_and_exit_1_for_those_left_to_other_runs(tmp_path, gt_root, capsys):
+    import importlib.util
+
+    from sdatc.training.latents import shard_name
+
+    spec = importlib.util.spec_from_file_location("make_stage2_latents", ROOT / "scripts" / "make_stage2_latents.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    lat = tmp_path / "lat"
+    lat.mkdir()
+    _write_lock(lat, name=shard_name(1), host="render node 7", boot="another-boot", pid=1)  # another run, alive
+    argv = ["--config", str(ROOT / "configs" / "train" / "tiny_stage2.yaml"), f"data.root={gt_root}",
+            f"latents.dir={lat}", "latents.num_samples=3", "latents.shard_size=1", "latents.steps=1"]
+    assert script.main(argv) == 1  # shard 1 left to the other run's lock: said, and status 1
+    assert "shard 1: left to another process (host render node 7 pid 1 holds its lock)" in capsys.readouterr().out
+    assert [(lat / shard_name(k)).is_file() for k in range(3)] == [True, False, True]
+    assert _leftovers(lat) == [f".{shard_name(1)}.lock"]  # only the other run's lock: ours are released
