@@ -1,8 +1,8 @@
-"""Restore a folder of compressed clips: model loading, per-clip I/O, sharding across processes.
+"""Restore a folder of compressed clips: model loading, per-clip I/O, clips claimed by several processes.
 
     python scripts/infer.py --config configs/infer/sdatc.yaml --input clips/ --output out/ \
         pretrained=weights/stable-diffusion-2-1-base checkpoint=weights/sdatc
-    accelerate launch --num_processes 8 scripts/infer.py --config ... # clips sharded over 8 GPUs
+    accelerate launch --num_processes 8 scripts/infer.py --config ... # 8 GPUs take clips one at a time
 
 Each clip becomes ``OUT/<name>.mp4`` (same frame count and frame times, 4x size, audio copied; the
 input's sample aspect ratio, rotation, colour tags and bit depth kept) and, with ``save_frames=true``,
@@ -39,7 +39,7 @@ from sdatc.pipelines.restore import PipelineConfig, RestorePipeline, cast_weight
 from sdatc.pipelines.sampler import respaced_timesteps
 from sdatc.pipelines.sdatc_pipeline import SDATCPipeline
 from sdatc.pipelines.ultravsr import UltraVSRPipelineConfig, UltraVSRRunner
-from sdatc.utils import ClipClaim, natural_key, process_state
+from sdatc.utils import ClipClaim, natural_key, process_state, shared_run_id
 
 
 @dataclasses.dataclass
@@ -406,10 +406,94 @@ def restore_clip(pipe, cfg: InferConfig, name: str, src: Path) -> int:
                           progress=pipe.progress, pix_fmt=cfg.output_pix_fmt, overwrite=cfg.overwrite)
 
 
-def run(cfg: InferConfig, progress: bool = True) -> list[dict]:
-    """Restore every clip of ``cfg.input`` assigned to this process; returns all processes' results."""
-    from accelerate.utils import gather_object
+def _output_identity(cfg: InferConfig, name: str) -> tuple | None:
+    """(inode, mtime) of each output of ``name``, or None if one is missing: a finished rewrite changes it."""
+    try:
+        return tuple((st.st_ino, st.st_mtime_ns) for st in (o.stat() for o in outputs_of(cfg, name)))
+    except FileNotFoundError:
+        return None
 
+
+def _finished(cfg: InferConfig, name: str, before: dict) -> bool:
+    """Whether ``name``'s outputs are complete: they exist (with ``overwrite``: and were rewritten during this run,
+    by another of its processes or another run)."""
+    now = _output_identity(cfg, name)
+    return now is not None and (not cfg.overwrite or now != before[name])
+
+
+STATUS_RANK = {"done": 0, "failed": 1, "finished by another process": 2, "output exists": 3}
+
+
+def _merge(rows: list[dict], clips: dict) -> list[dict]:
+    """One row per clip from every process's rows: what was done to it beats why it was skipped."""
+    best: dict[str, tuple[int, dict]] = {}
+    for r in rows:
+        key = STATUS_RANK.get(r["status"], STATUS_RANK.get(r.get("reason", ""), 4))
+        if r["clip"] not in best or key < best[r["clip"]][0]:
+            best[r["clip"]] = (key, r)
+    return sorted((r for _, r in best.values()), key=lambda r: natural_key(r["clip"]))
+
+
+def _collect(out: Path, run_id: str, state, rows: list[dict], clips: dict) -> list[dict]:
+    """Every process writes its own rows (``OUT/.sdatc-results-<run>-<rank>.json``, atomically); the main
+    process waits for the others' files, merges them and removes them. No collective waits on work: a process
+    still restoring a long clip holds no other process to the process group's timeout."""
+    import json
+
+    from sdatc.utils import atomic_write_text
+
+    if state.num_processes == 1:
+        return _merge(rows, clips)
+    path = out / f".sdatc-results-{run_id}-{state.process_index}.json"
+    atomic_write_text(path, json.dumps(rows))
+    if not state.is_main_process:
+        return rows
+    everything = []
+    for rank in range(state.num_processes):
+        theirs = out / f".sdatc-results-{run_id}-{rank}.json"
+        while not theirs.exists():  # a rank that dies ends the launch (the launcher stops the others)
+            time.sleep(0.2)
+        everything += json.loads(theirs.read_text())
+        theirs.unlink()
+    return _merge(everything, clips)
+
+
+def _try_clip(pipe, cfg: InferConfig, name: str, path: Path, out: Path, run_id: str, before: dict,
+              rank: int) -> tuple[dict | None, ClipClaim]:
+    """Claim and restore one clip; its row (None when another process of this run holds it: that one reports
+    it) and the claim (a refused one says who holds the lock and when it expires)."""
+    t0 = time.perf_counter()
+    row = {"clip": name, "status": "done", "frames": 0, "seconds": 0.0, "rank": rank}
+    claim = ClipClaim(out, name, outputs=outputs_of(cfg, name), run=run_id)  # other processes may share `out`
+    try:
+        acquired = claim.acquire()
+    except OSError as e:  # e.g. an output folder that cannot be written: this clip fails, the others go on
+        return {**row, "status": "failed", "error": f"cannot create the lock {claim.path}: {e.strerror or e}"}, claim
+    if not acquired:
+        if claim.holder.get("run") == run_id:
+            return None, claim
+        return {**row, "status": "skipped", "held": True,
+                "reason": f"being restored by another process ({claim.describe_holder()})"}, claim
+    try:
+        if _finished(cfg, name, before):
+            row.update(status="skipped", reason="finished by another process")
+        else:
+            row["frames"] = restore_clip(pipe, cfg, name, path)
+            if isinstance(pipe, UltraVSRRunner) and pipe.last_drs is not None:
+                d, t, how = pipe.last_drs
+                row["drs"] = f"d={d:.3f}, t={t} ({how})"
+    except Exception as e:  # one bad clip must not stop the others
+        row.update(status="failed", error=str(e) if isinstance(e, SdatcError) else f"{type(e).__name__}: {e}")
+    finally:
+        claim.release()
+    row["seconds"] = time.perf_counter() - t0
+    return row, claim
+
+
+def run(cfg: InferConfig, progress: bool = True) -> list[dict]:
+    """Restore every clip of ``cfg.input``. Processes take clips one at a time through their locks (uneven
+    clips balance; several runs may share the output folder); returns this process's results, on the main
+    process every process's."""
     if not cfg.input or not cfg.output:
         raise SdatcError("both input (--input) and output (--output) are required")
     check_output(cfg)  # before any work: the output folder is writable and outside a folder given as input
@@ -424,12 +508,14 @@ def run(cfg: InferConfig, progress: bool = True) -> list[dict]:
     if skipped and main:
         print(f"note: skipped {len(skipped)} entries that are neither videos nor frame folders: "
               f"{', '.join(p.name for p in skipped[:5])}{' ...' if len(skipped) > 5 else ''}")
-    mine = list(clips.items())[state.process_index :: state.num_processes]
-    todo = [(n, p) for n, p in mine if cfg.overwrite or not all(o.exists() for o in outputs_of(cfg, n))]
-    results = [{"clip": n, "status": "skipped", "frames": 0, "seconds": 0.0, "rank": state.process_index,
-                "reason": "output exists"} for n, p in mine if (n, p) not in todo]
+    before = {n: _output_identity(cfg, n) for n in clips}  # as they were before any process started
+    run_id = shared_run_id(state)  # after every process has looked at the outputs
+    rank = state.process_index
+    todo = [(n, p) for n, p in clips.items() if cfg.overwrite or before[n] is None]
+    results = [{"clip": n, "status": "skipped", "frames": 0, "seconds": 0.0, "rank": rank, "reason": "output exists"}
+               for n in clips if main and not cfg.overwrite and before[n] is not None]
     if main:
-        results += [{"clip": n, "status": "failed", "frames": 0, "seconds": 0.0, "rank": state.process_index,
+        results += [{"clip": n, "status": "failed", "frames": 0, "seconds": 0.0, "rank": rank,
                      "error": f"{len(ps)} clips share this name ({', '.join(p.name for p in ps)}) and would write "
                               f"the same {n}.mp4: rename all but one"} for n, ps in clashes.items()]
     if todo:
@@ -437,34 +523,27 @@ def run(cfg: InferConfig, progress: bool = True) -> list[dict]:
         if device.type == "cpu" and state.num_processes > 1:  # share the cores: oversubscribed threads spin
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // state.num_processes))
         model = cast_weights(build_model(cfg), dtype).to(device)  # weights in the run's dtype, cast once
-        if state.is_main_process:
+        if main:
             print(describe_model(cfg, model, device, dtype))
         pipe = (SDATCPipeline(model, cfg.pipeline, device, dtype, progress, compile=cfg.compile) if cfg.mode == "sdatc"
                 else make_pipeline(model, cfg, device, dtype, progress))
-        for name, path in tqdm(todo, desc=f"clips (rank {state.process_index})", unit="clip", disable=not progress):
-            t0 = time.perf_counter()
-            row = {"clip": name, "status": "done", "frames": 0, "seconds": 0.0, "rank": state.process_index}
-            claim = ClipClaim(out, name)  # another infer.py on the same output folder may hold this clip
-            if not claim.acquire():
-                results.append({**row, "status": "skipped", "reason": "being restored by another process"})
+        held = []  # clips another run holds: tried again at the end
+        for name, path in tqdm(todo, desc=f"clips (rank {rank})", unit="clip", disable=not progress):
+            if not cfg.overwrite and _finished(cfg, name, before):  # the process that did it reports it too
+                results.append({"clip": name, "status": "skipped", "frames": 0, "seconds": 0.0, "rank": rank,
+                                "reason": "finished by another process"})
                 continue
-            try:
-                if not cfg.overwrite and all(o.exists() for o in outputs_of(cfg, name)):
-                    row.update(status="skipped", reason="finished by another process")
-                else:
-                    row["frames"] = restore_clip(pipe, cfg, name, path)
-                    if isinstance(pipe, UltraVSRRunner) and pipe.last_drs is not None:
-                        d, t, how = pipe.last_drs
-                        row["drs"] = f"d={d:.3f}, t={t} ({how})"
-            except Exception as e:  # one bad clip must not stop the others
-                row.update(status="failed", error=str(e) if isinstance(e, SdatcError) else f"{type(e).__name__}: {e}")
-            finally:
-                claim.release()
-            row["seconds"] = time.perf_counter() - t0
-            results.append(row)
-    if state.num_processes > 1:
-        results = gather_object(results)
-    return sorted(results, key=lambda r: natural_key(r["clip"]))
+            row, claim = _try_clip(pipe, cfg, name, path, out, run_id, before, rank)
+            if row is not None and row.get("held"):
+                held.append((name, path, claim))
+            elif row is not None:
+                results.append(row)
+        for name, path, refused in held:  # tried again at the end, after waiting for a lock that goes stale soon
+            refused.wait_until_stale()
+            row, _ = _try_clip(pipe, cfg, name, path, out, run_id, before, rank)
+            if row is not None:
+                results.append(row)
+    return _collect(out, run_id, state, results, clips)
 
 
 def summary(results: list[dict]) -> str:
@@ -477,5 +556,14 @@ def summary(results: list[dict]) -> str:
         detail = r.get("error") or f"{r['frames']} frames in {r['seconds']:.1f} s" + (f"; DRS {r['drs']}" if "drs" in r else "")
         detail = r.get("reason", "") if r["status"] == "skipped" else detail
         lines.append(f"  {r['clip']}: {r['status']} (rank {r['rank']}) {detail}".rstrip())
+    held = [r["clip"] for r in results if r.get("held")]
+    if held:
+        lines.append(f"{len(held)} clips not restored: other processes hold their locks ({', '.join(held[:5])}"
+                     f"{' ...' if len(held) > 5 else ''}); rerun when they finish (exit status 1)")
     return "\n".join(lines)
+
+
+def exit_status(results: list[dict]) -> int:
+    """1 if a clip failed or was left to another process's lock, else 0."""
+    return 1 if any(r["status"] == "failed" or r.get("held") for r in results) else 0
 

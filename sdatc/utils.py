@@ -1,13 +1,18 @@
-"""Small helpers: atomic writes, natural sort, hashing."""
+"""Small helpers: atomic writes, natural sort, hashing, clip locks."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import shutil
+import socket
 import tempfile
+import threading
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -105,15 +110,50 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+ENV_PG_TIMEOUT = "SDATC_PG_TIMEOUT_S"  # the process group's timeout in seconds (tests shorten it)
+
+
 def process_state():
     """accelerate's PartialState for this process. On a machine without CUDA it is asked for CPU
     explicitly, so ``accelerate launch --multi_gpu`` / torchrun on CPU really forms a gloo group
-    (PartialState() alone reads ACCELERATE_USE_CPU only through an Accelerator)."""
+    (PartialState() alone reads ACCELERATE_USE_CPU only through an Accelerator). ``$SDATC_PG_TIMEOUT_S``
+    sets the process group's timeout (torch's default otherwise: 10 minutes for NCCL, 30 for gloo)."""
+    import datetime
+
     import torch
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
+    kwargs = {}
+    if os.environ.get(ENV_PG_TIMEOUT):
+        kwargs["timeout"] = datetime.timedelta(seconds=float(os.environ[ENV_PG_TIMEOUT]))
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available(), **kwargs)
+
+
+def shared_run_id(state) -> str:
+    """An id that this run's processes share (in their clip locks, to tell each other from other runs): rank 0's,
+    gathered once before any work, so that every process has done what precedes this call."""
+    run_id = uuid.uuid4().hex
+    if state.num_processes == 1:
+        return run_id
+    from accelerate.utils import gather_object
+
+    return gather_object([run_id])[0]
+
+
+def process_report(state) -> tuple[str, str | None]:
+    """A line saying how many processes this run has, and a warning when the launcher asked for more: plain
+    ``accelerate launch --num_processes N`` on a machine without GPUs starts one process (it sets MASTER_ADDR,
+    but no WORLD_SIZE); torchrun's WORLD_SIZE above the group's size also warns."""
+    n = state.num_processes
+    line = f"processes: {n} ({state.backend} on {state.device.type}, rank 0 reports)" if n > 1 else "processes: 1"
+    world = os.environ.get("WORLD_SIZE")
+    if world and world.isdigit() and int(world) > n:
+        return line, f"the launcher asked for {world} processes, but this runs as {n}"
+    if not world and os.environ.get("MASTER_ADDR") and n == 1:
+        return line, ("the launcher was asked for several processes, but this runs as one: on a machine without "
+                      "GPUs use ACCELERATE_USE_CPU=1 .venv/bin/accelerate launch --multi_gpu --num_processes N ...")
+    return line, None
 
 
 def read_state_dict(path: str | Path, what: str) -> dict:
@@ -145,59 +185,263 @@ def report_json(result: dict, path: str | Path | None = None) -> str:
     return text
 
 
-class ClipClaim:
-    """An exclusive claim on one output (``<out>/.<name>.lock``, created atomically) so that processes sharing an
-    output folder never restore the same clip at once. A lock whose process is gone (same host) is stale and
-    taken over; ``acquire`` returns False while another live process holds it.
+def temp_siblings(path: str | Path) -> list[Path]:
+    """The temporaries that ``temp_sibling`` / ``temp_dir_sibling`` made for ``path`` and that still exist
+    (left by a writer that was killed: swept when its clip's lock is taken over)."""
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp(\.[A-Za-z0-9]+)?")  # mkstemp's 8 chars
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return []
+    return [path.parent / n for n in names if pattern.fullmatch(n)]
 
-        claim = ClipClaim(out, name)
+
+# Clip locks (A47). A live holder touches its locks' mtime every heartbeat; a lock whose holder cannot be
+# checked through its PID (another machine, boot or PID namespace) is stale once its mtime is older than an
+# expiry: 3 heartbeats in another PID namespace of this kernel (same clock, same file cache), else
+# $SDATC_LOCK_EXPIRY_S (another machine: room for clock skew and NFS attribute caching).
+ENV_LOCK_HEARTBEAT = "SDATC_LOCK_HEARTBEAT_S"  # default 10 s
+ENV_LOCK_EXPIRY = "SDATC_LOCK_EXPIRY_S"  # default 600 s
+EMPTY_LOCK_GRACE_S = 30.0  # an empty or unreadable lock younger than this is held (its creator may be writing it)
+
+_HELD: dict[str, str] = {}  # lock path -> token, for the locks this process holds
+_HELD_GUARD = threading.Lock()
+_heartbeat_thread: threading.Thread | None = None
+
+
+def _env_seconds(name: str, default: float) -> float:
+    return float(os.environ.get(name) or default)
+
+
+def lock_heartbeat_s() -> float:
+    """How often a live holder touches its locks ($SDATC_LOCK_HEARTBEAT_S, default 10 s)."""
+    return _env_seconds(ENV_LOCK_HEARTBEAT, 10)
+
+
+def _beat_once() -> None:
+    """Touch every lock this process holds (its mtime says the holder is alive)."""
+    with _HELD_GUARD:
+        paths = list(_HELD)
+    for p in paths:
+        with contextlib.suppress(OSError):
+            os.utime(p)
+
+
+def _heartbeat() -> None:
+    while True:
+        time.sleep(lock_heartbeat_s())
+        _beat_once()
+
+
+def _hold(path: Path, token: str | None) -> None:
+    """Record (token) or forget (None) a lock this process holds; the heartbeat thread starts with the first."""
+    global _heartbeat_thread
+    with _HELD_GUARD:
+        if token is None:
+            _HELD.pop(str(path), None)
+            return
+        _HELD[str(path)] = token
+        if _heartbeat_thread is None or not _heartbeat_thread.is_alive():
+            _heartbeat_thread = threading.Thread(target=_heartbeat, name="sdatc-lock-heartbeat", daemon=True)
+            _heartbeat_thread.start()
+
+
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _pid_ns() -> str | None:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time (clock ticks after boot, /proc/<pid>/stat field 22): with the PID, it names
+    one process (a reused PID has another start time). None where /proc cannot tell."""
+    stat = _read(f"/proc/{pid}/stat")
+    if stat is None:
+        return None
+    fields = stat.rsplit(")", 1)[-1].split()  # after the command name, which may hold spaces and parentheses
+    return fields[19] if len(fields) > 19 else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _link_new(src: Path, dst: Path, data: bytes) -> None:
+    """Make ``dst`` with ``src``'s contents, atomically, or raise FileExistsError: a hard link (the lock never
+    exists empty; atomic on NFS too), else (file systems without hard links) an exclusive create and write."""
+    try:
+        os.link(src, dst)
+        return
+    except FileExistsError:
+        raise
+    except OSError:
+        pass
+    fd = os.open(dst, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+class ClipClaim:
+    """An exclusive claim on one output (``<folder>/.<name>.lock``) so that processes sharing an output folder,
+    on one machine or several, never restore the same clip at once.
+
+        claim = ClipClaim(out, name, outputs=[out / f"{name}.mp4"], run=run_id)
         if claim.acquire():
             try: ...restore...
             finally: claim.release()
+        else: claim.holder (the lock's contents), claim.expires_in (None: the holder is alive)
+
+    The lock is JSON (host, boot id, PID namespace, PID, process start time, run, a token), written to a
+    temporary and hard-linked into place, so it never exists empty. It is stale, and taken over, when: on
+    this kernel and in this PID namespace, its process is gone, its PID has another start time (reused), or
+    its PID is ours (an earlier run in a container, PID 1 again); elsewhere, when its heartbeat stops (see
+    above). A taken-over lock's dead holder's temporary ``outputs`` are removed. ``release`` removes the lock
+    only while it is still this claim's.
     """
 
-    def __init__(self, folder: str | Path, name: str):
-        import socket
-
+    def __init__(self, folder: str | Path, name: str, outputs: list[Path] | tuple = (), run: str | None = None):
         self.path = Path(folder) / f".{name}.lock"
-        self.me = f"{socket.gethostname()} {os.getpid()}"
+        self.outputs = [Path(o) for o in outputs]
+        self.run = run
+        self.token = uuid.uuid4().hex
         self.held = False
+        self.holder: dict | None = None  # after a refused acquire: the lock's contents ({} if unreadable)
+        self.expires_in: float | None = None  # after a refused acquire: seconds until it is stale; None: live
+        self.took_over: dict | None = None  # the stale lock this claim replaced
 
-    def _holder_alive(self) -> bool:
-        import socket
+    def _contents(self) -> bytes:
+        pid = os.getpid()
+        return json.dumps({"host": socket.gethostname(), "boot": _read("/proc/sys/kernel/random/boot_id"),
+                           "pidns": _pid_ns(), "pid": pid, "start": _start_time(pid), "run": self.run,
+                           "token": self.token, "created": time.time()}).encode()
 
+    def _judge(self, data: bytes, mtime: float) -> tuple[dict, float | None]:
+        """(the holder, seconds until the lock is stale: <= 0 stale, None while its holder is alive)."""
+        age = max(0.0, time.time() - mtime)
         try:
-            host, pid = self.path.read_text().split()
-            pid = int(pid)
-        except (OSError, ValueError):
-            return False  # unreadable or half-written: treat as stale
-        if host != socket.gethostname():
-            return True  # another machine's process: it cannot be checked, so it is respected
+            holder = json.loads(data)
+            pid = int(holder["pid"])
+        except (ValueError, KeyError, TypeError):
+            return {}, EMPTY_LOCK_GRACE_S - age  # empty (being written) or not ours: stale once old
+        if _HELD.get(str(self.path)) == holder.get("token"):
+            return holder, None  # this very process holds it (another claim object)
+        boot = _read("/proc/sys/kernel/random/boot_id")
+        same_kernel = boot is not None and holder.get("boot") == boot
+        if (same_kernel and holder.get("pidns") == _pid_ns()) or (boot is None and holder.get("host") == socket.gethostname()):
+            if pid == os.getpid() or not _alive(pid):
+                return holder, 0.0  # gone, or an earlier process that had our PID (a rerun in a container)
+            start = _start_time(pid)
+            if start is not None and holder.get("start") not in (None, start):
+                return holder, 0.0  # the PID was reused by another process
+            return holder, None
+        expiry = 3 * lock_heartbeat_s() if same_kernel else _env_seconds(ENV_LOCK_EXPIRY, 600)
+        return holder, expiry - age  # the PID cannot be checked from here: the heartbeat decides
+
+    def _create(self) -> bool:
+        data = self._contents()
+        tmp = self.path.with_name(f"{self.path.name}.{self.token}.tmp")
+        tmp.write_bytes(data)
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
+            _link_new(tmp, self.path, data)
             return True
-        return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _remove_stale(self, data: bytes) -> bool:
+        """Move the lock judged stale aside; True if it was that one (not a lock another process made since)."""
+        aside = self.path.with_name(f"{self.path.name}.{self.token}.stale")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return False
+        try:
+            moved = aside.read_bytes()
+            if moved != data:  # another process took the stale lock over first: give its lock back
+                with contextlib.suppress(FileExistsError):
+                    _link_new(aside, self.path, moved)
+                return False
+            return True
+        finally:
+            aside.unlink(missing_ok=True)
+
+    def _sweep(self) -> None:
+        """Remove the dead holder's temporary outputs, and lock temporaries left by dead processes."""
+        for out in self.outputs:
+            for tmp in temp_siblings(out):
+                if tmp.is_dir() and not tmp.is_symlink():
+                    shutil.rmtree(tmp, ignore_errors=True)
+                else:
+                    tmp.unlink(missing_ok=True)
+        pattern = re.compile(rf"{re.escape(self.path.name)}\.[0-9a-f]{{32}}\.(tmp|stale)")
+        for name in os.listdir(self.path.parent):
+            p = self.path.parent / name
+            with contextlib.suppress(OSError):
+                if pattern.fullmatch(name) and time.time() - p.stat().st_mtime > EMPTY_LOCK_GRACE_S:
+                    p.unlink()
 
     def acquire(self) -> bool:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
+        self.holder = self.expires_in = None
+        for _ in range(3):
+            if self._create():
+                self.held = True
+                _hold(self.path, self.token)
+                if self.took_over is not None:
+                    self._sweep()
+                return True
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                if self._holder_alive():
-                    return False
-                self.path.unlink(missing_ok=True)  # stale: its process is gone
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(self.me)
-            self.held = True
-            return True
+                data, mtime = self.path.read_bytes(), self.path.stat().st_mtime
+            except FileNotFoundError:
+                continue  # released in between: try again
+            holder, expires_in = self._judge(data, mtime)
+            if expires_in is None or expires_in > 0:
+                self.holder, self.expires_in, self._refused_at = holder, expires_in, time.monotonic()
+                return False
+            if self._remove_stale(data):
+                self.took_over = holder
         return False
 
+    def wait_until_stale(self, limit: float | None = None) -> None:
+        """After a refused ``acquire``: sleep until the lock counts as stale when that is at most ``limit`` s
+        away (default 3 heartbeats + 1 s: a holder in another container of this machine that may have died),
+        else return at once; then try ``acquire`` again."""
+        if self.expires_in is None:
+            return
+        left = self._refused_at + self.expires_in - time.monotonic()
+        if left <= (3 * lock_heartbeat_s() + 1 if limit is None else limit):
+            time.sleep(max(0.0, left) + 0.2)
+
     def release(self) -> None:
-        if self.held:
+        """Remove the lock if it is still this claim's (never one another process has taken over since)."""
+        if not self.held:
+            return
+        self.held = False
+        _hold(self.path, None)
+        try:
+            mine = json.loads(self.path.read_bytes()).get("token") == self.token
+        except (OSError, ValueError, AttributeError):
+            mine = False
+        if mine:
             self.path.unlink(missing_ok=True)
-            self.held = False
+
+    def describe_holder(self) -> str:
+        """Who holds the lock, for messages: 'host NAME pid N' (or 'an unreadable lock')."""
+        h = self.holder or {}
+        return f"host {h['host']} pid {h['pid']}" if "host" in h and "pid" in h else "an unreadable lock"

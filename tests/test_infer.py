@@ -95,9 +95,9 @@ def test_two_processes_shard_clips(tmp_path, carphone_frames):
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     p = infer("--input", clips, "--output", tmp_path / "out", env={"ACCELERATE_USE_CPU": "1"}, launcher=launcher)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert p.stdout.count("3 done, 0 skipped") == 1  # only rank 0 prints the gathered summary
-    ranks = dict(re.findall(r"(c\d): done \(rank (\d)\)", p.stdout))
-    assert sorted(ranks) == ["c0", "c1", "c2"] and set(ranks.values()) == {"0", "1"}  # each clip once, both ranks work
+    assert p.stdout.count("3 done, 0 skipped") == 1  # only rank 0 prints the summary of both
+    done = re.findall(r"(c\d): done \(rank (\d)\)", p.stdout)
+    assert sorted(c for c, _ in done) == ["c0", "c1", "c2"]  # each clip once (the ranks claim them as they go)
     assert all(VideoReader(tmp_path / "out" / f"c{i}.mp4").meta.num_frames == 2 for i in range(3))
 
 

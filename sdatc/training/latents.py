@@ -10,7 +10,8 @@ DCM -> VAE encoder -> ``q_sample(z_c, start_t)`` -> ``latents.steps`` respaced s
 when RAFT weights are configured), the noise of frame j seeded by ``(latents.seed, i * T + j)``.
 Shards of ``latents.shard_size`` samples (``gt``/``lq`` uint8, ``z`` fp32, ``index``, ``bitrate``) are
 written under temporary names; ``manifest.json`` records the stage-1 checkpoint's hash, the steps,
-seeds and configs. A rerun skips finished shards; processes take every W-th shard.
+seeds and configs. A rerun skips finished shards; processes claim shards one at a time (lock files
+beside them), and no collective waits on another process's work.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from tqdm import tqdm
 
 from sdatc.config import to_dict
 from sdatc.errors import SdatcError
-from sdatc.utils import atomic_path, atomic_write_text, sha256_file
+from sdatc.utils import ClipClaim, atomic_path, atomic_write_text, sha256_file, shared_run_id
 
 FORMAT = "sdatc-stage2-latents/1"
 MANIFEST = "manifest.json"
@@ -70,9 +71,8 @@ def _weights_file(path) -> Path:
 
 
 def generate(cfg, progress: bool = True) -> dict:
-    """Write every shard this process owns; returns a summary. ``cfg``: the stage-2 TrainConfig."""
-    import numpy as np
-
+    """Write the missing shards, claimed one at a time with the other processes (lock files); returns this
+    process's summary. ``cfg``: the stage-2 TrainConfig."""
     from sdatc.data.datasets import VideoClipDataset, scan_clips
     from sdatc.pipelines.restore import PipelineConfig, RestorePipeline, WindowConfig
     from sdatc.pipelines.sampler import SamplerConfig
@@ -102,13 +102,12 @@ def generate(cfg, progress: bool = True) -> dict:
     elif state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(manifest, json.dumps(want, indent=1))
-    state.wait_for_everyone()
+    run_id = shared_run_id(state)  # the one collective: before any work, once the manifest is written
 
     n_shards = -(-lat.num_samples // lat.shard_size)
-    mine = [k for k in range(state.process_index, n_shards, state.num_processes) if not (out / shard_name(k)).is_file()]
-    done = {"shards": n_shards, "written": 0, "skipped": len(range(state.process_index, n_shards, state.num_processes))
-            - len(mine)}
-    if mine:
+    todo = [k for k in range(n_shards) if not (out / shard_name(k)).is_file()]
+    done = {"shards": n_shards, "written": 0, "skipped": n_shards - len(todo), "held_by_others": 0}
+    if todo:
         device = state.device
         mp = resolve_precision(cfg.mixed_precision, device.type == "cuda")
         cfg1 = dataclasses.replace(cfg, stage=1)  # the stage-1 modules, loaded from init
@@ -125,27 +124,56 @@ def generate(cfg, progress: bool = True) -> dict:
                               window=WindowConfig(length=t, stride=t))
         pipe = RestorePipeline(model, pcfg, device=device, dtype=DTYPES[mp], progress=False)
         ds = VideoClipDataset(cfg.data, scan_clips(cfg.data))
-        bar = tqdm(total=len(mine) * lat.shard_size, desc="stage-2 latents", unit="sample", disable=not progress)
-        for k in mine:
-            rows = []
-            for i in range(k * lat.shard_size, min((k + 1) * lat.shard_size, lat.num_samples)):
-                item = ds[i]
-                z = pipe.sample_window(item["lq"].to(device), first_frame=i * t)  # (T, 4, H/8, W/8)
-                rows.append((item, z.float().cpu()))
-                bar.update(1)
-            tensors = {
-                "gt": torch.stack([_u8(r["gt"]) for r, _ in rows]),  # (S, T, 3, H, W) uint8
-                "lq": torch.stack([_u8(r["lq"]) for r, _ in rows]),  # (S, T, 3, h, w) uint8
-                "z": torch.stack([z for _, z in rows]).contiguous(),  # (S, T, 4, H/8, W/8)
-                "index": torch.tensor([r["index"] for r, _ in rows]),
-                "bitrate": torch.tensor(np.array([r["bitrate"] for r, _ in rows], dtype=np.float64)),
-            }
-            with atomic_path(out / shard_name(k)) as tmp:
-                save_file(tensors, str(tmp), metadata={"format": FORMAT})
-            done["written"] += 1
+        bar = tqdm(total=len(todo) * lat.shard_size, desc=f"stage-2 latents (rank {state.process_index})",
+                   unit="sample", disable=not progress)  # the other processes share the total
+        def attempt(k: int) -> ClipClaim | None:
+            """Write shard k unless another process has it; the refused claim when another run holds it."""
+            if (out / shard_name(k)).is_file():
+                return None  # another process wrote it
+            claim = ClipClaim(out, shard_name(k), outputs=[out / shard_name(k)], run=run_id)
+            if not claim.acquire():
+                return claim if claim.holder.get("run") != run_id else None  # this run's others report theirs
+            try:
+                if not (out / shard_name(k)).is_file():
+                    _write_shard(out, k, ds, pipe, cfg, device, bar)
+                    done["written"] += 1
+            finally:
+                claim.release()
+            return None
+
+        held = [(k, c) for k in todo if (c := attempt(k)) is not None]
+        for k, refused in held:  # tried again at the end, after waiting for a lock that goes stale soon
+            refused.wait_until_stale()
+            if (again := attempt(k)) is not None:
+                done["held_by_others"] += 1
+                print(f"shard {k}: left to another process ({again.describe_holder()} holds its lock); rerun when "
+                      "it finishes")
         bar.close()
-    state.wait_for_everyone()
+    if state.num_processes > 1:  # each process reports its own shards: no collective waits on another's work
+        print(f"stage-2 latents, rank {state.process_index}: {done['written']} shards written")
     return done
+
+
+def _write_shard(out: Path, k: int, ds, pipe, cfg, device, bar) -> None:
+    """Sample and write shard ``k`` (samples k * shard_size ...) under a temporary name."""
+    import numpy as np
+
+    lat, t = cfg.latents, cfg.data.num_frames
+    rows = []
+    for i in range(k * lat.shard_size, min((k + 1) * lat.shard_size, lat.num_samples)):
+        item = ds[i]
+        z = pipe.sample_window(item["lq"].to(device), first_frame=i * t)  # (T, 4, H/8, W/8)
+        rows.append((item, z.float().cpu()))
+        bar.update(1)
+    tensors = {
+        "gt": torch.stack([_u8(r["gt"]) for r, _ in rows]),  # (S, T, 3, H, W) uint8
+        "lq": torch.stack([_u8(r["lq"]) for r, _ in rows]),  # (S, T, 3, h, w) uint8
+        "z": torch.stack([z for _, z in rows]).contiguous(),  # (S, T, 4, H/8, W/8)
+        "index": torch.tensor([r["index"] for r, _ in rows]),
+        "bitrate": torch.tensor(np.array([r["bitrate"] for r, _ in rows], dtype=np.float64)),
+    }
+    with atomic_path(out / shard_name(k)) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": FORMAT})
 
 
 def _u8(x: torch.Tensor) -> torch.Tensor:

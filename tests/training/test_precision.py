@@ -117,7 +117,7 @@ def test_stage2_bf16_every_latent_source(source, stage1_run, data_root, val_root
     if source == "generated":
         lat = tmp_path / "latents"
         gen = cfg_for(2, data_root, tmp_path / "unused", *common, f"latents.dir={lat}")
-        assert generate(gen, progress=False) == {"shards": 2, "written": 2, "skipped": 0}
+        assert generate(gen, progress=False) == {"shards": 2, "written": 2, "skipped": 0, "held_by_others": 0}
         assert generate(gen, progress=False)["skipped"] == 2  # a rerun skips finished shards
         manifest = json.loads((lat / "manifest.json").read_text())
         assert manifest["steps"] == 2 and len(manifest["stage1"][0]["sha256"]) == 64
