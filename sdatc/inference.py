@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 import os
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from sdatc.config import load_config, resolve_config_path
-from sdatc.data.video import FrameWriter, VideoMeta, VideoReader, VideoWriter, list_clips
+from sdatc.data.video import X264_PRESETS, FrameWriter, VideoMeta, VideoReader, VideoWriter, list_clips
 from sdatc.errors import SdatcError
 from sdatc.models.backbone import ENV_SD21, SD21_HELP, resolve_pretrained
 from sdatc.models.dcm import DCM
@@ -65,6 +66,12 @@ class InferConfig:
     fps: float = 25.0  # frame rate given to clips that are frame folders
     copy_audio: bool = True
     compile: bool = False  # torch.compile the denoiser (modes sdatc / ultravsr); channels_last and TF32 either way
+
+    def __post_init__(self):  # settings that would fail only after a clip is restored are checked at load
+        if self.output_preset not in X264_PRESETS:
+            raise ValueError(f"output_preset {self.output_preset!r} is not an x264 preset ({', '.join(X264_PRESETS)})")
+        if not math.isfinite(self.fps) or self.fps <= 0:
+            raise ValueError(f"fps must be a positive number of frames per second, got {self.fps}")
 
 
 PREVIEW_CONFIG = "configs/infer/preview.yaml"
@@ -210,6 +217,8 @@ def write_restored(stream, src: Path, mp4: Path, frames_dir: Path | None = None,
     frame i is input frame i: it keeps its timestamp; SAR, rotation, colour tags and HDR10 metadata are kept."""
     reader = VideoReader(src, fps=fps)
     meta, n, name = reader.meta, len(reader), name or src.stem
+    if meta.frames_from == "packets":  # nothing to check the count against (no index, no declared duration)
+        print(f"note: {name}: the container declares no frame count or duration; restoring the {n} frames found")
     if meta.color.hdr:
         print(f"note: {name} is HDR ({meta.color.hdr}): its tags are kept, but the model was trained on SDR video")
     audio = src if copy_audio and meta.has_audio else None
