@@ -26,7 +26,14 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from sdatc.config import load_config, resolve_config_path
-from sdatc.data.video import X264_PRESETS, FrameWriter, VideoMeta, VideoReader, VideoWriter, list_clips
+from sdatc.data.video import (
+    X264_PRESETS,
+    FrameWriter,
+    VideoMeta,
+    VideoReader,
+    VideoWriter,
+    list_clips,
+)
 from sdatc.errors import SdatcError
 from sdatc.models.backbone import ENV_SD21, SD21_HELP, resolve_pretrained
 from sdatc.models.dcm import DCM

@@ -1,6 +1,6 @@
 """Seeded mutants of real clips for robustness tests: byte flips, truncation, zeroed ranges, header damage.
 
-    sources = make_sources(frames, tmp / "good")        # {name: path}: mp4, faststart mp4, mkv (H.264), webm (VP8), PNGs
+    sources = make_sources(frames, tmp / "good")   # {name: path}: mp4, faststart mp4, mkv, webm, PNG folder
     for name, src in sources.items():
         write_mutants(src, tmp / "clips", seed=1)        # clips/<name>_<kind><i>.<ext> (or a frame folder)
 

@@ -81,7 +81,8 @@ def scan_clips(cfg: TrainDataConfig) -> list[ClipInfo]:
         try:  # frame folders: every frame's header and PNG end checked (no decode); videos: the timeline
             meta = VideoReader(path).meta
         except SdatcError as e:
-            raise SdatcError(f"{e} (training clip {name!r}: repair it or leave it out with data.exclude=[{name}])") from None
+            hint = f"training clip {name!r}: repair it or leave it out with data.exclude=[{name}]"
+            raise SdatcError(f"{e} ({hint})") from None
         files = list_frame_files(path) if path.is_dir() else None
         info = ClipInfo(name, path, meta.num_frames, meta.height, meta.width, files)
         if info.num_frames < cfg.num_frames:

@@ -43,7 +43,8 @@ SCALE_FLAGS = "bicubic"
 # 4:2:0 H.264 cannot code an odd width or height (its crop unit is 2 pixels), so an odd-sized clip is encoded
 # edge-padded to even and its true size recorded in this mp4 metadata tag ("WxH"); VideoReader crops to it.
 SIZE_TAG = "sdatc_frame_size"
-X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow", "placebo")
+X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow",
+                "placebo")
 
 _PIL_MODES = {"RGB": "rgb24", "RGBA": "rgba", "L": "gray", "LA": "graya", "P": "pal8", "I;16": "gray16", "I": "gray32"}
 # YUV matrices (FFmpeg's AVColorSpace numbers) the scale filter converts RGB to, and ranges (AVColorRange)
@@ -292,7 +293,10 @@ class VideoReader:
 
     YUV -> RGB uses each frame's tagged matrix and range (PyAV >= 17 reformats with the frame's own
     tags; untagged: BT.601 limited, as ffmpeg). While iterating, ``timestamps`` collects each frame's
-    pts in ``meta.time_base`` units (a frame folder: 0, 1, 2, ... at ``fps``)."""
+    pts in ``meta.time_base`` units (a frame folder: 0, 1, 2, ... at ``fps``).
+
+    Opening checks what can be checked without decoding (a one-line SdatcError otherwise): frames missing
+    from a Matroska/WebM timeline, PNG headers and ends; a clip with the ``SIZE_TAG`` is cropped to it."""
 
     def __init__(self, path: str | Path, fps: float | None = None):
         self.path = Path(path)
@@ -395,7 +399,8 @@ class VideoReader:
         tail = round((declared - end_s) * float(rate)) if declared is not None else 0
         if missing or tail >= 1:
             where = [f"a gap at {float(first_gap * s.time_base):.2f} s"] if missing else []
-            where += [f"the frames end at {end_s:.2f} s, the stream's declared end is {declared:.2f} s"] if tail >= 1 else []
+            if tail >= 1:
+                where.append(f"the frames end at {end_s:.2f} s, the stream's declared end is {declared:.2f} s")
             raise SdatcError(f"{self.path}: truncated or damaged video: {count} frames present, about "
                              f"{missing + max(tail, 0)} missing at {float(rate):g} fps ({'; '.join(where)})")
         return count, "timeline" if declared is not None else "packets"

@@ -12,7 +12,7 @@ import pytest
 from sdatc.config import load_config
 from sdatc.data.datasets import TrainDataConfig, VideoClipDataset, scan_clips
 from sdatc.data.testsets import TestSetConfig
-from sdatc.data.video import VideoReader, write_frames, write_video
+from sdatc.data.video import VideoReader, write_frames
 from sdatc.errors import SdatcError
 from sdatc.inference import InferConfig, run
 
@@ -29,8 +29,6 @@ def frames10(carphone_path):
 @pytest.mark.parametrize("fmt,codec,ext", [("matroska", "libx264", "mkv"), ("webm", "libvpx", "webm")])
 def test_cut_matroska_and_webm_are_refused_not_restored_short(tmp_path, frames10, fmt, codec, ext):
     good = _encode(tmp_path / f"good.{ext}", frames10, fmt, codec)
-    m = VideoReader(good).meta
-    assert (m.num_frames, m.frames_from) == (10, "timeline")  # no frame count in the file: checked against time
     data = good.read_bytes()
     for cut in (0.6, 0.75, 0.9):  # the mutants: 1-9 of 10 frames left, restored as "done"
         bad = tmp_path / f"cut{cut}.{ext}"
@@ -38,6 +36,8 @@ def test_cut_matroska_and_webm_are_refused_not_restored_short(tmp_path, frames10
         with pytest.raises(SdatcError, match=rf"cut{cut}\.{ext}: (truncated or damaged video: \d frames present, "
                                              r"about \d+ missing|holds no video packets)"):
             VideoReader(bad).read_all()  # was: 1-9 frames, no error
+    m = VideoReader(good).meta
+    assert (m.num_frames, m.frames_from) == (10, "timeline")  # no frame count in the file: checked against time
 
 
 def _remux(src: Path, dst: Path, edit) -> Path:
@@ -73,11 +73,12 @@ def test_lost_block_in_the_middle_is_found_and_vfr_with_durations_is_not(tmp_pat
 
 def test_container_without_count_or_duration_says_how_many_frames_were_found(tmp_path, frames10, capsys):
     live = _encode(tmp_path / "clips" / "live.mkv", frames10[:4], "matroska", "libx264", options={"live": "1"})
-    m = VideoReader(live).meta
-    assert (m.num_frames, m.frames_from) == (4, "packets")
     cfg = load_config(InferConfig, "configs/infer/bicubic.yaml", [f"input={live}", f"output={tmp_path / 'out'}"])
     assert [r["status"] for r in run(cfg, progress=False)] == ["done"]
-    assert "note: live: the container declares no frame count or duration; restoring the 4 frames found" in capsys.readouterr().out
+    note = "note: live: the container declares no frame count or duration; restoring the 4 frames found"
+    assert note in capsys.readouterr().out
+    m = VideoReader(live).meta
+    assert (m.num_frames, m.frames_from) == (4, "packets")
 
 
 def test_unknown_codec_and_bad_metadata_are_one_line(tmp_path, frames10):
@@ -107,14 +108,6 @@ def test_no_packets_is_named_not_operation_not_permitted(tmp_path, frames10):
     bad.write_bytes(data[: data.rindex(b"\x1f\x43\xb6\x75") + 12])  # cut in the cluster before its first block
     with pytest.raises(SdatcError, match=r"cut\.webm: holds no video packets \(truncated or corrupt file\)"):
         VideoReader(bad)
-    mp4 = write_video(tmp_path / "a.mp4", frames10[:3], fps=10)
-    data = bytearray(mp4.read_bytes())
-    k = data.index(b"mdat")
-    data[k + 4:k + 4 + 2000] = bytes(len(data[k + 4:k + 4 + 2000]))  # frames zeroed
-    (tmp_path / "zeroed.mp4").write_bytes(bytes(data))
-    with pytest.raises(SdatcError) as e:
-        VideoReader(tmp_path / "zeroed.mp4").read_all()
-    assert "Operation not permitted" not in str(e.value) and "zeroed.mp4" in str(e.value)
 
 
 def test_settings_that_fail_late_are_refused_when_the_config_loads():
