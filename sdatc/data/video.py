@@ -201,8 +201,10 @@ def _av_reason(e: Exception) -> str:
         return "corrupt or truncated data"
     if isinstance(e, av.error.EOFError):
         return "the file ends early: truncated"
-    if isinstance(e, av.error.FFmpegError) and e.errno == errno.ENOSYS:  # "Not yet implemented in FFmpeg"
+    if isinstance(e, av.error.PatchWelcomeError):  # "Not yet implemented in FFmpeg, patches welcome"
         return "damaged data, or a feature FFmpeg does not support"
+    if isinstance(e, av.error.FFmpegError) and e.errno == errno.EIO:
+        return "input/output error: a damaged file, or a failing disk"
     return getattr(e, "strerror", None) or str(e).split(": '", 1)[0]
 
 
@@ -224,6 +226,10 @@ def _declared_end(c, s) -> float | None:
     if len(c.streams) == 1 and c.duration:
         return ((c.start_time or 0) + c.duration) / av.time_base
     return None
+
+
+def _frames(k: int) -> str:
+    return f"{k} frame{'s' * (k != 1)}"
 
 
 def _frame_size_tag(c, coded_w: int, coded_h: int) -> tuple[int, int] | None:
@@ -398,11 +404,12 @@ class VideoReader:
         end_s = float(end * s.time_base)
         tail = round((declared - end_s) * float(rate)) if declared is not None else 0
         if missing or tail >= 1:
-            where = [f"a gap at {float(first_gap * s.time_base):.2f} s"] if missing else []
+            where = []
+            if missing:
+                where.append(f"its timestamps skip about {_frames(missing)} (from {float(first_gap * s.time_base):.2f} s)")
             if tail >= 1:
-                where.append(f"the frames end at {end_s:.2f} s, the stream's declared end is {declared:.2f} s")
-            raise SdatcError(f"{self.path}: truncated or damaged video: {count} frames present, about "
-                             f"{missing + max(tail, 0)} missing at {float(rate):g} fps ({'; '.join(where)})")
+                where.append(f"it ends at {end_s:.2f} s, about {_frames(tail)} before its declared end at {declared:.2f} s")
+            raise SdatcError(f"{self.path}: truncated or damaged video: {count} frames present; {'; '.join(where)}")
         return count, "timeline" if declared is not None else "packets"
 
     # -- frames

@@ -33,8 +33,8 @@ def test_cut_matroska_and_webm_are_refused_not_restored_short(tmp_path, frames10
     for cut in (0.6, 0.75, 0.9):  # the mutants: 1-9 of 10 frames left, restored as "done"
         bad = tmp_path / f"cut{cut}.{ext}"
         bad.write_bytes(data[: int(len(data) * cut)])
-        with pytest.raises(SdatcError, match=rf"cut{cut}\.{ext}: (truncated or damaged video: \d frames present, "
-                                             r"about \d+ missing|holds no video packets)"):
+        with pytest.raises(SdatcError, match=rf"cut{cut}\.{ext}: (truncated or damaged video: \d frames present; "
+                                             r"(it ends|its timestamps skip)|holds no video packets)"):
             VideoReader(bad).read_all()  # was: 1-9 frames, no error
     m = VideoReader(good).meta
     assert (m.num_frames, m.frames_from) == (10, "timeline")  # no frame count in the file: checked against time
@@ -63,8 +63,8 @@ def test_lost_block_in_the_middle_is_found_and_vfr_with_durations_is_not(tmp_pat
         return True
 
     vfr = _remux(src, tmp_path / "vfr.mkv", later)
-    with pytest.raises(SdatcError, match=r"lost\.mkv: truncated or damaged video: 9 frames present, about 1 missing "
-                                         r"at 10 fps \(a gap at 0\.70 s\)"):
+    with pytest.raises(SdatcError, match=r"lost\.mkv: truncated or damaged video: 9 frames present; its timestamps "
+                                         r"skip about 1 frame \(from 0\.70 s\)$"):
         VideoReader(lost)
     r = VideoReader(vfr)
     assert (r.meta.num_frames, r.meta.frames_from) == (10, "timeline")
@@ -157,3 +157,19 @@ def test_training_scan_names_a_cut_frame_and_a_sample_with_damaged_data_is_skipp
     warned = [line for line in err.splitlines() if line.startswith("warning: sample")]
     assert warned and all("a/00000001.png: not a readable image" in w for w in warned), err
     assert "Traceback" not in err
+
+
+def test_ffmpeg_generic_errors_are_said_in_words():
+    import errno
+
+    from sdatc.data.video import _av_reason
+
+    cases = [(av.error.PermissionError(1, "Operation not permitted"), "corrupt or truncated data"),  # FFmpeg's -1
+             (av.error.EOFError(-541478725, "End of file"), "the file ends early: truncated"),
+             (av.error.PatchWelcomeError(-1163346256, "Not yet implemented in FFmpeg, patches welcome"),
+              "damaged data, or a feature FFmpeg does not support"),
+             (av.error.OSError(errno.EIO, "Input/output error"), "input/output error: a damaged file, or a failing disk"),
+             (av.error.InvalidDataError(-1094995529, "Invalid data found when processing input"),
+              "Invalid data found when processing input")]  # FFmpeg's own words where they say enough
+    for e, words in cases:
+        assert _av_reason(e) == words, e
