@@ -117,6 +117,10 @@ def test_settings_that_fail_late_are_refused_when_the_config_loads():
             load_config(cls, path, [f"{key}=medum"])
         with pytest.raises(SdatcError, match=r"fps must be a positive number.*nan"):
             load_config(cls, path, ["fps=.nan"])
+    from sdatc.training.trainer import TrainConfig
+
+    with pytest.raises(SdatcError, match=r"preset 'medum' is not an x264 preset"):  # the training degradation's
+        load_config(TrainConfig, "configs/train/tiny_stage0.yaml", ["data.degradation.preset=medum"])
 
 
 def _png_folder(root: Path, name: str, frames: np.ndarray) -> Path:
