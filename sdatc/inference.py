@@ -26,7 +26,14 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from sdatc.config import load_config, resolve_config_path
-from sdatc.data.video import FrameWriter, VideoMeta, VideoReader, VideoWriter, list_clips
+from sdatc.data.video import (
+    X264_PRESETS,
+    FrameWriter,
+    VideoMeta,
+    VideoReader,
+    VideoWriter,
+    list_clips,
+)
 from sdatc.errors import SdatcError, os_error, os_reason
 from sdatc.models.backbone import ENV_SD21, SD21_HELP, resolve_pretrained
 from sdatc.models.dcm import DCM
@@ -67,11 +74,13 @@ class InferConfig:
     copy_audio: bool = True
     compile: bool = False  # torch.compile the denoiser (modes sdatc / ultravsr); channels_last and TF32 either way
 
-    def __post_init__(self):
+    def __post_init__(self):  # settings that would fail only after a clip is restored are checked at load
         from sdatc.checks import check_device, check_fps
 
         check_device(self.device)
         check_fps(self.fps)
+        if self.output_preset not in X264_PRESETS:
+            raise ValueError(f"output_preset {self.output_preset!r} is not an x264 preset ({', '.join(X264_PRESETS)})")
 
 
 PREVIEW_CONFIG = "configs/infer/preview.yaml"
@@ -368,6 +377,8 @@ def write_restored(stream, src: Path, mp4: Path | None, frames_dir: Path | None 
             raise SdatcError(f"output {o} is or holds the input {src} (inputs are never modified)")
     reader = VideoReader(src, fps=fps)
     meta, n, name = reader.meta, len(reader), name or src.stem
+    if meta.frames_from == "packets":  # nothing to check the count against (no index, no declared duration)
+        print(f"note: {name}: the container declares no frame count or duration; restoring the {n} frames found")
     if meta.color.hdr:
         print(f"note: {name} is HDR ({meta.color.hdr}): its tags are kept, but the model was trained on SDR video")
     audio = src if copy_audio and meta.has_audio else None

@@ -17,7 +17,7 @@ from fractions import Fraction
 import av
 import numpy as np
 
-from sdatc.data.video import SCALE_FLAGS, convert_frames
+from sdatc.data.video import SCALE_FLAGS, SIZE_TAG, convert_frames
 from sdatc.errors import SdatcError
 
 __all__ = ["SCALE_FLAGS", "X264Result", "x264_compress", "random_bitrate_compress"]
@@ -28,6 +28,7 @@ class X264Result:
     frames: np.ndarray  # (T, H, W, 3) uint8 decoded frames
     data: bytes  # the mp4 file
     settings: str  # x264 SEI: "x264 - core N rXXXX ... - options: ... crf=25.0 ..."
+    coded_size: tuple[int, int] | None = None  # (H, W) in the bitstream when padded to even for 4:2:0
 
     @property
     def num_bytes(self) -> int:
@@ -35,14 +36,17 @@ class X264Result:
 
 
 def _encode(frames: Iterable[av.VideoFrame], width: int, height: int, fps: Fraction, pix_fmt: str,
-            options: dict[str, str], bitrate: int | None = None) -> bytes:
+            options: dict[str, str], bitrate: int | None = None, true_size: tuple[int, int] | None = None) -> bytes:
     """Encode av.VideoFrames (any pix_fmt; converted as the ffmpeg CLI does) into mp4 bytes with libx264.
+    ``true_size`` (W, H) of padded frames is recorded in the ``SIZE_TAG`` metadata (VideoReader crops to it).
 
     Deterministic: the RGB -> YUV conversion runs on one thread, and x264 never uses sliced threads
     (PyAV's default thread type, SLICE, turns them on whenever threads > 1: a bitstream that depends on
     the thread count and differs from the ffmpeg CLI's frame threads)."""
     buf = io.BytesIO()
-    with av.open(buf, mode="w", format="mp4") as c:
+    with av.open(buf, mode="w", format="mp4", options={"movflags": "use_metadata_tags"} if true_size else {}) as c:
+        if true_size:
+            c.metadata[SIZE_TAG] = "{}x{}".format(*true_size)
         s = c.add_stream("libx264", rate=fps)
         s.width, s.height, s.pix_fmt = width, height, pix_fmt
         s.codec_context.time_base = 1 / fps
@@ -84,7 +88,9 @@ def x264_compress(frames: Sequence[np.ndarray] | np.ndarray, *, crf: float | Non
         lossless_first: the COMISR recipe: RGB -> lossless x264 (crf 0, yuv444p) -> decode -> encode.
         threads: x264 threads; pinned to 1 by default so the bitstream does not depend on the machine
             (more: x264's frame threads, deterministic; everything else in the round trip uses one thread).
-        pix_fmt: ``yuv420p`` or ``yuv444p``. Odd sizes are edge-padded for 4:2:0 and cropped back.
+        pix_fmt: ``yuv420p`` or ``yuv444p``. Odd sizes are edge-padded for 4:2:0 (H.264 cannot crop one
+            pixel of 4:2:0), the true size is written in the mp4's ``SIZE_TAG`` metadata, and the decoded
+            frames are cropped back (as VideoReader crops the mp4).
     """
     if (crf is None) == (bitrate is None):
         raise ValueError("give exactly one of crf or bitrate")
@@ -104,14 +110,16 @@ def x264_compress(frames: Sequence[np.ndarray] | np.ndarray, *, crf: float | Non
     if lossless_first:
         lossless = _encode(src, W, H, rate, "yuv444p", {**opts, "crf": "0"})
         src = iter(_decode(lossless))
+    true_size = (w, h) if (ph or pw) else None
     if crf is not None:
-        data = _encode(src, W, H, rate, pix_fmt, {**opts, "crf": str(crf)})
+        data = _encode(src, W, H, rate, pix_fmt, {**opts, "crf": str(crf)}, true_size=true_size)
     else:
-        data = _encode(src, W, H, rate, pix_fmt, opts, bitrate=int(bitrate))
+        data = _encode(src, W, H, rate, pix_fmt, opts, bitrate=int(bitrate), true_size=true_size)
     out = np.stack([f.to_ndarray(format="rgb24", threads=1) for f in _decode(data)])  # swscale on one thread
     if out.shape[0] != t:
         raise SdatcError(f"x264 round trip returned {out.shape[0]} frames for {t}")
-    return X264Result(frames=out[:, :h, :w], data=data, settings=_sei(data))
+    return X264Result(frames=np.ascontiguousarray(out[:, :h, :w]), data=data, settings=_sei(data),
+                      coded_size=(H, W) if true_size else None)
 
 
 def random_bitrate_compress(frames: np.ndarray, rng: np.random.Generator, low: float = 1e4, high: float = 1e5,

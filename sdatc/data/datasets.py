@@ -17,6 +17,7 @@ Clips are video files or folders of frames (png/jpg) directly inside ``root`` (R
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +78,11 @@ def scan_clips(cfg: TrainDataConfig) -> list[ClipInfo]:
     clips = {n: p for n, p in clips.items() if n not in set(cfg.exclude)}
     out, short, small = [], [], []
     for name, path in clips.items():
-        meta = VideoReader(path).meta
+        try:  # frame folders: every frame's header and PNG end checked (no decode); videos: the timeline
+            meta = VideoReader(path).meta
+        except SdatcError as e:
+            hint = f"training clip {name!r}: repair it or leave it out with data.exclude=[{name}]"
+            raise SdatcError(f"{e} ({hint})") from None
         files = list_frame_files(path) if path.is_dir() else None
         info = ClipInfo(name, path, meta.num_frames, meta.height, meta.width, files)
         if info.num_frames < cfg.num_frames:
@@ -133,13 +138,26 @@ class VideoClipDataset(Dataset):
     def __len__(self) -> int:
         return len(self.clips)
 
-    def clip_of(self, index: int) -> ClipInfo:
+    def clip_of(self, index: int, shift: int = 0) -> ClipInfo:
+        """The clip of sample ``index`` (``shift``: the one after it in the epoch's permutation)."""
         epoch, k = divmod(index, len(self.clips))
         perm = np.random.default_rng([self.cfg.seed, 7, epoch]).permutation(len(self.clips))
-        return self.clips[perm[k]]
+        return self.clips[perm[(k + shift) % len(self.clips)]]
 
     def __getitem__(self, index: int) -> dict:
-        cfg, clip = self.cfg, self.clip_of(index)
+        """Sample ``index``; a frame that does not decode (damage the scan's header checks cannot see) is
+        logged in one line and the sample taken from the next clip of the permutation instead (still a
+        function of seed and index), so a data loader worker never dies hours into a run."""
+        for shift in range(len(self.clips)):
+            clip = self.clip_of(index, shift)
+            try:
+                return self._sample(index, clip)
+            except SdatcError as e:
+                print(f"warning: sample {index}: {e}; taking it from another clip", file=sys.stderr, flush=True)
+        raise SdatcError(f"sample {index}: no training clip could be read")
+
+    def _sample(self, index: int, clip: ClipInfo) -> dict:
+        cfg = self.cfg
         rng = np.random.default_rng([cfg.seed, 11, index])
         n, size, s = cfg.num_frames, cfg.gt_size, cfg.degradation.scale
         start = int(rng.integers(0, clip.num_frames - n + 1))

@@ -17,6 +17,7 @@ parameter is drawn once per clip, so every frame of a clip gets the same degrada
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 
 import cv2
@@ -24,6 +25,7 @@ import numpy as np
 
 from sdatc.data.compress import x264_compress
 from sdatc.data.imresize import imresize
+from sdatc.data.video import X264_PRESETS
 
 
 @dataclasses.dataclass
@@ -61,6 +63,11 @@ class DegradationConfig:
             raise ValueError(f"crf must be a range within [0, 51], got {list(self.crf)}")
         if not 0 <= self.crf_prob <= 1:
             raise ValueError(f"crf_prob must be in [0, 1], got {self.crf_prob}")
+        if self.preset not in X264_PRESETS:  # else the first data loader worker fails, after the model loaded
+            raise ValueError(f"preset {self.preset!r} is not an x264 preset ({', '.join(X264_PRESETS)})")
+        for name in ("fps", "crf_fps"):
+            if not math.isfinite(getattr(self, name)) or getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a positive number of frames per second, got {getattr(self, name)}")
 
 
 class Degradation:

@@ -6,7 +6,10 @@
     OUT/BIx4_crf<q>/<clip>/%08d.png   decoded frames, same count and size as BIx4 (the table input)
     OUT/manifest.json                 settings, versions, per-clip bytes and kbit/s, sha256 per PNG
 
-Re-running with the same settings reuses the clips already in the manifest.
+Re-running with the same settings reuses the clips already in the manifest (their recorded versions kept).
+An LR size that 4:2:0 cannot code (odd) is encoded edge-padded to even with the true size in the mp4's
+``sdatc_frame_size`` tag (``coded_size`` in the manifest); VideoReader crops to it, so infer.py restores
+exactly 4x the LR size.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import sdatc
 from sdatc.config import to_dict
 from sdatc.data.compress import SCALE_FLAGS, x264_compress
 from sdatc.data.imresize import bicubic_down
-from sdatc.data.video import FrameWriter, VideoReader, encoder_version, list_clips
+from sdatc.data.video import X264_PRESETS, FrameWriter, VideoReader, encoder_version, list_clips
 from sdatc.errors import SdatcError
 from sdatc.utils import atomic_write_bytes, atomic_write_text, sha256_file
 
@@ -59,6 +62,8 @@ class TestSetConfig:
     def __post_init__(self):
         from sdatc.checks import check_fps
 
+        if self.preset not in X264_PRESETS:
+            raise ValueError(f"preset {self.preset!r} is not an x264 preset ({', '.join(X264_PRESETS)})")
         if self.scale < 1:
             raise ValueError(f"scale must be >= 1, got {self.scale}")
         check_fps(self.fps)
@@ -183,6 +188,8 @@ def build_clip(cfg: TestSetConfig, name: str, src: Path, out: Path, expected_fra
             "kbps": round(r.num_bytes * 8 / 1000 / (n / cfg.fps), 3),
             "mp4_sha256": sha256_file(mp4), "x264": r.settings, "png_sha256": _hash_folder(folder),
         }
+        if r.coded_size:  # odd LR size: padded to even in the bitstream, the true size in the mp4's tag
+            entry["crf"][str(q)]["coded_size"] = list(r.coded_size)
     return entry
 
 
@@ -201,7 +208,7 @@ def build_testsets(cfg: TestSetConfig) -> tuple[dict, dict]:
     manifest["resize"] = "MATLAB imresize bicubic (a=-0.5, antialiased), uint8 rounded (sdatc.data.imresize)"
     manifest["colour"] = (f"RGB->YUV by libavfilter scale (flags={SCALE_FLAGS}; BT.601 limited, as the ffmpeg CLI), "
                           "YUV->RGB by PyAV to_ndarray (same bytes as the CLI's PNG output)")
-    manifest["versions"] = versions()
+    recorded = manifest.get("versions")
     done = reused = 0
     for name, src in tqdm(clips.items(), desc="clips", unit="clip"):
         entry = manifest["clips"].get(name)
@@ -210,8 +217,16 @@ def build_testsets(cfg: TestSetConfig) -> tuple[dict, dict]:
             continue
         manifest["clips"][name] = build_clip(cfg, name, src, out, expected.get(name))
         manifest["updated"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-        x264 = next(iter(manifest["clips"][name]["crf"].values()))["x264"]
-        manifest["versions"]["x264"] = encoder_version(x264)
+        manifest["versions"] = {**versions(), "x264": _x264_versions(manifest)}
         atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1))
         done += 1
+    if not done:  # all reused: the versions that built them stay (an old manifest without x264: from the clips)
+        manifest["versions"] = {**(recorded or versions()), "x264": _x264_versions(manifest)}
     return manifest, {"built": done, "reused": reused}
+
+
+def _x264_versions(manifest: dict) -> str | None:
+    """The x264 version(s) of the manifest's clips, from each encode's settings string (``; ``-joined when
+    clips were built by different versions)."""
+    found = {encoder_version(v.get("x264")) for e in manifest["clips"].values() for v in e.get("crf", {}).values()}
+    return "; ".join(sorted(found - {None})) or None

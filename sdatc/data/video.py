@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import math
 import os
 import re
 import shutil
@@ -40,6 +42,11 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp")
 # chroma siting): the decoded test-set PNGs are bit-identical to those of the CLI recipe
 # (`ffmpeg -framerate 10 -i %08d.png -c:v libx264 -crf 0 ...`, then `-crf q -pix_fmt yuv420p`).
 SCALE_FLAGS = "bicubic"
+# 4:2:0 H.264 cannot code an odd width or height (its crop unit is 2 pixels), so an odd-sized clip is encoded
+# edge-padded to even and its true size recorded in this mp4 metadata tag ("WxH"); VideoReader crops to it.
+SIZE_TAG = "sdatc_frame_size"
+X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow",
+                "placebo")
 
 _PIL_MODES = {"RGB": "rgb24", "RGBA": "rgba", "L": "gray", "LA": "graya", "P": "pal8", "I;16": "gray16", "I": "gray32"}
 # YUV matrices (FFmpeg's AVColorSpace numbers) the scale filter converts RGB to, and ranges (AVColorRange)
@@ -93,6 +100,9 @@ class VideoMeta:
     color: ColorTags = ColorTags()
     mastering_display: str | None = None  # HDR10, x264's syntax: "G(x,y)B(x,y)R(x,y)WP(x,y)L(max,min)"
     content_light: str | None = None  # HDR10 "MaxCLL,MaxFALL" in cd/m2
+    coded_size: tuple[int, int] | None = dataclasses.field(default=None, repr=False)  # (H, W) as stored, if padded
+    frames_from: str = "index"  # num_frames from: "index" (the container's count), "timeline" (packets, checked
+    # against the declared duration), "packets" (counted; the container declares no count or duration to check)
 
     @property
     def bit_depth(self) -> int:
@@ -201,14 +211,55 @@ def list_clips(root: str | Path, skipped: list[Path] | None = None, prefer_frame
 
 
 def _open_container(path: Path):
-    try:
-        return av.open(str(path), mode="r")
+    try:  # metadata that is not UTF-8 (damaged or foreign tags) is read with replacement characters
+        return av.open(str(path), mode="r", metadata_errors="replace")
     except (av.error.FFmpegError, OSError) as e:
         raise SdatcError(f"{path}: not a readable video ({_av_reason(e)})") from None
 
 
 def _av_reason(e: Exception) -> str:
+    if isinstance(e, av.error.FFmpegError) and e.errno == 1:  # FFmpeg's generic -1 (EPERM): no data where expected
+        return "corrupt or truncated data"
+    if isinstance(e, av.error.EOFError):
+        return "the file ends early: truncated"
+    if isinstance(e, av.error.PatchWelcomeError):  # "Not yet implemented in FFmpeg, patches welcome"
+        return "damaged data, or a feature FFmpeg does not support"
+    if isinstance(e, av.error.FFmpegError) and e.errno == errno.EIO:
+        return "input/output error: a damaged file, or a failing disk"
     return getattr(e, "strerror", None) or str(e).split(": '", 1)[0]
+
+
+def _duration_tag(value: str | None) -> float | None:
+    """Matroska's per-track ``DURATION`` tag (``"00:00:01.000000000"``) in seconds, or None."""
+    m = re.fullmatch(r"(\d+):(\d\d):(\d\d(?:\.\d*)?)", (value or "").strip())
+    return int(m[1]) * 3600 + int(m[2]) * 60 + float(m[3]) if m else None
+
+
+def _declared_end(c, s) -> float | None:
+    """Where the container says the video stream ends, in seconds on the stream's clock: Matroska's track
+    ``DURATION`` tag, else the stream's duration, else the container's (only when the video is its one
+    stream: the container's duration spans all streams)."""
+    tag = _duration_tag(s.metadata.get("DURATION"))
+    if tag is not None:
+        return tag
+    if s.duration:
+        return float(((s.start_time or 0) + s.duration) * s.time_base)
+    if len(c.streams) == 1 and c.duration:
+        return ((c.start_time or 0) + c.duration) / av.time_base
+    return None
+
+
+def _frames(k: int) -> str:
+    return f"{k} frame{'s' * (k != 1)}"
+
+
+def _frame_size_tag(c, coded_w: int, coded_h: int) -> tuple[int, int] | None:
+    """The true (H, W) from the ``SIZE_TAG`` metadata when it crops the coded size by less than a macroblock."""
+    m = re.fullmatch(r"(\d+)x(\d+)", c.metadata.get(SIZE_TAG, ""))
+    if not m:
+        return None
+    w, h = int(m[1]), int(m[2])
+    return (h, w) if 0 <= coded_w - w < 16 and 0 <= coded_h - h < 16 and w and h else None
 
 
 def _first_frame(container, stream) -> av.VideoFrame | None:
@@ -269,7 +320,10 @@ class VideoReader:
 
     YUV -> RGB uses each frame's tagged matrix and range (PyAV >= 17 reformats with the frame's own
     tags; untagged: BT.601 limited, as ffmpeg). While iterating, ``timestamps`` collects each frame's
-    pts in ``meta.time_base`` units (a frame folder: 0, 1, 2, ... at ``fps``)."""
+    pts in ``meta.time_base`` units (a frame folder: 0, 1, 2, ... at ``fps``).
+
+    Opening checks what can be checked without decoding (a one-line SdatcError otherwise): frames missing
+    from a Matroska/WebM timeline, PNG headers and ends; a clip with the ``SIZE_TAG`` is cropped to it."""
 
     def __init__(self, path: str | Path, fps: float | None = None):
         self.path = Path(path)
@@ -290,11 +344,7 @@ class VideoReader:
         sizes, modes = set(), set()
         first = None
         for f in self._files:
-            try:
-                with Image.open(f) as im:  # reads the header only
-                    size, mode = im.size, im.mode
-            except Exception:
-                raise SdatcError(f"{f}: not a readable image") from None
+            size, mode = _image_header(f)
             if first is None:
                 first = (f, size)
             elif size != first[1]:
@@ -322,29 +372,66 @@ class VideoReader:
                 raise SdatcError(f"{self.path}: has no video stream")
             s = c.streams.video[0]
             cc = s.codec_context
+            if cc is None:
+                raise SdatcError(f"{self.path}: video stream of an unknown or unsupported codec (damaged header?)")
             if not cc.width or not cc.height:
                 raise SdatcError(f"{self.path}: video stream has no frame size (corrupt file?)")
             rate = s.average_rate or s.guessed_rate
-            n = s.frames or self._count_packets(c, s)
+            n, frames_from = (s.frames, "index") if s.frames else self._count_frames(c, s, rate)
             c.seek(0)
             sei = _read_sei(c, s) if cc.name in ("h264", "hevc") else None
             sar = s.sample_aspect_ratio or cc.sample_aspect_ratio
+            size = _frame_size_tag(c, cc.width, cc.height)
             return VideoMeta(
-                path=str(self.path), kind="video", num_frames=n, width=cc.width, height=cc.height,
+                path=str(self.path), kind="video", num_frames=n, width=size[1] if size else cc.width,
+                height=size[0] if size else cc.height,
                 fps=float(rate) if rate else None, pix_fmt=cc.format.name if cc.format else str(cc.pix_fmt),
                 codec=cc.name, has_audio=bool(c.streams.audio), encoder_settings=sei,
                 rate=Fraction(rate) if rate else None, time_base=Fraction(s.time_base),
                 end_pts=(s.start_time or 0) + s.duration if s.duration else None,
                 sar=Fraction(sar) if sar and sar != 1 else None, **_frame_display_info(_first_frame(c, s), cc),
+                coded_size=(cc.height, cc.width) if size and size != (cc.height, cc.width) else None,
+                frames_from=frames_from,
             )
         except av.error.FFmpegError as e:
             raise SdatcError(f"{self.path}: not a readable video ({_av_reason(e)})") from None
         finally:
             c.close()
 
-    @staticmethod
-    def _count_packets(c, s) -> int:
-        return sum(1 for p in c.demux(s) if p.size)
+    def _count_frames(self, c, s, rate) -> tuple[int, str]:
+        """The frame count of a stream whose container keeps none (Matroska, WebM): its packets, checked
+        against the timeline. A gap between one packet's end and the next packet's start, or between the
+        last packet's end and the declared end of the stream, is frames lost to damage or truncation: an
+        error naming how many are missing (each gap counts round(gap x rate) frames, so timestamp rounding
+        never adds up to a frame; VFR streams whose packets carry their durations pass)."""
+        count, spans = 0, []
+        for p in c.demux(s):
+            if p.size:
+                count += 1
+                if p.pts is not None:
+                    spans.append((p.pts, p.duration))
+        if not count:
+            raise SdatcError(f"{self.path}: holds no video packets (truncated or corrupt file)")
+        declared = _declared_end(c, s)
+        if not rate or not spans:
+            return count, "packets"
+        tick = 1 / float(rate * s.time_base)  # one frame in time_base units
+        missing, end, first_gap = 0, None, None
+        for pts, dur in sorted(spans):
+            if end is not None and round((pts - end) / tick) >= 1:
+                missing += round((pts - end) / tick)
+                first_gap = first_gap if first_gap is not None else end
+            end = max(end if end is not None else pts, pts + (dur or tick))
+        end_s = float(end * s.time_base)
+        tail = round((declared - end_s) * float(rate)) if declared is not None else 0
+        if missing or tail >= 1:
+            where = []
+            if missing:
+                where.append(f"its timestamps skip about {_frames(missing)} (from {float(first_gap * s.time_base):.2f} s)")
+            if tail >= 1:
+                where.append(f"it ends at {end_s:.2f} s, about {_frames(tail)} before its declared end at {declared:.2f} s")
+            raise SdatcError(f"{self.path}: truncated or damaged video: {count} frames present; {'; '.join(where)}")
+        return count, "timeline" if declared is not None else "packets"
 
     # -- frames
     def __len__(self) -> int:
@@ -358,12 +445,13 @@ class VideoReader:
                 yield read_image(f)
             return
         c = _open_container(self.path)
-        count = 0
+        count, h, w = 0, self.meta.height, self.meta.width
         try:
             for frame in c.decode(video=0):
                 count += 1
                 self.timestamps.append(self._next_pts(frame.pts))
-                yield frame.to_ndarray(format="rgb24")  # with the frame's colour matrix and range
+                rgb = frame.to_ndarray(format="rgb24")  # with the frame's colour matrix and range
+                yield rgb if rgb.shape[:2] == (h, w) else np.ascontiguousarray(rgb[:h, :w])  # SIZE_TAG crop
         except av.error.FFmpegError as e:
             raise SdatcError(f"{self.path}: truncated or corrupt video, decoding failed after {count} frames ({_av_reason(e)})") from None
         finally:
@@ -404,11 +492,32 @@ class VideoReader:
         pass
 
 
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk every complete PNG ends with
+
+
+def _image_header(path: Path) -> tuple[tuple[int, int], str]:
+    """(W, H) and PIL mode from an image's header (PIL checks the PNG signature and IHDR's CRC), and for a
+    PNG that its last 12 bytes are the IEND chunk (a cut file lacks it): two small reads, no decode."""
+    try:
+        with open(path, "rb") as fh, Image.open(fh) as im:
+            size, mode, fmt = im.size, im.mode, im.format
+            if fmt == "PNG":
+                fh.seek(-len(_PNG_END), 2)
+                if fh.read() != _PNG_END:
+                    raise SdatcError(f"{path}: truncated or damaged PNG (it does not end with an IEND chunk)")
+    except SdatcError:
+        raise
+    except Exception as e:  # PIL: UnidentifiedImageError, SyntaxError (bad CRC), ...; the OS: permissions
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else "damaged header, or not an image"
+        raise SdatcError(f"{path}: not a readable image ({reason.lower()})") from None
+    return size, mode
+
+
 def read_image(path: str | Path) -> np.ndarray:
     """One image file as RGB uint8 (H, W, 3)."""
     img = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if img is None:
-        raise SdatcError(f"{path}: not a readable image")
+        raise SdatcError(f"{path}: not a readable image (damaged data, or not an image)")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
@@ -458,8 +567,8 @@ def convert_frames(frames: Iterable[av.VideoFrame], pix_fmt: str, threads: int =
 
 
 def _as_rate(fps: float | Fraction) -> Fraction:
-    if fps is None or fps <= 0:
-        raise SdatcError(f"invalid frame rate {fps!r}")
+    if fps is None or not math.isfinite(fps) or fps <= 0:
+        raise SdatcError(f"invalid frame rate {fps!r} (a positive number of frames per second)")
     return fps if isinstance(fps, Fraction) else Fraction(fps).limit_denominator(100000)
 
 

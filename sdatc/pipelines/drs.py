@@ -58,7 +58,7 @@ def x264_options(path: str | Path, max_packets: int = 8) -> dict[str, str]:
     import av
 
     try:
-        with av.open(str(path)) as box:
+        with av.open(str(path), metadata_errors="replace") as box:
             stream = box.streams.video[0]
             head = bytes(stream.codec_context.extradata or b"")
             for i, packet in enumerate(box.demux(stream)):
@@ -82,7 +82,7 @@ def bits_per_pixel(path: str | Path) -> float | None:
     import av
 
     try:
-        with av.open(str(path)) as box:
+        with av.open(str(path), metadata_errors="replace") as box:
             s = box.streams.video[0]
             rate = float(s.average_rate or 0) or None
             bits = s.bit_rate or (Path(path).stat().st_size * 8 / (float(box.duration) / 1e6) if box.duration else None)

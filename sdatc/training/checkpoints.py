@@ -20,7 +20,13 @@ from safetensors.torch import save_file
 
 from sdatc.config import REPO_ROOT, dump_config, load_config, to_dict
 from sdatc.errors import SdatcError
-from sdatc.models.saving import CHECKSUMS_NAME, CONFIG_NAME, checksum_problem, verify_weights, write_checksums
+from sdatc.models.saving import (
+    CHECKSUMS_NAME,
+    CONFIG_NAME,
+    checksum_problem,
+    verify_weights,
+    write_checksums,
+)
 from sdatc.models.sdatc import FORMAT, WEIGHTS_NAME, ModelConfig
 from sdatc.training.config import TrainConfig
 from sdatc.utils import atomic_write_text

@@ -93,3 +93,47 @@ def test_clip_list_selection(gt_root, tmp_path):
 def test_out_inside_gt_is_refused(gt_root):
     with pytest.raises(SdatcError, match="must not be inside"):
         build_testsets(TestSetConfig(gt_root=str(gt_root), out=str(gt_root / "sets")))
+
+
+def test_odd_lr_size_survives_the_round_trip_and_restores_to_exactly_4x(tmp_path, bunny_frames):
+    """GT 320x180 -> LR 80x45: 4:2:0 H.264 cannot code 45 rows (crop unit 2), so the mp4 holds 80x46 and its
+    tag says 80x45; VideoReader crops to it, and infer.py restores 320x180 (was 80x46 -> 320x184)."""
+    from sdatc.config import load_config
+    from sdatc.data.video import VideoReader
+    from sdatc.evaluation import score_clip
+    from sdatc.inference import InferConfig, run
+
+    root = tmp_path / "GT"
+    write_frames(root / "odd", bunny_frames[:3, 200:380, 400:720])  # 320x180
+    out = tmp_path / "sets"
+    manifest, _ = build_testsets(TestSetConfig(gt_root=str(root), out=str(out), crf=[25]))
+    mp4 = out / "mp4" / "crf25" / "odd.mp4"
+    r = VideoReader(mp4)
+    assert (r.meta.width, r.meta.height) == (80, 45)  # was 80x46
+    assert r.meta.coded_size == (46, 80) and manifest["clips"]["odd"]["crf"]["25"]["coded_size"] == [46, 80]
+    assert np.array_equal(r.read_all(), read_video(out / "BIx4_crf25" / "odd"))  # the same frames as the PNGs
+    cfg = load_config(InferConfig, "configs/infer/bicubic.yaml", [f"input={mp4}", f"output={tmp_path / 'sr'}"])
+    assert [x["status"] for x in run(cfg, progress=False)] == ["done"]
+    sr = VideoReader(tmp_path / "sr" / "odd.mp4").meta
+    assert (sr.width, sr.height, sr.num_frames) == (320, 180, 3)
+    assert score_clip("odd", tmp_path / "sr" / "odd.mp4", root / "odd", {})["frames"] == 3  # evaluate.py accepts it
+    import av
+
+    with av.open(str(mp4)) as c:
+        assert c.metadata["sdatc_frame_size"] == "80x45"  # video.SIZE_TAG
+
+
+def test_even_sizes_are_not_tagged_and_a_reused_set_keeps_its_provenance(gt_root, tmp_path):
+    import av
+
+    out = tmp_path / "out"
+    cfg = TestSetConfig(gt_root=str(gt_root), out=str(out), crf=[25])
+    first, _ = build_testsets(cfg)
+    again, summary = build_testsets(cfg)
+    assert summary == {"built": 0, "reused": 2}
+    assert first["versions"]["x264"].startswith("x264 core")
+    assert again["versions"].get("x264") == first["versions"]["x264"]
+    assert again["versions"] == first["versions"]  # the versions that built the set, not "x264 unknown"
+    assert "coded_size" not in first["clips"]["carA"]["crf"]["25"]
+    with av.open(str(out / "mp4" / "crf25" / "carA.mp4")) as c:
+        assert "sdatc_frame_size" not in c.metadata  # even sizes: the mp4 is written as before
