@@ -121,7 +121,7 @@ def main() -> None:
         _, (s0, s1), tiles = STAGES[stage]
         area = s1 * s1 - s0 * s0
 
-        def slope(**kw) -> float:
+        def slope(stage=stage, s0=s0, s1=s1, area=area, **kw) -> float:
             return (measure(args.config, stage, s1, **kw) - measure(args.config, stage, s0, **kw)) / area
 
         r = {"whole": slope()}

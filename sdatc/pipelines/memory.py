@@ -35,7 +35,7 @@ COEF = {"dcm": 140.0, "predict": 150.0}
 # The VAE stages by system: (live, temp, tiled_live, tiled_temp), same units (docs/decisions.md A41).
 VAE_COEF = {
     ("sdatc", "encode"): (5.0, 17.0, 10.0, 17.0),
-    ("sdatc", "decode"): (6000.0, 0.0, 1500.0, 6000.0),
+    ("sdatc", "decode"): (7000.0, 0.0, 1600.0, 8000.0),
     ("ultravsr", "encode"): (2.0, 17.0, 10.0, 17.0),
     ("ultravsr", "decode"): (1500.0, 1500.0, 1500.0, 3000.0),
 }

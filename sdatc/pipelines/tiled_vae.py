@@ -85,7 +85,7 @@ def _local(fn: Callable[..., Tensor], xs: tuple[Tensor, ...], boxes: list[Box], 
 def _group_stats(gn: nn.GroupNorm, x: Tensor, boxes: list[Box]) -> tuple[Tensor, Tensor]:
     """Per-sample, per-channel (scale, shift) (N, C) fp32 of ``gn`` over the whole frame of ``x``: each tile's
     mean and variance (fp32, no copy of an fp32 tile), merged in float64 (Chan et al.). ``gn(x) == x * scale + shift``."""
-    n, c, g = x.shape[0], x.shape[1], gn.num_groups
+    c, g = x.shape[1], gn.num_groups
     count = mean = m2 = 0
     for y0, y1, x0, x1 in boxes:
         t = x[..., y0:y1, x0:x1].unflatten(1, (g, c // g)).float()  # (N, G, C/G, h_t, w_t)

@@ -22,8 +22,15 @@ import torch.nn.functional as F
 
 from sdatc.config import load_config
 from sdatc.models.sdatc import SDATC, ModelConfig
-from sdatc.pipelines.memory import (StagePlanner, available_ram, memory_budget, plan_stage, plan_vae,
-                                    stage_bytes_per_pixel, vae_cost)
+from sdatc.pipelines.memory import (
+    StagePlanner,
+    available_ram,
+    memory_budget,
+    plan_stage,
+    plan_vae,
+    stage_bytes_per_pixel,
+    vae_cost,
+)
 from sdatc.pipelines.restore import PipelineConfig, RestorePipeline, TilingConfig, WindowConfig
 from sdatc.pipelines.sampler import SamplerConfig
 from sdatc.pipelines.tiling import tiled_apply, tiled_batched
