@@ -17,19 +17,14 @@ have no bias, as in Restormer and PromptIR.
     y = capm(x)  # (N, 1280, H, W) -> (N, 1280, H, W)
 
 Three steps see the whole map, not one pixel's neighbourhood: the pooled prompt weights, the prompt
-resized to ``H x W``, and MDTA's L2 norms and ``q k^T`` over the pixels. When a map is processed in
-spatial tiles, a :class:`FrameReductions` installed for the current thread (:func:`frame_reductions`)
-computes them over the whole frame instead (``sdatc/pipelines/tiled_vae.py``); without one the code
-runs unchanged.
+resized to ``H x W``, and MDTA's L2 norms and ``q k^T`` over the pixels (the tiled VAE computes them
+over the whole frame in passes over its tiles: ``sdatc/pipelines/tiled_vae.py``, ``TiledCAPM``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import threading
-from collections.abc import Iterator
-from typing import Literal, Protocol
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -86,38 +81,6 @@ class CAPMConfig:
             )
 
 
-class FrameReductions(Protocol):
-    """The whole-map steps of CAPM, for a map that is one tile of a larger frame."""
-
-    def spatial_mean(self, x: Tensor) -> Tensor:
-        """(N, C, h, w) tile -> (N, C, 1, 1) mean over the whole frame (``AdaptiveAvgPool2d(1)``)."""
-
-    def resize(self, p: Tensor, size: tuple[int, int]) -> Tensor:
-        """(N, C, S, S) -> (N, C, h, w): the tile's part of ``p`` resized bilinearly to the whole frame."""
-
-    def normalized_gram(self, q: Tensor, k: Tensor, size: tuple[int, int]) -> Tensor:
-        """2 x (N, g, c, h*w) tile of a (h, w) map -> (N, g, c, c) ``normalize(q) @ normalize(k)^T``,
-        with the L2 norms and the sum over pixels taken over the whole frame."""
-
-
-_reductions = threading.local()  # .value: the current thread's FrameReductions, if any
-
-
-def frame_reductions() -> FrameReductions | None:
-    """The :class:`FrameReductions` installed for this thread, or None (plain, whole-map CAPM)."""
-    return getattr(_reductions, "value", None)
-
-
-@contextlib.contextmanager
-def using_frame_reductions(r: FrameReductions | None) -> Iterator[None]:
-    """Install ``r`` for CAPMs called from this thread within the block."""
-    prev, _reductions.value = frame_reductions(), r
-    try:
-        yield
-    finally:
-        _reductions.value = prev
-
-
 def fit_heads(dim: int, num_heads: int) -> int:
     """The largest divisor of ``dim`` that is <= ``num_heads`` (``num_heads`` itself if it divides)."""
     if dim < 1 or num_heads < 1:
@@ -166,12 +129,9 @@ class MDTA(nn.Module):
         h, w = x.shape[-2:]
         q, k, v = self.qkv_dwconv(self.qkv(x)).chunk(3, dim=1)  # 3 x (N, d, H, W)
         q, k, v = (rearrange(t, "n (g c) h w -> n g c (h w)", g=self.num_heads) for t in (q, k, v))
-        if (r := frame_reductions()) is not None:  # a tile: norms and q k^T over the whole frame
-            attn = r.normalized_gram(q, k, (h, w)) * self.temperature  # (N, g, d/g, d/g)
-        else:
-            q = F.normalize(q, dim=-1)  # (N, g, d/g, HW), L2 over the spatial axis
-            k = F.normalize(k, dim=-1)
-            attn = (q @ k.transpose(-2, -1)) * self.temperature  # (N, g, d/g, d/g)
+        q = F.normalize(q, dim=-1)  # (N, g, d/g, HW), L2 over the spatial axis
+        k = F.normalize(k, dim=-1)
+        attn = (q @ k.transpose(-2, -1)) * self.temperature  # (N, g, d/g, d/g)
         out = attn.softmax(dim=-1) @ v  # (N, g, d/g, HW)
         out = rearrange(out, "n g c (h w) -> n (g c) h w", h=h, w=w)  # (N, d, H, W)
         return self.project_out(out)
@@ -266,10 +226,7 @@ class CAPM(nn.Module):
             (N, L) weights; rows sum to 1 with ``weight_norm="softmax"``.
         """
         self._check_input(x)
-        if (r := frame_reductions()) is not None:  # a tile: the pool (last layer) over the whole frame
-            pooled = r.spatial_mean(self.weight_cnn[:-1](x))  # (N, h, 1, 1)
-        else:
-            pooled = self.weight_cnn(x)  # (N, h, 1, 1)
+        pooled = self.weight_cnn(x)  # (N, h, 1, 1)
         v = self.weight_linear(pooled.flatten(1))  # (N, h) -> (N, L)
         if self.cfg.weight_norm == "softmax":
             return v.softmax(dim=-1)
@@ -288,10 +245,7 @@ class CAPM(nn.Module):
         """
         v = self.prompt_weights(x)  # (N, L)
         p = torch.einsum("nl,lchw->nchw", v, self.prompts.to(v.dtype))  # (N, C_p, S, S)
-        if (r := frame_reductions()) is not None:  # a tile: its part of the prompt resized to the frame
-            p = r.resize(p, tuple(x.shape[-2:]))
-        else:
-            p = F.interpolate(p, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        p = F.interpolate(p, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return self.prompt_conv(p)  # (N, C_p, H, W)
 
     def forward(self, x: Tensor, ctx=None) -> Tensor:

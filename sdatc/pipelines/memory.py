@@ -1,9 +1,10 @@
 """Tiling decided by memory: how much a stage may hold, what one frame of it costs, and the plan.
 
     budget = memory_budget(device, tiling)                     # bytes the stages' activations may use
-    plan = plan_stage(items=5, size=(96, 160), bytes_per_pixel=est, budget=budget,
-                      tile=64, overlap=32, align=8, mode="auto")
+    plan = plan_stage(items=5, size=(96, 160), bytes_per_pixel=est, budget=budget, tile=64, mode="auto")
     plan.tiled, plan.batch                                     # whole frames in one batch, or tiles x frames
+    plan = plan_vae(frames=16, size=(90, 160), cost=vae_cost(model, "decode"), budget=budget, tile=64, chunk=1)
+    plan.tiled, plan.batch, plan.tile                          # VAE: frames per call, tile size if tiled
 
 Budget: on a GPU the free memory (the driver's free plus what torch's allocator holds unused) less a
 margin; on the CPU ``tiling.memory_gb``, else half of the available RAM. Costs: activation bytes per
@@ -11,6 +12,13 @@ input pixel of one frame of each stage, measured on the CPU in fp32 by ``scripts
 at the SD 2.1 size and expressed per channel of the stage's widest level, so that they scale with the
 config (the tiny test models included). fp32 bytes are an upper bound under bf16 autocast. Weights are
 not counted: they are resident before the budget is read.
+
+The VAE stages (:func:`plan_vae`) are costed as what runs: ``live`` bytes per pixel for every frame of the
+call, plus ``temp`` per pixel for the frames of one call of the frozen blocks (all of them, or
+``chunk`` frames: UltraVSR's ``chunk_frames``, SDATC's encoder batches); tiled
+(``sdatc/pipelines/tiled_vae.py``), ``tiled_live`` per pixel of every frame plus ``tiled_temp`` per
+pixel of one tile of the frames of one call. Frames are split first where the stage allows it, then
+tiles, halved from the configured size until the estimate fits.
 """
 
 from __future__ import annotations
@@ -23,7 +31,15 @@ import torch
 # Activation bytes per input pixel per channel of the stage's first (widest-resolution) level, fp32,
 # measured by scripts/measure_stage_memory.py on the tiny and the SD 2.1-size configs (the larger of the
 # two, rounded up; docs/decisions.md A41).
-COEF = {"dcm": 140.0, "encode": 17.0, "predict": 150.0, "decode": 6000.0}
+COEF = {"dcm": 140.0, "predict": 150.0}
+# The VAE stages by system: (live, temp, tiled_live, tiled_temp), same units (docs/decisions.md A41).
+VAE_COEF = {
+    ("sdatc", "encode"): (5.0, 17.0, 10.0, 17.0),
+    ("sdatc", "decode"): (7000.0, 0.0, 1600.0, 8000.0),
+    ("ultravsr", "encode"): (2.0, 17.0, 10.0, 17.0),
+    ("ultravsr", "decode"): (1500.0, 1500.0, 1500.0, 3000.0),
+}
+MIN_TILE = {"encode": 64, "decode": 8}  # the planner halves tiles down to this (image / latent pixels)
 GPU_MARGIN = 0.15  # fraction of the free GPU memory left alone (fragmentation, cuDNN workspaces, the writer)
 GPU_RESERVE = 1 << 30  # and at least this many bytes
 CPU_FRACTION = 0.5  # of MemAvailable, when tiling.memory_gb is not set
@@ -52,13 +68,11 @@ def memory_budget(device: torch.device, memory_gb: float | None = None) -> int:
 
 
 def stage_bytes_per_pixel(model, stage: str) -> float:
-    """Activation bytes per input pixel of one frame of ``stage`` (fp32): ``dcm`` (LR pixels), ``encode``
-    (x4 pixels), ``predict`` (latent pixels, UNet + guidance encoder), ``decode`` (latent pixels)."""
+    """Activation bytes per input pixel of one frame of ``stage`` (fp32): ``dcm`` (LR pixels), ``predict``
+    (latent pixels, UNet + guidance encoder). The VAE stages: :func:`vae_cost`."""
     if stage == "dcm":
         dcm = getattr(model, "dcm", model)
         width = getattr(getattr(dcm, "cfg", None), "embed_dim", 64) if dcm is not None else 3
-    elif stage in ("encode", "decode"):
-        width = model.vae.config.block_out_channels[0]
     elif stage == "predict":
         width = model.unet.config.block_out_channels[0]
     else:
@@ -72,9 +86,10 @@ class StagePlan:
     tile x frame pairs), and the memory estimate behind it (bytes)."""
 
     tiled: bool
-    batch: int
-    need: int  # bytes for all items untiled in one call
+    batch: int  # items per call (VAE stages: frames per call of the frozen blocks)
+    need: int  # bytes: the estimate of what runs (all items untiled in one call for the batched stages)
     budget: int
+    tile: int | None = None  # VAE stages, tiled: the tile size (input pixels)
 
 
 def plan_stage(items: int, size: tuple[int, int], bytes_per_pixel: float, budget: int, tile: int,
@@ -100,6 +115,59 @@ def plan_stage(items: int, size: tuple[int, int], bytes_per_pixel: float, budget
     return StagePlan(True, batch, need, budget)
 
 
+@dataclasses.dataclass(frozen=True)
+class VAECost:
+    """Activation bytes per input pixel of a VAE stage (:data:`VAE_COEF` x the model's width)."""
+
+    live: float  # per frame of the call, held for the whole call
+    temp: float  # per frame of one frozen-block call
+    tiled_live: float  # tiled: per frame of the call
+    tiled_temp: float  # tiled: per pixel of one tile, per frame of one call
+
+    def need(self, frames: int, size: tuple[int, int], per_call: int, tile: int | None = None) -> int:
+        """Bytes for ``frames`` frames of ``size``, ``per_call`` frames per frozen-block call, untiled or by tiles."""
+        h, w = size
+        if tile is None or tile >= max(h, w):
+            return int(h * w * (frames * self.live + per_call * self.temp))
+        return int(h * w * frames * self.tiled_live + min(tile, h) * min(tile, w) * per_call * self.tiled_temp)
+
+
+def vae_cost(model, stage: str) -> VAECost:
+    """The :class:`VAECost` of ``stage`` (``encode``: image pixels, ``decode``: latent pixels) of an SDATC or
+    UltraVSR model."""
+    system = "ultravsr" if type(model).__name__ == "UltraVSR" else "sdatc"
+    width = model.vae.config.block_out_channels[0]
+    return VAECost(*(c * width for c in VAE_COEF[(system, stage)]))
+
+
+def plan_vae(frames: int, size: tuple[int, int], cost: VAECost, budget: int, tile: int, mode: str = "auto",
+             chunk: int | None = None, split: bool = True, min_tile: int = 8) -> StagePlan:
+    """Plan a VAE stage for ``frames`` frames of ``size`` (its input pixels).
+
+    ``chunk``: frames per call of the frozen blocks asked for (None: all). ``split``: the stage may run fewer
+    frames per call (nothing in its frozen blocks mixes frames; SDATC's decoder, with STAM, may not). ``auto``:
+    untiled with the most frames per call (up to ``chunk``) that fit; else by tiles of ``tile`` pixels,
+    halved while the estimate exceeds the budget (down to ``min_tile``). ``on``: tiles of ``tile``; ``off``: untiled.
+    """
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"tiling mode must be auto, on or off, got {mode!r}")
+    per_call = min(chunk or frames, frames)
+    whole = cost.need(frames, size, per_call)
+    if mode == "off" or (mode == "auto" and whole <= budget):
+        return StagePlan(False, per_call, whole, budget)
+    if mode == "auto" and split:  # fewer frames per call first: exact and as fast
+        fits = [b for b in range(per_call, 0, -1) if cost.need(frames, size, b) <= budget]
+        if fits:
+            return StagePlan(False, fits[0], cost.need(frames, size, fits[0]), budget)
+        per_call = 1  # nothing untiled fits: tiles of one frame at a time
+    if mode == "auto" and max(size) <= min_tile:  # tiles cannot be smaller
+        return StagePlan(False, per_call, whole, budget)
+    t = tile
+    while mode == "auto" and t > min_tile and cost.need(frames, size, per_call, t) > budget:
+        t = max(min_tile, t // 2)
+    return StagePlan(True, per_call, cost.need(frames, size, per_call, t), budget, t)
+
+
 class StagePlanner:
     """Plans a pipeline's stages (:func:`plan_stage`) against one budget, read at the first plan (once the
     model is resident) and divided by ``share`` (workers that run at once); ``plans`` keeps each stage's last."""
@@ -109,12 +177,18 @@ class StagePlanner:
         self.budget: int | None = None
         self.plans: dict[str, StagePlan] = {}
 
-    def __call__(self, stage: str, x: torch.Tensor, tile: int, group: int = 1) -> StagePlan:
-        """The plan for ``x`` (N, C, h, w) at ``stage``, with tiles of ``tile`` pixels if needed."""
+    def __call__(self, stage: str, x: torch.Tensor, tile: int, group: int = 1, chunk: int | None = None,
+                 split: bool = True) -> StagePlan:
+        """The plan for ``x`` (N, C, h, w) at ``stage``, with tiles of ``tile`` pixels if needed; the VAE stages
+        (``encode``, ``decode``) by :func:`plan_vae` (``chunk``, ``split`` as there)."""
         if self.budget is None:
             self.budget = memory_budget(self.device, self.tiling.memory_gb) // self.share
-        plan = plan_stage(x.shape[0], tuple(x.shape[-2:]), stage_bytes_per_pixel(self.model, stage), self.budget,
-                          tile, self.tiling.mode, group)
+        if stage in ("encode", "decode"):
+            plan = plan_vae(x.shape[0], tuple(x.shape[-2:]), vae_cost(self.model, stage), self.budget, tile,
+                            self.tiling.mode, chunk, split, MIN_TILE[stage])
+        else:
+            plan = plan_stage(x.shape[0], tuple(x.shape[-2:]), stage_bytes_per_pixel(self.model, stage), self.budget,
+                              tile, self.tiling.mode, group)
         self.plans[stage] = plan
         return plan
 
@@ -123,6 +197,7 @@ def describe(plans: dict[str, StagePlan]) -> str:
     """One line per run: which stages tile, with how many items per call."""
     parts = []
     for name, p in plans.items():
-        how = f"tiles, {p.batch} per call" if p.tiled else f"whole frames, {p.batch} per call"
+        how = (f"tiles{f' of {p.tile}' if p.tile else ''}, {p.batch} per call" if p.tiled
+               else f"whole frames, {p.batch} per call")
         parts.append(f"{name}: {how} (needs {p.need / 2**30:.2f} of {p.budget / 2**30:.2f} GiB)")
     return "; ".join(parts)

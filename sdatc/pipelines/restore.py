@@ -11,8 +11,9 @@ window's trajectory on shared frames -> VAE decoder with STAM/CAPM/CFW -> AdaIN 
 blend decoded frames. Memory is bounded by one window plus its overlap, whatever the clip length.
 
 Each stage runs the window's frames in one call when its memory estimate fits the budget
-(``sdatc/pipelines/memory.py``), else spatial tiles stacked with the frames on the batch axis (the VAE's
-tiles share whole-frame normalisation statistics: ``tiled_vae.py``). Noise comes from per-frame generators
+(``sdatc/pipelines/memory.py``), else spatial tiles stacked with the frames on the batch axis; the VAE
+splits frames first where it may (the encoder), then computes by tiles (``tiled_vae.py``: exact, whole-frame
+statistics, memory falling with the tile). Noise comes from per-frame generators
 on the device and trajectories stay there: the denoising loop never waits for the host.
 """
 
@@ -61,10 +62,10 @@ class TilingConfig:
     memory_gb: float | None = None  # activation budget; None: free GPU memory less a margin, or half the free RAM
     latent_tile: int = 64  # UNet path, latent pixels (StableSR: 64 with overlap 32, Gaussian weights)
     latent_overlap: int = 32
-    decoder_tile: int = 64  # VAE decoder, latent pixels (x8 in output pixels)
-    decoder_overlap: int = 16
+    decoder_tile: int = 64  # VAE decoder, latent pixels (x8 in output pixels); halved by the planner until it fits
+    decoder_overlap: int = 16  # unused: the VAE's tiles compute exactly, without overlaps (A43); kept for old configs
     encoder_tile: int = 512  # VAE encoder, pixels of the DCM output
-    encoder_overlap: int = 64
+    encoder_overlap: int = 64  # unused, as decoder_overlap
     dcm_tile: int = 128  # DCM, LR pixels
     dcm_overlap: int = 16
 
@@ -171,18 +172,17 @@ class RestorePipeline:
     def _encode(self, img: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """(T, 3, H, W) -> z_c (T, 4, H/8, W/8), CFW features."""
         t, levels = self.cfg.tiling, sorted(self.model.cfg.cfw_levels)
-        p = self._plan("encode", img, t.encoder_tile)
+        p = self._plan("encode", img, t.encoder_tile)  # frames split first (nothing in the encoder mixes them)
 
         def enc(x):
-            z, feats = self.model.encode(x)
+            if p.tiled:  # computed by tiles, whole-frame statistics (tiled_vae.py)
+                z, feats = encode_tiled(self.model, x, levels, p.tile)
+            else:
+                z, feats = self.model.encode(x)
             return (z, *(feats[lv] for lv in levels))
 
         with self._autocast():
-            if p.tiled:  # GroupNorm statistics of the whole frame (tiled_vae.py)
-                z, feats = encode_tiled(self.model, img, levels, t.encoder_tile, t.encoder_overlap)
-                out = (z, *(feats[lv] for lv in levels))
-            else:
-                out = tiled_batched(enc, (img,), None, 0, p.batch)
+            out = tiled_batched(enc, (img,), None, 0, p.batch)
         return out[0].float(), {lv: f for lv, f in zip(levels, out[1:])}
 
     def _predict(self, z: torch.Tensor, t: int, z_c: torch.Tensor) -> torch.Tensor:
@@ -205,11 +205,11 @@ class RestorePipeline:
     def _decode(self, z: torch.Tensor, feats: dict[int, torch.Tensor], num_frames: int) -> torch.Tensor:
         """(T, 4, h, w) -> (T, 3, 8h, 8w) in [0, 1] (fp32 decode when running fp16: SD's VAE overflows)."""
         cfg, w = self.cfg.tiling, self.cfg.cfw_weight
-        p = self._plan("decode", z, cfg.decoder_tile, group=num_frames)
+        p = self._plan("decode", z, cfg.decoder_tile, split=False)  # STAM needs the window's frames together
 
         with self._autocast(enabled=self.dtype != torch.float16):
-            if p.tiled:  # tiles x all frames; GroupNorm and CAPM statistics of the whole frame (tiled_vae.py)
-                out = decode_tiled(self.model, z, feats, num_frames, w, cfg.decoder_tile, cfg.decoder_overlap)
+            if p.tiled:  # computed by tiles holding all frames, whole-frame statistics (tiled_vae.py)
+                out = decode_tiled(self.model, z, feats, num_frames, w, p.tile)
             else:
                 out = self.model.decode(z, feats, num_frames=num_frames, w=w)  # the whole window: STAM sees all frames
         return ((out.float() + 1) / 2).clamp(0, 1)

@@ -1,45 +1,36 @@
-"""Tiled VAE decode / encode whose normalisation statistics are those of the whole frame.
+"""Tiled VAE decode / encode: whole-frame tensors between layers, tile-wise kernels inside them.
 
-    x = decode_tiled(model, z, feats, num_frames=5, w=0.75, tile=64, overlap=16)   # (T, 3, 8h, 8w)
-    z, feats = encode_tiled(model, img, levels=[1, 2], tile=512, overlap=64)      # z (T, 4, H/8, W/8)
+    x = decode_tiled(model, z, feats, num_frames=5, w=0.75, tile=64)   # (T, 3, 8h, 8w)
+    z, feats = encode_tiled(model, img, levels=[1, 2], tile=512)      # z (T, 4, H/8, W/8)
 
-Cutting the VAE into tiles (``tiling.tiled_apply``) makes every GroupNorm normalise each tile with its
-own mean and variance, which shifts colour and contrast from tile to tile. Here all tiles advance
-together, layer by layer (StableSR's tiled VAE does the same with a hand-written task queue):
+What a VAE forward holds at once is the activation between two layers (and a residual) plus the
+temporaries inside the layer that runs: a resnet's normalised and activated copies, an upsampler's
+interpolated map, CAPM's prompt, ``qkv`` and feed-forward maps (over six times the width at the
+decoder's full resolution), CFW's dense concatenations. Here the unmodified forward (``model.decode`` /
+``model.encode``, the drivers, the Sites) runs on the whole frames, and for the duration of the call
+the layers with large temporaries are swapped for versions that compute their output tile by tile
+(restored in a ``finally``; no torch hooks):
 
-* Each tile's forward is the untouched ``model.decode(z_tile, feats_tile, ...)`` /
-  ``model.encode(x_tile)``, run in its own thread; a baton lets one thread run at a time, in a fixed
-  round-robin order, so the result is deterministic and heavy temporaries are one tile's.
-* At a *sync point* a tile hands in partial statistics over the pixels it **owns** (the tiles' owned
-  regions partition the frame: overlaps are split at their middle, so no pixel counts twice), passes
-  the baton and waits; when the last tile has handed in, the parts are merged and every tile goes on
-  with the whole-frame values.
-* Sync points, put in by swapping modules for the duration of the call (restored in a ``finally``;
-  no torch hooks): every ``nn.GroupNorm`` under ``vae.decoder`` / ``vae.encoder`` (resnets, CFW's
-  resblocks, the mid attention's ``group_norm``, ``conv_norm_out``) becomes a :class:`SharedGroupNorm`,
-  and the mid block's self-attention a :class:`SharedAttention` whose keys and values are the whole
-  frame's tokens (StableSR keeps this attention per tile; on the tiny model that was the largest error
-  left). CAPM's whole-map steps (pooled prompt weights, MDTA's L2 norms and ``q k^T``) go through the
-  :class:`~sdatc.models.capm.FrameReductions` hook of ``sdatc/models/capm.py``; its prompt is the
-  tile's window of the prompt resized to the whole frame (no sync needed).
+* a *local* layer (upsampler, downsampler, CFW's residual dense blocks, STAM, RTS's shift unit) runs
+  on each tile cut with a halo of its receptive radius, and keeps the tile's centre;
+* a ``ResnetBlock2D`` takes each GroupNorm's statistics over the whole frame (a pass over the tiles),
+  then runs ``norm -> SiLU -> conv`` tile by tile; its middle activation and its output are whole-frame;
+* the self-attention of the mid blocks takes keys and values of the whole frame, queries by tile;
+* CAPM: the pooled prompt weights (a pass over tiles), ``q k^T`` and MDTA's L2 norms (a second pass),
+  then the output tile by tile; its prompt is each tile's window of the prompt resized to the frame;
+* ``conv_norm_out -> SiLU -> conv_out`` runs as one tiled layer.
 
-What stays per tile: convolutions near tile borders (zero padding instead of the neighbours; the
-Gaussian blending of the overlaps hides most of it, and the owned pixels near a border carry a little
-of it into the statistics). STAM works per pixel over the window's T frames, which every tile holds on
-its batch axis, so tiling does not change it.
-
-Memory: the live activations of all tiles exist at once (each thread keeps its own), about those of
-the untiled forward plus the overlaps; tiling saves the per-layer temporaries (conv workspaces, the
-attention map: a tile's queries x the frame's keys instead of frame x frame). Autocast, grad and
-inference mode and the CUDA stream of the caller are carried into the tile threads (each has its own
-intra-op thread pool). While a call runs the model's modules are swapped: other threads using the same
-model meanwhile get the plain modules (a Shared* module outside a tile thread is the original).
+Tiles are a partition of the frame (no overlaps, no blending): every pixel is computed from the same
+inputs as untiled, so the result equals the untiled forward up to float rounding, and normalisation
+statistics are those of the whole frame by construction. Memory: the whole-frame activations between
+layers (about three at the widest level) plus one tile's temporaries, falling with the tile size;
+FLOPs: the untiled ones plus the halos and CAPM's second pass (a few %). Every frame of the batch is in
+every tile (STAM and RTS see the whole window). Only the calling thread sees the swapped layers.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import threading
 from collections.abc import Callable, Iterator
 from fractions import Fraction
@@ -47,430 +38,346 @@ from fractions import Fraction
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
+from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from torch import Tensor, nn
 
-from sdatc.models.capm import using_frame_reductions
-from sdatc.pipelines.tiling import tile_starts, tiled_apply
+from sdatc.models.capm import CAPM
+from sdatc.models.cfw import ResidualDenseBlock
+from sdatc.models.rts import RTSConv
+from sdatc.models.stam import STAM
 
 Box = tuple[int, int, int, int]  # (y0, y1, x0, x1)
-_local = threading.local()  # .tile: the _Tile this thread runs (tile threads only)
 
 
-class _Abort(BaseException):
-    """Raised in the waiting tiles when another tile failed: unwinds them without being reported."""
+class _Grid:
+    """The tiles of one call: ``tile`` pixels of the input (``frame`` (H, W)); a (h, w) activation is cut
+    into tiles of ``tile * h / H`` pixels (at least ``align``, a multiple of it)."""
+
+    def __init__(self, frame: tuple[int, int], tile: int):
+        self.frame, self.tile, self.owner = frame, tile, threading.get_ident()
+
+    def active(self) -> bool:
+        return threading.get_ident() == self.owner
+
+    def boxes(self, h: int, w: int, align: int = 1) -> list[Box]:
+        t = max(align, int(self.tile * Fraction(h, self.frame[0])) // align * align)
+        return [(y, min(y + t, h), x, min(x + t, w)) for y in range(0, h, t) for x in range(0, w, t)]
 
 
-# ---------------------------------------------------------------------------------------- the baton
+def _local(fn: Callable[..., Tensor], xs: tuple[Tensor, ...], boxes: list[Box], halo: int) -> Tensor:
+    """``fn(*crops)`` per box, each input cut to the box grown by ``halo`` pixels (clipped at the frame);
+    the output's part over the box (the output may be at another scale, e.g. 2 or 1/2) written into one
+    whole-frame output. Exact when ``halo`` covers ``fn``'s receptive radius."""
+    h, w = xs[0].shape[-2:]
+    out = None
+    for y0, y1, x0, x1 in boxes:
+        a0, a1, b0, b1 = max(0, y0 - halo), min(h, y1 + halo), max(0, x0 - halo), min(w, x1 + halo)
+        o = fn(*(x[..., a0:a1, b0:b1] for x in xs))  # (N, C', s (a1 - a0), s (b1 - b0))
+        s = Fraction(o.shape[-2], a1 - a0)
+        if out is None:
+            out = o.new_empty(*o.shape[:-2], int(h * s), int(w * s))
+        oy, ox = int((y0 - a0) * s), int((x0 - b0) * s)
+        sy, sx = int((y1 - y0) * s), int((x1 - x0) * s)
+        out[..., int(y0 * s):int(y0 * s) + sy, int(x0 * s):int(x0 * s) + sx] = o[..., oy:oy + sy, ox:ox + sx]
+    return out
 
 
-class _Baton:
-    """Runs ``n`` tile functions in ``n`` threads, one at a time in round-robin order, and merges
-    their partial statistics at each sync point (:meth:`reduce`)."""
-
-    def __init__(self, n: int):
-        self.n = n
-        self.cond = threading.Condition()
-        self.turn: int | None = 0  # the tile that may run; None once all are done
-        self.error: BaseException | None = None
-        self.done = [False] * n
-        self.outputs: list = [None] * n
-        self.rounds: list[dict | None] = []  # per sync point: key, parts, result, readers left
-        self.pos = [0] * n  # next sync point of each tile
-
-    def _wait_turn(self, k: int) -> None:  # cond held
-        self.cond.wait_for(lambda: self.turn == k or self.error is not None)
-        if self.error is not None:
-            raise _Abort
-
-    def _pass(self, k: int) -> None:  # cond held: the baton to the next unfinished tile
-        nxt = [(k + i) % self.n for i in range(1, self.n + 1) if not self.done[(k + i) % self.n]]
-        self.turn = nxt[0] if nxt else None
-        self.cond.notify_all()
-
-    def reduce(self, k: int, key: str, part, merge: Callable[[list], object]):
-        """Tile ``k`` hands in ``part`` at its next sync point; returns ``merge(parts of all tiles)``."""
-        with self.cond:
-            i = self.pos[k]
-            self.pos[k] += 1
-            if any(self.done):
-                raise RuntimeError(f"tiles disagree: tile {k} reached sync point {i} ({key}) after a tile finished")
-            if i == len(self.rounds):
-                self.rounds.append({"key": key, "parts": [], "result": None, "left": self.n})
-            r = self.rounds[i]
-            if r["key"] != key:
-                raise RuntimeError(f"tiles disagree at sync point {i}: {r['key']} vs {key} (tile {k})")
-            r["parts"].append(part)
-            if len(r["parts"]) == self.n:  # the last tile of the round: merge, free the parts
-                r["result"], r["parts"] = merge(r["parts"]), None
-            self._pass(k)
-            self._wait_turn(k)  # the next turn comes after every tile handed in: the result is there
-            result = r["result"]
-            r["left"] -= 1
-            if not r["left"]:
-                self.rounds[i] = None
-            return result
-
-    def _worker(self, k: int, fn: Callable[[], object]) -> None:
-        try:
-            with self.cond:
-                self._wait_turn(k)
-            out = fn()
-            with self.cond:
-                if self.pos[k] != len(self.rounds):
-                    raise RuntimeError(f"tiles disagree: tile {k} finished after {self.pos[k]} of "
-                                       f"{len(self.rounds)} sync points")
-                self.outputs[k], self.done[k] = out, True
-                self._pass(k)
-        except _Abort:
-            pass
-        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
-            with self.cond:
-                if self.error is None:
-                    self.error = e
-                self.cond.notify_all()
-
-    def run(self, fns: list[Callable[[], object]]) -> list:
-        """Run ``fns[k]()`` in thread k; their outputs, or the first exception raised in any of them."""
-        threads = [threading.Thread(target=self._worker, args=(k, f), name=f"vae-tile-{k}", daemon=True)
-                   for k, f in enumerate(fns)]
-        try:
-            for t in threads:
-                t.start()
-            with self.cond:
-                self.cond.wait_for(lambda: self.turn is None or self.error is not None)
-        except BaseException as e:  # e.g. Ctrl-C while waiting: stop the tiles at their next sync point
-            with self.cond:
-                self.error = self.error or e
-                self.cond.notify_all()
-            raise
-        finally:
-            for t in threads:
-                if t.ident is not None:
-                    t.join()
-        if self.error is not None:
-            raise self.error
-        return self.outputs
+def _group_stats(gn: nn.GroupNorm, x: Tensor, boxes: list[Box]) -> tuple[Tensor, Tensor]:
+    """Per-sample, per-channel (scale, shift) (N, C) fp32 of ``gn`` over the whole frame of ``x``: each tile's
+    mean and variance (fp32, no copy of an fp32 tile), merged in float64 (Chan et al.). ``gn(x) == x * scale + shift``."""
+    c, g = x.shape[1], gn.num_groups
+    count = mean = m2 = 0
+    for y0, y1, x0, x1 in boxes:
+        t = x[..., y0:y1, x0:x1].unflatten(1, (g, c // g)).float()  # (N, G, C/G, h_t, w_t)
+        var_t, mean_t = (v.double() for v in torch.var_mean(t, dim=(2, 3, 4), correction=0))  # 2 x (N, G)
+        k = t[0, 0].numel()
+        delta, total = mean_t - mean, count + k
+        mean = mean + delta * (k / total)
+        m2 = m2 + var_t * k + delta.square() * (count * k / total)
+        count = total
+    rstd = torch.rsqrt(m2 / count + gn.eps).float().repeat_interleave(c // g, dim=1)  # (N, C)
+    scale, shift = rstd, -mean.float().repeat_interleave(c // g, dim=1) * rstd
+    if gn.affine:
+        scale, shift = scale * gn.weight.float(), shift * gn.weight.float() + gn.bias.float()
+    return scale, shift
 
 
-# ---------------------------------------------------------------------------------------- one tile
+def _normed(x: Tensor, stats: tuple[Tensor, Tensor]) -> Tensor:
+    """GroupNorm of a tile with whole-frame ``stats``: fp32 under autocast (as autocast runs group_norm), else x's dtype."""
+    scale, shift = stats
+    y = torch.addcmul(shift[..., None, None], x.float(), scale[..., None, None])
+    return y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype)
 
 
-@dataclasses.dataclass
-class _Tile:
-    """One tile: its box and owned region in input pixels, the frame size, the shared baton."""
-
-    index: int
-    box: Box
-    own: Box  # inside box; the owned regions of all tiles partition the frame
-    frame: tuple[int, int]  # (H, W) input pixels
-    baton: _Baton
-
-    def scale(self, h: int, w: int) -> Fraction:
-        """Resolution of a (h, w) activation of this tile relative to the input (e.g. 8, 1, 1/8)."""
-        th, tw = self.box[1] - self.box[0], self.box[3] - self.box[2]
-        s = Fraction(h, th)
-        if s != Fraction(w, tw):
-            raise RuntimeError(f"a {h}x{w} activation of a {th}x{tw} tile has two scales")
-        return s
-
-    def at(self, v: int, s: Fraction) -> int:
-        """Input coordinate ``v`` at scale ``s`` (a whole pixel, or an error)."""
-        p = v * s
-        if p.denominator != 1:
-            raise RuntimeError(f"tile coordinate {v} at scale {s} is not a whole pixel (align the tiles)")
-        return int(p)
-
-    def owned(self, x: Tensor) -> Tensor:
-        """The owned pixels of a (..., h, w) activation of this tile (a view)."""
-        s = self.scale(*x.shape[-2:])
-        y0, _, x0, _ = self.box
-        oy0, oy1, ox0, ox1 = (self.at(v - o, s) for v, o in zip(self.own, (y0, y0, x0, x0)))
-        return x[..., oy0:oy1, ox0:ox1]
-
-    def hw(self, n_pixels: int) -> tuple[int, int]:
-        """(h, w) of this tile's activation with ``n_pixels`` pixels (a flattened (N, C, h*w) map)."""
-        th, tw = self.box[1] - self.box[0], self.box[3] - self.box[2]
-        for s in {Fraction(2) ** e for e in range(-6, 7)}:
-            h, w = th * s, tw * s
-            if h.denominator == w.denominator == 1 and h * w == n_pixels:
-                return int(h), int(w)
-        raise RuntimeError(f"no power-of-two scale of a {th}x{tw} tile has {n_pixels} pixels")
-
-    def reduce(self, key: str, part, merge):
-        return self.baton.reduce(self.index, key, part, merge)
+# ---------------------------------------------------------------------------------------- tiled layers
 
 
-def _current() -> _Tile | None:
-    return getattr(_local, "tile", None)
+class _Tiled(nn.Module):
+    """A layer (``inner``, its weights) computed tile by tile in the thread that swapped it in; elsewhere ``inner``."""
 
-
-def _sum_parts(parts: list):
-    """Element-wise sum of parts that are tensors or tuples of tensors."""
-    if isinstance(parts[0], tuple):
-        return tuple(sum(p[i] for p in parts) for i in range(len(parts[0])))
-    return sum(parts)
-
-
-def _merge_moments(parts: list[tuple[int, Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
-    """(count, mean, sum of squared deviations) per tile -> whole-frame (mean, variance) (Chan et al.)."""
-    n = sum(c for c, _, _ in parts)
-    mean = sum(c * m for c, m, _ in parts) / n
-    m2 = sum(d + c * (m - mean) ** 2 for c, m, d in parts)
-    return mean, m2 / n
-
-
-# ---------------------------------------------------------------------------------------- sync points
-
-
-class SharedGroupNorm(nn.Module):
-    """A GroupNorm (``inner``, its weights) that, in a tile thread, normalises with the whole frame's
-    per-sample, per-group mean and variance; elsewhere it is ``inner``."""
-
-    def __init__(self, inner: nn.GroupNorm):
+    def __init__(self, inner: nn.Module, grid: _Grid):
         super().__init__()
-        self.inner = inner
-
-    def forward(self, x: Tensor) -> Tensor:
-        tile = _current()
-        if tile is None:
-            return self.inner(x)
-        gn = self.inner
-        n, c, g = x.shape[0], x.shape[1], gn.num_groups
-        x4 = x.unflatten(2, tile.hw(x.shape[2])) if x.dim() == 3 else x  # (N, C, h, w); (N, C, h*w) in attention
-        own = tile.owned(x4.unflatten(1, (g, c // g)))  # (N, G, C/G, h_o, w_o), a view
-        count = own[0, 0].numel()
-        if count:
-            var, mean = torch.var_mean(own.float(), dim=(2, 3, 4), correction=0)  # 2 x (N, G)
-        else:
-            var = mean = x.new_zeros(n, g, dtype=torch.float32)
-        mean, var = tile.reduce("group_norm", (count, mean, var * count), _merge_moments)  # whole frame, (N, G)
-        scale = torch.rsqrt(var + gn.eps).repeat_interleave(c // g, dim=1)  # (N, C)
-        shift = -mean.repeat_interleave(c // g, dim=1) * scale
-        if gn.affine:
-            scale, shift = scale * gn.weight.float(), shift * gn.weight.float() + gn.bias.float()
-        y = torch.addcmul(shift[..., None, None], x4, scale[..., None, None])  # (N, C, h, w), fp32
-        if not torch.is_autocast_enabled(x.device.type):
-            y = y.to(x.dtype)  # autocast runs group_norm in fp32; keep that, else the input's dtype
-        return y.flatten(2) if x.dim() == 3 else y
-
-
-class SharedAttention(nn.Module):
-    """A diffusers spatial self-attention (``inner``, its weights) whose keys and values, in a tile thread,
-    are those of the whole frame: each tile hands in the group-normed tokens it owns, and its queries
-    attend to all of them. Elsewhere it is ``inner``. Follows diffusers' ``AttnProcessor2_0``."""
-
-    def __init__(self, inner: Attention):
-        super().__init__()
-        self.inner = inner
+        self.inner, self.grid = inner, grid
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        tile, attn = _current(), self.inner
-        if tile is None or x.dim() != 4 or args or any(v is not None for v in kwargs.values()):
+        if not self.grid.active() or x.dim() != 4:
+            return self.inner(x, *args, **kwargs)
+        return self.tiled(x, *args, **kwargs)
+
+
+class TiledLocal(_Tiled):
+    """A layer whose output pixel depends on inputs within ``halo`` pixels (per frame or over the batch's frames)."""
+
+    def __init__(self, inner: nn.Module, grid: _Grid, halo: int, align: int = 1):
+        super().__init__(inner, grid)
+        self.halo, self.align = halo, align
+
+    def tiled(self, x: Tensor, *args, **kwargs) -> Tensor:
+        boxes = self.grid.boxes(*x.shape[-2:], self.align)
+        return _local(lambda t: self.inner(t, *args, **kwargs), (x,), boxes, self.halo)
+
+
+class TiledResnet(_Tiled):
+    """diffusers' ``ResnetBlock2D`` without time embedding or resampling (the VAE's and CFW's): whole-frame
+    GroupNorm statistics, ``norm -> SiLU -> conv`` by tiles."""
+
+    def tiled(self, x: Tensor, temb: Tensor | None = None, *args, **kwargs) -> Tensor:
+        r = self.inner
+        if temb is not None or args or kwargs or r.upsample is not None or r.downsample is not None:
+            return r(x, temb, *args, **kwargs)
+        boxes = self.grid.boxes(*x.shape[-2:])
+        n1 = _group_stats(r.norm1, x, boxes)
+        h = _local(lambda t: r.conv1(r.nonlinearity(_normed(t, n1))), (x,), boxes, 1)  # (N, C_out, H, W)
+        n2 = _group_stats(r.norm2, h, boxes)
+
+        def second(ht: Tensor, xt: Tensor) -> Tensor:
+            out = r.conv2(r.dropout(r.nonlinearity(_normed(ht, n2))))
+            sc = r.conv_shortcut(xt) if r.conv_shortcut is not None else xt
+            return (sc + out) / r.output_scale_factor
+
+        return _local(second, (h, x), boxes, 1)
+
+
+class TiledNormActConv(_Tiled):
+    """``conv(act(norm(x)))`` by tiles with the norm's whole-frame statistics (the VAE's conv_norm_out -> conv_out)."""
+
+    def __init__(self, norm: nn.GroupNorm, act: nn.Module, conv: nn.Conv2d, grid: _Grid):
+        super().__init__(conv, grid)
+        self.norm, self.act = norm, act
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.grid.active():
+            return self.inner(self.act(self.norm(x)))
+        boxes = self.grid.boxes(*x.shape[-2:])
+        stats = _group_stats(self.norm, x, boxes)
+        return _local(lambda t: self.inner(self.act(_normed(t, stats))), (x,), boxes, self.inner.kernel_size[0] // 2)
+
+
+class TiledAttention(_Tiled):
+    """A diffusers spatial self-attention (the mid blocks'): group-normed keys and values of the whole frame,
+    queries and output by tiles. Follows diffusers' ``AttnProcessor2_0``."""
+
+    def tiled(self, x: Tensor, *args, **kwargs) -> Tensor:
+        attn = self.inner
+        if args or any(v is not None for v in kwargs.values()):
             return attn(x, *args, **kwargs)
-        n, c, h, w = x.shape
-        hn = attn.group_norm(x) if attn.group_norm is not None else x  # (N, C, h, w), whole-frame statistics
-        own = tile.owned(hn).flatten(2).transpose(1, 2)  # (N, P_own, C)
-        frame = tile.reduce("attention", own, lambda parts: torch.cat(parts, dim=1))  # (N, P_frame, C)
-        q = attn.to_q(hn.flatten(2).transpose(1, 2))  # (N, h*w, C')
-        k, v = attn.to_k(frame), attn.to_v(frame)  # 2 x (N, P_frame, C')
-        q, k, v = (t.unflatten(-1, (attn.heads, -1)).transpose(1, 2) for t in (q, k, v))  # (N, heads, L, C'/heads)
-        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2).to(q.dtype)  # (N, h*w, C')
-        out = attn.to_out[1](attn.to_out[0](out)).transpose(1, 2).reshape(n, c, h, w)
-        if attn.residual_connection:
-            out = out + x
-        return out / attn.rescale_output_factor
+        boxes = self.grid.boxes(*x.shape[-2:])
+        stats = _group_stats(attn.group_norm, x, boxes) if attn.group_norm is not None else None
+
+        def tokens(t: Tensor) -> Tensor:  # (N, C, h, w) -> (N, h*w, C), group-normed
+            return (_normed(t, stats) if stats is not None else t).flatten(2).transpose(1, 2)
+
+        def heads(t: Tensor) -> Tensor:  # (N, L, C') -> (N, heads, L, C'/heads)
+            return t.unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+
+        crops = [tokens(x[..., y0:y1, x0:x1]) for y0, y1, x0, x1 in boxes]
+        k = heads(torch.cat([attn.to_k(c) for c in crops], dim=1))  # (N, heads, P_frame, C'/heads)
+        v = heads(torch.cat([attn.to_v(c) for c in crops], dim=1))
+        del crops
+
+        def one(t: Tensor) -> Tensor:  # (N, C, h, w) -> (N, C, h, w)
+            n, c, h, w = t.shape
+            q = heads(attn.to_q(tokens(t)))
+            out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2).to(q.dtype)  # (N, h*w, C')
+            out = attn.to_out[1](attn.to_out[0](out)).transpose(1, 2).reshape(n, c, h, w)
+            if attn.residual_connection:
+                out = out + t
+            return out / attn.rescale_output_factor
+
+        return _local(one, (x,), boxes, 0)
 
 
-class _TileReductions:
-    """CAPM's whole-map steps (:class:`sdatc.models.capm.FrameReductions`) for the current tile."""
+def _resize_rows(p: Tensor, frame: tuple[int, int], box: Box) -> Tensor:
+    """Rows / columns ``box`` of ``F.interpolate(p, size=frame, mode="bilinear")``, separably. p: (N, C, S, S)."""
 
-    def spatial_mean(self, x: Tensor) -> Tensor:
-        # x: (N, C, h, w) -> (N, C, 1, 1)
-        tile = _current()
-        own = tile.owned(x)  # (N, C, h_o, w_o)
-        total, count = tile.reduce("mean", (own.float().sum((-2, -1)), own[0, 0].numel()), _sum_parts)
-        return (total / count).to(x.dtype)[..., None, None]
+    def rows(src: int, dst: int, start: int, stop: int) -> Tensor:  # (src, n) weights, like F.interpolate
+        eye = torch.eye(src, device=p.device, dtype=p.dtype)[None]  # (1, src, src)
+        return F.interpolate(eye, size=dst, mode="linear", align_corners=False)[0, :, start:stop]
 
-    def resize(self, p: Tensor, size: tuple[int, int]) -> Tensor:
-        # p: (N, C, S, S) -> (N, C, h, w): rows / columns of the bilinear resize to the frame, separably
-        tile = _current()
-        s = tile.scale(*size)
-        (fh, fw), (oy, ox) = (tile.at(v, s) for v in tile.frame), (tile.at(v, s) for v in tile.box[::2])
+    ay, ax = rows(p.shape[-2], frame[0], box[0], box[1]), rows(p.shape[-1], frame[1], box[2], box[3])
+    return torch.einsum("ncst,sy,tx->ncyx", p, ay, ax)
 
-        def rows(src: int, dst: int, start: int, n: int) -> Tensor:  # (src, n) weights, like F.interpolate
-            eye = torch.eye(src, device=p.device, dtype=p.dtype)[None]  # (1, src, src)
-            return F.interpolate(eye, size=dst, mode="linear", align_corners=False)[0, :, start:start + n]
 
-        ay, ax = rows(p.shape[-2], fh, oy, size[0]), rows(p.shape[-1], fw, ox, size[1])
-        return torch.einsum("ncst,sy,tx->ncyx", p, ay, ax)
+class TiledCAPM(_Tiled):
+    """CAPM (``sdatc/models/capm.py``) by tiles: pass 1 the pooled prompt weights, pass 2 MDTA's L2 norms and
+    ``q k^T`` over the whole frame, pass 3 the output. Halos: 2 (weight CNN), 2 (prompt conv + MDTA's
+    depthwise conv), 3 (and GDFN's)."""
 
-    def normalized_gram(self, q: Tensor, k: Tensor, size: tuple[int, int]) -> Tensor:
-        # q, k: (N, g, c, h*w) -> (N, g, c, c)
-        tile = _current()
-        qo, ko = (tile.owned(t.unflatten(-1, size)).flatten(-2).float() for t in (q, k))  # (N, g, c, P_own)
-        part = (qo.square().sum(-1), ko.square().sum(-1), qo @ ko.transpose(-2, -1))
-        sq, sk, gram = tile.reduce("gram", part, _sum_parts)
+    def tiled(self, x: Tensor, ctx=None) -> Tensor:
+        m = self.inner
+        m._check_input(x)
+        h, w = x.shape[-2:]
+        boxes = self.grid.boxes(h, w)
+        blk, mdta = m.block, m.block.attn
+
+        def centre(t: Tensor, box: Box, crop: Box) -> Tensor:
+            return t[..., box[0] - crop[0]:box[1] - crop[0], box[2] - crop[2]:box[3] - crop[2]]
+
+        def crops(halo: int) -> Iterator[tuple[Box, Box]]:
+            for b in boxes:
+                yield b, (max(0, b[0] - halo), min(h, b[1] + halo), max(0, b[2] - halo), min(w, b[3] + halo))
+
+        # pass 1: v = Linear(mean of CNN(x) over the frame); the prompt p (N, C_p, S, S)
+        total, dtype = 0, x.dtype
+        for box, c in crops(2):
+            f = m.weight_cnn[:-1](x[..., c[0]:c[1], c[2]:c[3]])  # (N, h, h_c, w_c)
+            total, dtype = total + centre(f, box, c).float().sum((-2, -1)), f.dtype
+        v = m.weight_linear((total / (h * w)).to(dtype))  # (N, L), as AdaptiveAvgPool2d(1) in the CNN's dtype
+        v = v.softmax(-1) if m.cfg.weight_norm == "softmax" else v.sigmoid() if m.cfg.weight_norm == "sigmoid" else v
+        p = torch.einsum("nl,lchw->nchw", v, m.prompts.to(v.dtype))  # (N, C_p, S, S)
+
+        def qkv(c: Box) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fused, q, k, v over crop c (borders wrong)
+            pc = m.prompt_conv(_resize_rows(p, (h, w), c))  # (N, C_p, h_c, w_c)
+            fused = m.reduce(torch.cat([x[..., c[0]:c[1], c[2]:c[3]], pc], dim=1))  # (N, d, h_c, w_c)
+            q, k, vv = mdta.qkv_dwconv(mdta.qkv(blk.norm1(fused))).chunk(3, dim=1)  # 3 x (N, d, h_c, w_c)
+            return fused, q, k, vv
+
+        # pass 2: the whole frame's L2 norms of q, k over pixels and q k^T, per head
+        g = mdta.num_heads
+        sq = sk = gram = 0
+        for box, c in crops(2):
+            _, q, k, _ = qkv(c)
+            qo, ko = (centre(t, box, c).unflatten(1, (g, -1)).flatten(-2).float() for t in (q, k))  # (N, g, c, P)
+            sq, sk, gram, dtype = sq + qo.square().sum(-1), sk + ko.square().sum(-1), gram + qo @ ko.transpose(-2, -1), q.dtype
         eps = 1e-12  # F.normalize's
         attn = gram / (sq.sqrt().clamp_min(eps)[..., :, None] * sk.sqrt().clamp_min(eps)[..., None, :])
-        return attn.to(q.dtype)
+        attn = (attn.to(dtype) * mdta.temperature).softmax(dim=-1)  # (N, g, d/g, d/g)
+
+        # pass 3: the output by tiles
+        out = None
+        for box, c in crops(3):
+            fused, _, _, vv = qkv(c)
+            o = attn @ vv.unflatten(1, (g, -1)).flatten(-2)  # (N, g, d/g, P_c)
+            y = fused + mdta.project_out(o.flatten(1, 2).unflatten(-1, fused.shape[-2:]))
+            y = y + blk.ffn(blk.norm2(y))
+            y = centre(x[..., c[0]:c[1], c[2]:c[3]] + m.zero_out(y), box, c)  # (N, C, h_b, w_b)
+            if out is None:
+                out = y.new_empty(*y.shape[:-2], h, w)
+            out[..., box[0]:box[1], box[2]:box[3]] = y
+        return out
+
+
+# ---------------------------------------------------------------------------------------- the swap
 
 
 def _shareable(attn: nn.Module) -> bool:
-    """A diffusers self-attention SharedAttention can run: no spatial / q-k norms, no cross-attention."""
+    """A diffusers self-attention TiledAttention can run: no spatial / q-k norms, no cross-attention."""
     return (isinstance(attn, Attention) and not attn.is_cross_attention and attn.spatial_norm is None
             and attn.norm_q is None and attn.norm_k is None and attn.norm_cross is None)
 
 
+def _tiled_version(child: nn.Module, grid: _Grid) -> nn.Module | None:
+    if isinstance(child, ResnetBlock2D):
+        return TiledResnet(child, grid)
+    if isinstance(child, Upsample2D) and child.use_conv and not child.use_conv_transpose and child.norm is None:
+        return TiledLocal(child, grid, halo=1)
+    if isinstance(child, Downsample2D) and child.use_conv and child.norm is None:
+        return TiledLocal(child, grid, halo=2, align=2)
+    if _shareable(child):
+        return TiledAttention(child, grid)
+    if isinstance(child, CAPM):
+        return TiledCAPM(child, grid)
+    if isinstance(child, ResidualDenseBlock):
+        return TiledLocal(child, grid, halo=len(child.convs) + 1)
+    if isinstance(child, STAM):
+        return TiledLocal(child, grid, halo=0)  # per pixel over the frames, which every tile holds
+    if isinstance(child, RTSConv):
+        return TiledLocal(child, grid, halo=1)
+    return None
+
+
 @contextlib.contextmanager
-def _shared_norms(root: nn.Module) -> Iterator[None]:
-    """Within the block, every nn.GroupNorm under ``root`` is a SharedGroupNorm and every plain
-    self-attention (the VAE mid block's) a SharedAttention; put back on exit, whatever happens."""
-    todo = [(parent, name, child) for parent in list(root.modules()) for name, child in parent.named_children()
-            if isinstance(child, nn.GroupNorm) or _shareable(child)]
+def tiled_layers(root: nn.Module, frame: tuple[int, int], tile: int) -> Iterator[None]:
+    """Within the block, the layers under ``root`` with large temporaries compute by tiles of ``tile`` pixels of
+    an input of ``frame`` (H, W) pixels, in this thread; put back on exit, whatever happens."""
+    grid = _Grid(frame, tile)
+    todo = [(parent, name, new) for parent in list(root.modules()) for name, child in parent.named_children()
+            if (new := _tiled_version(child, grid)) is not None]
+    if (isinstance(getattr(root, "conv_norm_out", None), nn.GroupNorm) and isinstance(root.conv_out, nn.Conv2d)
+            and isinstance(root.conv_act, nn.Module)):  # conv_out(conv_act(conv_norm_out(h))) as one tiled layer
+        todo += [(root, "conv_out", TiledNormActConv(root.conv_norm_out, root.conv_act, root.conv_out, grid)),
+                 (root, "conv_norm_out", nn.Identity()), (root, "conv_act", nn.Identity())]
     done = []
     try:
-        for parent, name, child in todo:
-            setattr(parent, name, SharedGroupNorm(child) if isinstance(child, nn.GroupNorm) else SharedAttention(child))
-            done.append((parent, name, child))
+        for parent, name, new in todo:
+            done.append((parent, name, getattr(parent, name)))
+            setattr(parent, name, new)
         yield
     finally:
-        for parent, name, child in reversed(done):
-            setattr(parent, name, child)
+        for parent, name, old in reversed(done):
+            setattr(parent, name, old)
 
 
-# ---------------------------------------------------------------------------------------- driver
+# ---------------------------------------------------------------------------------------- entry points
 
 
-def _plan(h: int, w: int, tile: int, overlap: int, align: int) -> list[tuple[Box, Box]] | None:
-    """(box, owned region) per tile, in tiled_apply's tile order; None when one tile covers the frame.
-    Owned regions split each overlap at its middle, rounded down to ``align``."""
-    ys, xs = tile_starts(h, tile, overlap, align), tile_starts(w, tile, overlap, align)
-    if len(ys) == 1 and len(xs) == 1:
-        return None
-    th, tw = min(tile // align * align, h), min(tile // align * align, w)
-
-    def cuts(starts: list[int], t: int, size: int) -> list[int]:
-        return [0, *(((b + a + t) // 2) // align * align for a, b in zip(starts, starts[1:])), size]
-
-    cy, cx = cuts(ys, th, h), cuts(xs, tw, w)
-    return [((y0, y0 + th, x0, x0 + tw), (cy[i], cy[i + 1], cx[j], cx[j + 1]))
-            for i, y0 in enumerate(ys) for j, x0 in enumerate(xs)]
+def _covers(tile: int, h: int, w: int) -> bool:
+    return tile >= max(h, w)
 
 
-def _thread_state(device: torch.device) -> Callable[[contextlib.ExitStack], None]:
-    """The caller's grad / inference mode, autocast and CUDA stream, to enter in a tile thread."""
-    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
-    casts = [(d, torch.get_autocast_dtype(d)) for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
-    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
-
-    def enter(stack: contextlib.ExitStack) -> None:
-        stack.enter_context(torch.inference_mode(inference))
-        stack.enter_context(torch.set_grad_enabled(grad))
-        for d, dtype in casts:
-            stack.enter_context(torch.autocast(d, dtype=dtype))
-        if stream is not None:
-            stack.enter_context(torch.cuda.stream(stream))
-
-    return enter
-
-
-def _run_tiles(plan: list[tuple[Box, Box]], frame: tuple[int, int], device: torch.device,
-               fn: Callable[[Box], object]) -> dict[Box, object]:
-    """``fn(box)`` for every tile of ``plan``, advancing together with whole-frame statistics."""
-    baton, enter = _Baton(len(plan)), _thread_state(device)
-
-    def job(tile: _Tile) -> Callable[[], object]:
-        def run():
-            with contextlib.ExitStack() as stack:
-                enter(stack)
-                stack.enter_context(using_frame_reductions(_TileReductions()))
-                _local.tile = tile
-                try:
-                    return fn(tile.box)
-                finally:
-                    _local.tile = None
-        return run
-
-    outs = baton.run([job(_Tile(k, box, own, frame, baton)) for k, (box, own) in enumerate(plan)])
-    return {box: out for (box, _), out in zip(plan, outs)}
-
-
-def _vae_factor(model) -> int:
-    return 2 ** (len(model.vae.config.block_out_channels) - 1)
-
-
-def decode_tiled(model, z: Tensor, feats: dict[int, Tensor] | None, num_frames: int, w: float,
-                 tile: int, overlap: int) -> Tensor:
-    """``model.decode`` over latent tiles with whole-frame normalisation statistics, Gaussian-blended.
+def decode_tiled(model, z: Tensor, feats: dict[int, Tensor] | None, num_frames: int, w: float, tile: int) -> Tensor:
+    """``model.decode`` computed by tiles of ``tile`` latent pixels (``tile * 8`` at the output).
 
     Args:
         model: an ``sdatc.models.sdatc.SDATC``.
         z: (T, 4, h, w) scaled latents (T = B * num_frames; every tile holds all T frames).
         feats: CFW encoder features by level, (T, C_l, 8h / 2^l, 8w / 2^l), or None.
         num_frames, w: as ``model.decode``.
-        tile, overlap: tile size and minimum overlap in latent pixels (``tiling.tile_starts``).
 
     Returns:
-        (T, 3, 8h, 8w) in [-1, 1]; exactly ``model.decode(z, feats, num_frames=..., w=...)`` when one
-        tile covers the latent.
+        (T, 3, 8h, 8w) in [-1, 1]: ``model.decode(z, feats, num_frames=..., w=...)`` up to float rounding;
+        exactly it when one tile covers the latent.
     """
-    h, w_ = z.shape[-2:]
-    plan = _plan(h, w_, tile, overlap, align=1)
-    if plan is None:
+    if _covers(tile, *z.shape[-2:]):
         return model.decode(z, feats, num_frames=num_frames, w=w)
-    f = _vae_factor(model)
-
-    def fn(box: Box) -> Tensor:
-        y0, y1, x0, x1 = box
-        ft = None if feats is None else {lv: x[..., y0 * s:y1 * s, x0 * s:x1 * s]
-                                         for lv, x in feats.items() for s in [f // 2**lv]}
-        return model.decode(z[..., y0:y1, x0:x1], ft, num_frames=num_frames, w=w)  # (T, 3, 8th, 8tw)
-
-    with _shared_norms(model.vae.decoder):
-        outs = _run_tiles(plan, (h, w_), z.device, fn)
-    return tiled_apply(lambda _, box: outs[box], z, tile, overlap)
+    with tiled_layers(model.vae.decoder, tuple(z.shape[-2:]), tile):
+        return model.decode(z, feats, num_frames=num_frames, w=w)
 
 
-def encode_tiled(model, img: Tensor, levels, tile: int, overlap: int) -> tuple[Tensor, dict[int, Tensor]]:
-    """``model.encode`` over image tiles with whole-frame normalisation statistics, Gaussian-blended.
+def encode_tiled(model, img: Tensor, levels, tile: int) -> tuple[Tensor, dict[int, Tensor]]:
+    """``model.encode`` computed by tiles of ``tile`` image pixels.
 
     Args:
         model: an ``sdatc.models.sdatc.SDATC``.
         img: (T, 3, H, W) in [0, 1], H and W multiples of the VAE factor (8).
         levels: encoder levels whose features to return (a subset of ``model.cfg.cfw_levels``).
-        tile, overlap: tile size and minimum overlap in image pixels; tiles are aligned to the VAE factor.
 
     Returns:
-        z (T, 4, H/8, W/8) scaled latents and {level: (T, C_l, H / 2^l, W / 2^l)}; exactly
-        ``model.encode(img)`` (its features at ``levels``) when one tile covers the image.
+        z (T, 4, H/8, W/8) scaled latents and {level: (T, C_l, H / 2^l, W / 2^l)}: ``model.encode(img)`` up to
+        float rounding; exactly it when one tile covers the image.
     """
     levels = list(levels)
-    h, w = img.shape[-2:]
-    f = _vae_factor(model)
-    plan = _plan(h, w, tile, overlap, align=f)
-    if plan is None:
+    ctx = (tiled_layers(model.vae.encoder, tuple(img.shape[-2:]), tile)
+           if not _covers(tile, *img.shape[-2:]) else contextlib.nullcontext())
+    with ctx:
         z, feats = model.encode(img)
-        return z, {lv: feats[lv] for lv in levels}
-
-    def fn(box: Box) -> tuple[Tensor, ...]:
-        z, feats = model.encode(img[..., box[0]:box[1], box[2]:box[3]])
-        return (z, *(feats[lv] for lv in levels))
-
-    with _shared_norms(model.vae.encoder):
-        outs = _run_tiles(plan, (h, w), img.device, fn)
-    out = tiled_apply(lambda _, box: outs[box], img, tile, overlap, align=f)
-    return out[0], dict(zip(levels, out[1:]))
+    return z, {lv: feats[lv] for lv in levels}
 
 
-def tiled_shared(root: nn.Module, fn: Callable[[Tensor], Tensor | tuple[Tensor, ...]], x: Tensor, tile: int,
-                 overlap: int, align: int = 1) -> Tensor | tuple[Tensor, ...]:
-    """Any VAE forward ``fn(x_tile)`` over tiles of ``x`` (N, C, H, W) with the GroupNorms (and mid attention)
-    under ``root`` sharing whole-frame statistics, Gaussian-blended (UltraVSR's encoder and decoder).
-    ``fn(x)`` as is when one tile covers ``x``."""
-    h, w = x.shape[-2:]
-    plan = _plan(h, w, tile, overlap, align=align)
-    if plan is None:
+def tiled_shared(root: nn.Module, fn: Callable[[Tensor], Tensor], x: Tensor, tile: int) -> Tensor:
+    """Any VAE forward ``fn(x)`` of (N, C, H, W) with the layers under ``root`` computed by tiles of ``tile``
+    pixels of ``x`` (UltraVSR's encoder and decoder). ``fn(x)`` as is when one tile covers ``x``."""
+    if _covers(tile, *x.shape[-2:]):
         return fn(x)
-    with _shared_norms(root):
-        outs = _run_tiles(plan, (h, w), x.device, lambda box: fn(x[..., box[0]:box[1], box[2]:box[3]]))
-    return tiled_apply(lambda _, box: outs[box], x, tile, overlap, align=align)
+    with tiled_layers(root, tuple(x.shape[-2:]), tile):
+        return fn(x)

@@ -7,7 +7,8 @@
 Per window of ``window.length`` frames (overlaps blended as SDATC's): bicubic x4 -> VAE encoder (+LoRA)
 -> one UNet call at DRS's t_rec (RTS over the whole window; spatial blocks on chunks of
 ``chunk_frames`` frames) -> z_HR = (z - sqrt(1 - D) eps) / sqrt(D) -> VAE decoder (+RTS) -> colour fix.
-d is estimated once per clip (``drs``). Stages whose input exceeds their tile are tiled.
+d is estimated once per clip (``drs``). Stages are tiled when memory asks (``memory.py``); the VAE runs
+fewer frames per call of its frozen blocks first.
 """
 
 from __future__ import annotations
@@ -77,12 +78,12 @@ class UltraVSRRunner:
         chunk = cfg.chunk_frames or None
         up = F.interpolate(lq, scale_factor=4, mode="bicubic", align_corners=False).clamp(0, 1)
         with autocast(self.device, self.dtype):
-            p = self._plan("encode", up, tc.encoder_tile, group=n)
-            if p.tiled:  # whole-frame GroupNorm statistics across tiles (tiled_vae.py)
-                z = tiled_shared(self.model.vae.encoder, lambda x: self.model.encode(x, chunk), up, tc.encoder_tile,
-                                 tc.encoder_overlap, align=self.vae_factor)
+            p = self._plan("encode", up, tc.encoder_tile, chunk=chunk)  # fewer frames per call first, then tiles
+            enc_chunk = p.batch if p.batch < n else None
+            if p.tiled:  # computed by tiles, whole-frame statistics (tiled_vae.py)
+                z = tiled_shared(self.model.vae.encoder, lambda x: self.model.encode(x, enc_chunk), up, p.tile)
             else:
-                z = self.model.encode(up, chunk)
+                z = self.model.encode(up, enc_chunk)
 
             def unet(zt):
                 self.unet_calls += 1
@@ -96,12 +97,13 @@ class UltraVSRRunner:
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """(T, 4, h, w) -> (T, 3, 8h, 8w) in [0, 1] (fp32 decode when running fp16)."""
-        tc, n, chunk = self.cfg.tiling, z.shape[0], self.cfg.chunk_frames or None
-        p = self._plan("decode", z, tc.decoder_tile, group=n)
+        tc, n = self.cfg.tiling, z.shape[0]
+        # the frozen blocks on chunks of frames (TAI: fewer if memory asks), RTS on the whole window; then tiles
+        p = self._plan("decode", z, tc.decoder_tile, chunk=self.cfg.chunk_frames or None)
+        chunk = p.batch if p.batch < n else None
         with autocast(self.device, self.dtype, enabled=self.dtype != torch.float16):
-            if p.tiled:  # tiles x all frames, whole-frame GroupNorm statistics (tiled_vae.py)
-                out = tiled_shared(self.model.vae.decoder, lambda x: self.model.decode(x, n, chunk), z, tc.decoder_tile,
-                                   tc.decoder_overlap)
+            if p.tiled:  # computed by tiles holding all frames, whole-frame statistics (tiled_vae.py)
+                out = tiled_shared(self.model.vae.decoder, lambda x: self.model.decode(x, n, chunk), z, p.tile)
             else:
                 out = self.model.decode(z, n, chunk)
         return ((out.float() + 1) / 2).clamp(0, 1)

@@ -2,6 +2,9 @@
 
 * ``plan_stage``: whole frames when the estimate fits the budget, tiles batched up to the budget when not;
   ``on`` always tiles, ``off`` never; a temporal stage's batch is whole windows.
+* ``plan_vae``: the VAE costed as it runs (frames per frozen-block call, tiles): UltraVSR's 16-frame 720p
+  decoder with ``chunk_frames: 1`` is not tiled with an H200's budget; frames are split before tiling; tiles
+  shrink until the estimate fits; the estimate of a tiled plan is below the untiled one.
 * ``tiled_batched`` equals ``tiled_apply`` (one tile at a time) up to float rounding, for any batch.
 * With memory to spare, the tiny SDATC at 90x160 input runs each frame once per step and window:
   frame evaluations per output frame == steps x window factor, one call per window and step.
@@ -10,6 +13,7 @@
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,7 +22,15 @@ import torch.nn.functional as F
 
 from sdatc.config import load_config
 from sdatc.models.sdatc import SDATC, ModelConfig
-from sdatc.pipelines.memory import available_ram, memory_budget, plan_stage, stage_bytes_per_pixel
+from sdatc.pipelines.memory import (
+    StagePlanner,
+    available_ram,
+    memory_budget,
+    plan_stage,
+    plan_vae,
+    stage_bytes_per_pixel,
+    vae_cost,
+)
 from sdatc.pipelines.restore import PipelineConfig, RestorePipeline, TilingConfig, WindowConfig
 from sdatc.pipelines.sampler import SamplerConfig
 from sdatc.pipelines.tiling import tiled_apply, tiled_batched
@@ -91,8 +103,52 @@ def test_tiled_batched_keeps_groups_together():
 
 def test_stage_costs_scale_with_the_model():
     tiny = SDATC.from_config(load_config(ModelConfig, "configs/model/sdatc_tiny.yaml"))
-    for stage in ("dcm", "encode", "predict", "decode"):
+    for stage in ("dcm", "predict"):
         assert stage_bytes_per_pixel(tiny, stage) > 0
+    for stage in ("encode", "decode"):
+        small, big = vae_cost(tiny, stage), vae_cost(_sd21("SDATC"), stage)
+        assert 0 < small.live < big.live and small.tiled_live > 0 and small.tiled_temp > 0
+
+
+def _sd21(name: str):
+    """A stand-in of the full SDATC / UltraVSR with SD 2.1's VAE widths (building SD 2.1 takes a minute)."""
+    return type(name, (), {"vae": SimpleNamespace(config=SimpleNamespace(block_out_channels=[128, 256, 512, 512]))})()
+
+
+H200_BUDGET = 115.0  # GiB: an H200's ~139 GiB free after the weights, less the 15 % margin (memory_budget)
+
+
+def test_ultravsr_720p_window_is_not_tiled_on_an_h200():
+    """16 frames of 720p output (a 90 x 160 latent), chunk_frames 1 as configs/infer/ultravsr.yaml: the frozen
+    blocks see one frame per call, RTS the window; that fits an H200 whole (it was tiled on every GPU)."""
+    planner = StagePlanner(_sd21("UltraVSR"), torch.device("cpu"), TilingConfig(memory_gb=H200_BUDGET))
+    z = torch.empty(16, 4, 90, 160, device="meta")
+    p = planner("decode", z, 64, chunk=1)
+    assert not p.tiled and p.batch == 1 and p.need <= p.budget, p
+    whole_window = planner("decode", z, 64, chunk=None)  # chunk_frames 0: more per call, still split to fit
+    assert whole_window.need <= whole_window.budget and not whole_window.tiled
+    up = torch.empty(16, 3, 720, 1280, device="meta")
+    e = planner("encode", up, 512, chunk=1)
+    assert not e.tiled and e.need <= e.budget
+
+
+def test_vae_plans_split_frames_then_shrink_tiles_to_fit():
+    cost = vae_cost(_sd21("UltraVSR"), "decode")
+    size, gib = (90, 160), 2**30
+    one = cost.need(16, size, 1)
+    assert one < cost.need(16, size, 16)  # chunk_frames counts
+    p = plan_vae(16, size, cost, budget=int(one + 1), tile=64, chunk=None)  # the window whole does not fit
+    assert not p.tiled and p.batch < 16 and p.need <= p.budget
+    small = plan_vae(16, size, cost, budget=int(0.8 * one), tile=64, chunk=1)  # not even one frame per call
+    assert small.tiled and small.batch == 1 and small.need < one
+    sdatc = vae_cost(_sd21("SDATC"), "decode")  # STAM: the decoder's window cannot be split
+    q = plan_vae(5, size, sdatc, budget=20 * gib, tile=64, split=False)
+    assert q.tiled and q.batch == 5 and q.need <= q.budget and q.tile <= 64, q
+    assert q.need < sdatc.need(5, size, 5)  # tiling lowers the estimate (it raised the memory before)
+    tight = plan_vae(5, size, sdatc, budget=q.need - 1, tile=64, split=False)
+    assert tight.tile < q.tile or tight.tile == 8
+    assert plan_vae(5, size, sdatc, budget=10**15, tile=64, mode="on", split=False).tiled  # forced
+    assert not plan_vae(5, size, sdatc, budget=1, tile=64, mode="off").tiled
 
 
 def test_memory_to_spare_gives_steps_times_window_factor(carphone_frames, monkeypatch):
