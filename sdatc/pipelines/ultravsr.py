@@ -95,8 +95,8 @@ class UltraVSRRunner:
         return one_step_x0(out.float(), z.float(), big_d, self.model.prediction_type)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """(T, 4, h, w) -> (T, 3, 8h, 8w) on the [0, 1] scale, unclamped (the colour fix runs before the clamp,
-        as in StableSR; fp32 decode when running fp16)."""
+        """(T, 4, h, w) -> (T, 3, 8h, 8w) in [0, 1], clamped: UltraVSR's release colour-fixes the 8-bit output
+        image (``ToPILImage`` first), unlike StableSR (fp32 decode when running fp16)."""
         tc, n, chunk = self.cfg.tiling, z.shape[0], self.cfg.chunk_frames or None
         p = self._plan("decode", z, tc.decoder_tile, group=n)
         with autocast(self.device, self.dtype, enabled=self.dtype != torch.float16):
@@ -105,7 +105,7 @@ class UltraVSRRunner:
                                    tc.decoder_overlap)
             else:
                 out = self.model.decode(z, n, chunk)
-        return (out.float() + 1) / 2
+        return ((out.float() + 1) / 2).clamp(0, 1)
 
     def estimate(self, lq: torch.Tensor, source: str | Path | None) -> tuple[float, int, float]:
         """(d, t_rec, D) for a clip from its source file (bitstream) or its first window's frames (clipiqa)."""
@@ -139,7 +139,7 @@ class UltraVSRRunner:
             h, w = lq.shape[-2:]
             z = self.window_x0(self._pad(lq), t_rec, big_d)
             out = self.decode(z)[..., : 4 * h, : 4 * w]  # (T, 3, 4h, 4w)
-            out = colour_correct(out, lq, cfg.colour).clamp(0, 1)  # fix, then clamp (the peers' order)
+            out = colour_correct(out, lq, cfg.colour).clamp(0, 1)
             for _, frame in blender.add(k, out.cpu()):
                 yield (frame * 255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
             feed.release(windows[k + 1][0] if k + 1 < len(windows) else num_frames)
