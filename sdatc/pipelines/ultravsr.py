@@ -20,11 +20,10 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from sdatc.errors import SdatcError
-from sdatc.models.ultravsr import UltraVSR, drs_step, one_step_x0
+from sdatc.models.ultravsr import UltraVSR, bicubic_x4, drs_step, one_step_x0
 from sdatc.pipelines.colour import colour_correct
 from sdatc.pipelines.drs import DRSConfig, DRSEstimator
 from sdatc.pipelines.memory import StagePlan, StagePlanner
@@ -75,7 +74,7 @@ class UltraVSRRunner:
         (x the window's frames: RTS mixes them) as memory allows."""
         cfg, tc, n = self.cfg, self.cfg.tiling, lq.shape[0]
         chunk = cfg.chunk_frames or None
-        up = F.interpolate(lq, scale_factor=4, mode="bicubic", align_corners=False).clamp(0, 1)
+        up = bicubic_x4(lq, self.model.cfg.input_resize)  # (T, 3, 4h, 4w), the release's PIL bicubic by default
         with autocast(self.device, self.dtype):
             p = self._plan("encode", up, tc.encoder_tile, group=n)
             if p.tiled:  # whole-frame GroupNorm statistics across tiles (tiled_vae.py)
@@ -111,7 +110,7 @@ class UltraVSRRunner:
         """(d, t_rec, D) for a clip from its source file (bitstream) or its first window's frames (clipiqa)."""
         frames = None
         if self.drs.kind == "clipiqa":
-            up = F.interpolate(lq.float(), scale_factor=4, mode="bicubic", align_corners=False).clamp(0, 1)
+            up = bicubic_x4(lq.float(), self.model.cfg.input_resize)  # what the reference scores
             frames = (up * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
         d, how = self.drs(path=source, frames=frames)
         t, big_d = drs_step(self.model.scheduler.alphas_cumprod, d)

@@ -201,3 +201,30 @@ def test_tiled_runner_is_close_to_untiled(tiny_uvsr, bunny_frames):
     diff = np.abs(runs["on"] - runs["off"])
     print(f"UltraVSR tiled VAE vs untiled: mean {diff.mean():.2f}, p99 {np.percentile(diff, 99):.1f}, max {diff.max():.0f}")
     assert diff.mean() < 3.0 and np.percentile(diff, 99) < 25, (diff.mean(), np.percentile(diff, 99))
+
+
+def test_input_resize_is_the_release_pil_bicubic(bunny_frames):
+    """UltraVSR's release upsamples each 8-bit LR frame with PIL's Image.resize (default filter: bicubic,
+    inference.py:113 at f3672761); torch's bicubic (a = -0.75) differs by several grey levels on a photo."""
+    from PIL import Image
+
+    from sdatc.models.ultravsr import bicubic_x4
+
+    lr = np.ascontiguousarray(bunny_frames[:2, 300:348, 500:564])  # (2, 48, 64, 3) real frames
+    lq = torch.from_numpy(lr).permute(0, 3, 1, 2).float() / 255
+    ours = (bicubic_x4(lq, "pil") * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    theirs = np.stack([np.asarray(Image.fromarray(f).resize((256, 192))) for f in lr])  # the release's call
+    np.testing.assert_array_equal(ours, theirs)
+    torch_up = (bicubic_x4(lq, "torch") * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    assert np.abs(torch_up.astype(int) - theirs.astype(int)).max() >= 3
+
+
+def test_drs_range_follows_the_release():
+    """The release takes D = d^2 straight into argmin |abar_t - D| (inference_arch.py:90): no clip at 0.2 / 0.95."""
+    a = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
+    est = DRSEstimator(DRSConfig(estimator="fixed", d=0.1))
+    d, _ = est(frames=None)
+    assert d == 0.1
+    assert drs_step(a, d)[0] == int((a.double() - 0.01).abs().argmin()) == 933
+    d1, _ = DRSEstimator(DRSConfig(estimator="fixed", d=1.0))(frames=None)
+    assert drs_step(a, d1)[0] == 0
