@@ -10,7 +10,6 @@ import av
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from sdatc.config import REPO_ROOT, load_config
@@ -139,12 +138,15 @@ def test_identity_at_init_through_infer(lq_clip, tmp_path, write_sd_folder):
     assert [r["status"] for r in run(cfg, progress=False)] == ["done"]
     ours = read_video(out / "clip").astype(int)  # the PNGs (lossless)
     # an independent computation with diffusers' own modules
-    lr = torch.from_numpy(read_video(lq_clip)).permute(0, 3, 1, 2).float() / 255  # (5, 3, 32, 48)
+    from PIL import Image
+
+    lr8 = read_video(lq_clip)  # (5, 32, 48, 3) uint8
     sched = DDPMScheduler.from_pretrained(folder / "scheduler")
     abar = sched.alphas_cumprod.double()
     t = int((abar - 0.36).abs().argmin())
-    with torch.no_grad():
-        up = F.interpolate(lr, scale_factor=4, mode="bicubic", align_corners=False).clamp(0, 1)
+    with torch.no_grad():  # the release's input: PIL's bicubic x4 of the 8-bit frames
+        up = torch.from_numpy(np.stack([np.asarray(Image.fromarray(f).resize((192, 128))) for f in lr8]))
+        up = up.permute(0, 3, 1, 2).float() / 255
         z = vae.encode(up * 2 - 1).latent_dist.mode() * vae.config.scaling_factor
         eps = unet(z, torch.full((5,), t), encoder_hidden_states=embeds.expand(5, -1, -1)).sample
         x0 = (z - 0.8 * eps) / 0.6  # sqrt(1 - D) = 0.8, sqrt(D) = 0.6
