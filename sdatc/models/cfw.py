@@ -10,6 +10,10 @@ diffusers' ``ResnetBlock2D``), RDB the ESRGAN residual dense block. The last 1x1
 zero-initialised (weight and bias), so ``C(...) == 0`` and ``F_m == F_d`` exactly at init for
 any ``w``; ``w`` in [0, 1] trades fidelity (1) for generative quality (0) at inference.
 
+The zero 1x1 conv is ours (identity at init); StableSR's / MGLD-VSR's ``Fuse_sft_block_*`` end at the second
+ResBlock. Their weights load with ``cfw_state_from_peer``, which maps their keys to ours and sets the conv to
+the identity, so the block computes theirs (tests/models/test_cfw.py).
+
     cfw = CFW(512, CFWConfig())
     y = cfw(dec_feat, enc_feat, w=0.5)  # 2 x (N, 512, H, W) -> (N, 512, H, W)
 """
@@ -146,3 +150,27 @@ class CFW(nn.Module):
                 f"CFW: encoder feature {tuple(enc_feat.shape)} and decoder feature "
                 f"{tuple(dec_feat.shape)} must have the same shape"
             )
+
+
+def cfw_state_from_peer(peer: dict[str, Tensor], channels: int) -> dict[str, Tensor]:
+    """A ``CFW`` state dict from a StableSR / MGLD-VSR fusion block's (``Fuse_sft_block_ResidualDenseBlock``:
+    ``encode_enc_1`` ResBlock, ``encode_enc_2.{k}`` RDBs with ``conv1..conv5``, ``encode_enc_3`` ResBlock;
+    keys relative to the block, e.g. ``decoder.fusion_layer_2.`` stripped). Our zero 1x1 conv becomes the
+    identity, so ``CFW.fuse`` returns exactly the peer's ``encode_enc_3`` output."""
+    out: dict[str, Tensor] = {}
+    for key, value in peer.items():
+        part, _, rest = key.partition(".")
+        if part == "encode_enc_1":
+            out["res_in." + rest.replace("conv_out.", "conv_shortcut.")] = value
+        elif part == "encode_enc_3":
+            out["res_out." + rest] = value
+        elif part == "encode_enc_2":
+            k, conv, tail = rest.split(".", 2)  # "0", "conv3", "weight"
+            j = int(conv.removeprefix("conv"))
+            out[f"rdbs.{k}." + (f"convs.{j - 1}." if j < 5 else "conv_out.") + tail] = value
+        else:
+            raise ValueError(f"not a key of a peer fusion block: {key!r}")
+    ref = next(iter(peer.values()))
+    out["zero_out.weight"] = torch.eye(channels, dtype=ref.dtype).view(channels, channels, 1, 1)
+    out["zero_out.bias"] = torch.zeros(channels, dtype=ref.dtype)
+    return out

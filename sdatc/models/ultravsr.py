@@ -67,10 +67,15 @@ class UltraVSRConfig:
     lora: LoRASettings = dataclasses.field(default_factory=LoRASettings)
     enabled: UltraVSRSwitches = dataclasses.field(default_factory=UltraVSRSwitches)
     upscale: int = 4
+    # the x4 bicubic the one-step model sees: "pil" is the release's PIL Image.resize (Keys a = -0.5 on 8-bit
+    # frames, inference.py:113 at f3672761); "torch" is F.interpolate(bicubic, a = -0.75) on floats
+    input_resize: str = "pil"
 
     def __post_init__(self):
         if self.upscale != 4:
             raise ValueError(f"upscale must be 4 (the VAE latent of a x4 bicubic LR), got {self.upscale}")
+        if self.input_resize not in ("pil", "torch"):
+            raise ValueError(f"input_resize must be 'pil' or 'torch', got {self.input_resize!r}")
 
 
 def is_ultravsr_config(path) -> bool:
@@ -78,6 +83,25 @@ def is_ultravsr_config(path) -> bool:
     from sdatc.config import read_config_file
 
     return "rts" in read_config_file(path)
+
+
+def bicubic_x4(lq: torch.Tensor, kind: str = "pil") -> torch.Tensor:
+    """(N, 3, h, w) LR in [0, 1] -> (N, 3, 4h, 4w) in [0, 1], the image UltraVSR's encoder sees.
+
+    ``pil``: each frame as 8-bit RGB through PIL's ``Image.resize`` with its bicubic (Keys a = -0.5, weights
+    renormalised at the borders, 8-bit rounding after each pass), as the released inference does; the frames
+    come from 8-bit video, so ``round(255 x)`` recovers them exactly. ``torch``: ``F.interpolate`` bicubic
+    (a = -0.75, edge-replicated), on the device.
+    """
+    if kind == "torch":
+        return torch.nn.functional.interpolate(lq, scale_factor=4, mode="bicubic", align_corners=False).clamp(0, 1)
+    import numpy as np
+    from PIL import Image
+
+    frames = (lq.detach().float() * 255).round().clamp(0, 255).byte().permute(0, 2, 3, 1).cpu().numpy()  # (N, h, w, 3)
+    h, w = frames.shape[1:3]
+    up = np.stack([np.asarray(Image.fromarray(f).resize((4 * w, 4 * h), Image.BICUBIC)) for f in frames])
+    return torch.from_numpy(up).to(lq.device).permute(0, 3, 1, 2).to(lq.dtype) / 255  # (N, 3, 4h, 4w)
 
 
 def drs_step(alphas_cumprod: torch.Tensor, d: float) -> tuple[int, float]:

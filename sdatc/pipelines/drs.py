@@ -9,7 +9,8 @@
   piecewise-linear, monotone tables in the config. The tables are a hand-set prior, not calibrated
   (README, "UltraVSR").
 
-d is clipped to ``[d_min, d_max]``.
+d is clipped to ``[d_min, d_max]``: by default [0.01, 1], where the release has no clip (D = d^2 straight into
+``argmin |abar_t - D|``; 0.01 only keeps ``z / sqrt(D)`` finite). [0.2, 0.95] was ours before issue 24.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from sdatc.errors import SdatcError
 class DRSConfig:
     estimator: Literal["clipiqa", "bitstream", "fixed"] = "clipiqa"  # the reference's; falls back to bitstream
     d: float = 0.5  # for estimator=fixed
-    d_min: float = 0.2
-    d_max: float = 0.95
+    d_min: float = 0.01  # the release clips nothing; > 0 keeps the one-step x0 = (z - sqrt(1 - D) eps) / sqrt(D) finite
+    d_max: float = 1.0
     # [guess, ours] x264 CRF (or QP) -> d, and bits per pixel -> d: monotone, interpolated, clamped at the ends
     crf_table: list[list[float]] = dataclasses.field(default_factory=lambda: [[10, 0.85], [20, 0.7], [30, 0.5], [40, 0.3]])
     bpp_table: list[list[float]] = dataclasses.field(default_factory=lambda: [[0.02, 0.3], [0.1, 0.5], [0.3, 0.7], [1.0, 0.85]])

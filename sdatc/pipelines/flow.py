@@ -14,10 +14,13 @@ Conventions (all flows are in pixels, channel 0 = x, channel 1 = y):
   integer flow shifts an image exactly (up to float32 rounding of the normalised grid, ~1e-6 px; exact
   when H-1 and W-1 are powers of two). Samples outside the frame use ``padding_mode="border"``
   (repeat the edge instead of pulling latents to 0); those pixels are occluded anyway.
-* Occlusion (forward-backward check; |.| is the Euclidean norm of a flow vector), or p + f(p) outside
-  the frame; 1 = occluded. ``flow.occlusion``: ``linear`` (the default; the architecture document and
-  MGLD-VSR) ``|f + W(b, f)| > alpha (|f| + |W(b, f)|) + beta``, or ``squared`` (Sundaram et al. 2010,
-  Ruder et al. 2016, Lai et al. 2018's warping error) ``|f + W(b, f)|^2 > alpha (|f|^2 + |W(b, f)|^2) + beta``.
+* Occlusion (forward-backward check; |.| is the Euclidean norm of a flow vector); 1 = occluded.
+  ``flow.occlusion``: ``linear`` (the default; the architecture document and MGLD-VSR's released
+  ``forward_backward_consistency_check``) ``|f + W0(b, f)| > alpha (|f| + |b|) + beta`` with ``W0`` the
+  zero-padded warp and no other test; ``linear_offframe`` (ours before issue 24) the magnitude of the
+  warped reverse flow ``alpha (|f| + |W(b, f)|)``, border padding, and every p whose p + f(p) leaves the
+  frame occluded; ``squared`` (Sundaram et al. 2010, Ruder et al. 2016, Lai et al. 2018's warping error)
+  ``|f + W(b, f)|^2 > alpha (|f|^2 + |W(b, f)|^2) + beta``, off-frame pixels occluded.
 * Loss: for each adjacent pair, the mean over all C*H*W elements of the masked L1 difference (occluded
   elements count as 0), summed over the two directions and over pairs. ``eta_t`` refers to this loss.
 """
@@ -46,7 +49,7 @@ RAFT_HELP = (
 )
 # RAFT's correlation pyramid pools the 1/8 feature map 3 times and needs >= 16 cells: inputs >= 128 px.
 RAFT_MIN_SIZE = 128
-OCCLUSION_FORMS = ("linear", "squared")
+OCCLUSION_FORMS = ("linear", "linear_offframe", "squared")
 
 
 @dataclasses.dataclass
@@ -58,9 +61,10 @@ class FlowConfig:
     required: bool = False  # True: missing weights is an error; False: guidance off with one warning
     step_size: Literal["log_sigma", "sigma"] = "log_sigma"  # eta = scale*|log sigma^2| or scale*sigma^2
     scale: float = 10.0
-    # Forward-backward occlusion test: linear |f + W(b)| > alpha (|f| + |W(b)|) + beta (the architecture
-    # document, MGLD-VSR), or squared |f + W(b)|^2 > alpha (|f|^2 + |W(b)|^2) + beta (Sundaram et al. 2010).
-    occlusion: Literal["linear", "squared"] = "linear"
+    # Forward-backward occlusion test: linear |f + W0(b)| > alpha (|f| + |b|) + beta (the architecture document,
+    # MGLD-VSR's release), linear_offframe (|W(b)| in the threshold, off-frame pixels occluded), or squared
+    # |f + W(b)|^2 > alpha (|f|^2 + |W(b)|^2) + beta (Sundaram et al. 2010). See the module docstring.
+    occlusion: Literal["linear", "linear_offframe", "squared"] = "linear"
     occlusion_alpha: float = 0.01
     occlusion_beta: float = 0.5  # pixels (linear) or squared pixels (squared)
     raft_iters: int = 12
@@ -229,9 +233,11 @@ def flow_grid(flow: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
 def occlusion_mask(fwd: Tensor, bwd: Tensor, alpha: float, beta: float, form: str) -> Tensor:
     """Forward-backward consistency occlusion of ``fwd``.
 
-    Occluded where p + f(p) leaves the frame, or (|.| the Euclidean norm of a flow vector) where
-    ``linear``: ``|f + W(b, f)| > alpha (|f| + |W(b, f)|) + beta`` (architecture document, MGLD-VSR);
-    ``squared``: ``|f + W(b, f)|^2 > alpha (|f|^2 + |W(b, f)|^2) + beta`` (Sundaram et al. 2010).
+    Occluded (|.| the Euclidean norm of a flow vector) where
+    ``linear``: ``|f + W0(b, f)| > alpha (|f| + |b|) + beta``, ``W0`` bilinear with zero padding (MGLD-VSR's
+    ``forward_backward_consistency_check``, scripts/util_flow.py:114-136 at 9aa7731; the architecture document);
+    ``linear_offframe``: ``|f + W(b, f)| > alpha (|f| + |W(b, f)|) + beta`` or p + f(p) outside the frame;
+    ``squared``: ``|f + W(b, f)|^2 > alpha (|f|^2 + |W(b, f)|^2) + beta`` (Sundaram et al. 2010) or outside.
 
     Args:
         fwd: (N, 2, H, W) flow from frame a to frame b.
@@ -246,10 +252,16 @@ def occlusion_mask(fwd: Tensor, bwd: Tensor, alpha: float, beta: float, form: st
     if form not in OCCLUSION_FORMS:
         raise ValueError(f"occlusion form must be one of {list(OCCLUSION_FORMS)}, got {form!r}")
     _, _, h, w = fwd.shape
+    if form == "linear":  # MGLD-VSR: zero padding, the reverse flow's own magnitude, no off-frame test
+        bwd_0 = F.grid_sample(bwd, flow_grid(fwd, bwd.dtype), mode="bilinear", padding_mode="zeros",
+                              align_corners=True)  # (N, 2, H, W)
+        diff = torch.linalg.vector_norm(fwd + bwd_0, dim=1, keepdim=True)  # (N, 1, H, W)
+        mag = torch.linalg.vector_norm(fwd, dim=1, keepdim=True) + torch.linalg.vector_norm(bwd, dim=1, keepdim=True)
+        return (diff > alpha * mag + beta).to(fwd.dtype)
     bwd_w = backward_warp(bwd, fwd)  # (N, 2, H, W): b at the target of f
     diff2 = (fwd + bwd_w).pow(2).sum(1, keepdim=True)  # (N, 1, H, W) squared norms
     f2, b2 = fwd.pow(2).sum(1, keepdim=True), bwd_w.pow(2).sum(1, keepdim=True)
-    if form == "linear":
+    if form == "linear_offframe":
         occ = diff2.sqrt() > alpha * (f2.sqrt() + b2.sqrt()) + beta
     else:
         occ = diff2 > alpha * (f2 + b2) + beta

@@ -203,7 +203,8 @@ class RestorePipeline:
         return out.float()
 
     def _decode(self, z: torch.Tensor, feats: dict[int, torch.Tensor], num_frames: int) -> torch.Tensor:
-        """(T, 4, h, w) -> (T, 3, 8h, 8w) in [0, 1] (fp32 decode when running fp16: SD's VAE overflows)."""
+        """(T, 4, h, w) -> (T, 3, 8h, 8w) on the [0, 1] scale, unclamped: the colour fix sees the decoder's own
+        output and the caller clamps after it, as StableSR and MGLD-VSR do (fp32 decode when running fp16)."""
         cfg, w = self.cfg.tiling, self.cfg.cfw_weight
         p = self._plan("decode", z, cfg.decoder_tile, split=False)  # STAM needs the window's frames together
 
@@ -212,7 +213,7 @@ class RestorePipeline:
                 out = decode_tiled(self.model, z, feats, num_frames, w, p.tile)
             else:
                 out = self.model.decode(z, feats, num_frames=num_frames, w=w)  # the whole window: STAM sees all frames
-        return ((out.float() + 1) / 2).clamp(0, 1)
+        return (out.float() + 1) / 2
 
     # ------------------------------------------------------------------ the clip loop
 
@@ -242,7 +243,7 @@ class RestorePipeline:
             feats = {lv: torch.stack([cond_cache[i][1][lv] for i in idx]) for lv in cond_cache[idx[0]][1]}
             z = self._sample(idx, z_c, lq_p, temporal_weights(start, end, windows), shared, windows, k, flows)
             out = self._decode(z, feats, num_frames=len(idx))[..., : up * h, : up * w]  # (T, 3, 4h, 4w)
-            out = colour_correct(out, lq, cfg.colour).clamp(0, 1)
+            out = colour_correct(out, lq, cfg.colour).clamp(0, 1)  # fix, then clamp (the peers' order)
             for _, frame in blender.add(k, out.cpu()):
                 yield (frame * 255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
             for i in feed.release(windows[k + 1][0] if k + 1 < len(windows) else num_frames):

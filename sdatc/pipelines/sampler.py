@@ -6,9 +6,10 @@
         out = model.predict(z, t, z_c)                       # epsilon or v
         z = sampler.step(i, z, out, noise=step_noise)              # posterior sample at the previous timestep
 
-Respacing follows guided-diffusion's ``space_timesteps(1000, [50])``: timesteps round(k * 999 / 49),
-k = 0..49 (so 0 and 999 are both included), with the betas of the respaced chain recomputed from
-alphas_cumprod. DDPM uses the posterior variance (``fixed_small``); DDIM uses eta (0 = deterministic).
+Respacing is guided-diffusion's ``space_timesteps(1000, [50])`` (StableSR and MGLD-VSR copy it): a
+fractional stride (999 / 49) added 49 times, each partial sum rounded (Python's round, ties to even), so
+0 and 999 are both included; the betas of the respaced chain are recomputed from alphas_cumprod. One
+step is ``[start_t]`` here (the peers' [0] is degenerate when the chain starts from q_sample(z_c, 999)). DDPM uses the posterior variance (``fixed_small``); DDIM uses eta (0 = deterministic).
 The model output is split into (x0, eps) by ``prediction_type`` (epsilon or v_prediction). Noise is
 passed in by the caller, so each frame can draw its own seeded noise. The steps equal diffusers'
 DDPMScheduler with ``set_timesteps(timesteps=...)`` (tests); DDIMScheduler cannot take respaced
@@ -33,21 +34,31 @@ class SamplerConfig:
     start_t: int = 999  # the chain starts from q_sample(z_c, start_t)
     ddim_eta: float = 0.0
     seed: int = 0
+    # sigma_t^2 of the last step (t = 0, where the posterior variance is 0), for the flow-guidance step size:
+    # "ldm" clips it at 1e-20 as LDM's / MGLD-VSR's posterior_log_variance_clipped (eta_0 = 10 |log 1e-20|);
+    # "previous" takes the step before's value, as guided-diffusion's clipped log-variance
+    last_variance: Literal["ldm", "previous"] = "ldm"
 
     def __post_init__(self):
         if self.steps < 1:
             raise ValueError(f"sampler steps must be >= 1, got {self.steps}")
         if self.start_t < 0:
             raise ValueError(f"start_t must be >= 0, got {self.start_t}")
+        if self.last_variance not in ("ldm", "previous"):
+            raise ValueError(f"last_variance must be 'ldm' or 'previous', got {self.last_variance!r}")
 
 
 def respaced_timesteps(start_t: int, steps: int) -> list[int]:
-    """Descending timesteps from ``start_t`` down to 0 (guided-diffusion's even respacing)."""
+    """Descending timesteps from ``start_t`` down to 0: guided-diffusion's ``space_timesteps(start_t + 1,
+    [steps])``, the fractional stride accumulated and each partial sum rounded."""
     steps = min(steps, start_t + 1)
     if steps == 1:
         return [start_t]
-    stride = start_t / (steps - 1)
-    return sorted({round(k * stride) for k in range(steps)}, reverse=True)
+    stride, cur, taken = start_t / (steps - 1), 0.0, set()
+    for _ in range(steps):
+        taken.add(round(cur))
+        cur += stride
+    return sorted(taken, reverse=True)
 
 
 class Sampler:
@@ -71,13 +82,15 @@ class Sampler:
         return math.sqrt(a) * z_c + math.sqrt(1 - a) * noise
 
     def posterior_variance(self, i: int) -> float:
-        """sigma_t^2 of DDPM step i (fixed_small), clipped below like guided-diffusion's log-variance."""
+        """sigma_t^2 of DDPM step i (fixed_small); at the last step (0) clipped as ``cfg.last_variance`` says."""
         a, a_prev = self.acp[i], self.acp_prev[i]
         beta = 1 - a / a_prev
         var = beta * (1 - a_prev) / (1 - a)
-        if var <= 0 and len(self) > 1:  # the last step: use the previous step's value (as the clipped log-variance)
-            return self.posterior_variance(i - 1) if i > 0 else beta
-        return var
+        if var > 0:
+            return var
+        if self.cfg.last_variance == "ldm":
+            return 1e-20  # np.log(np.maximum(posterior_variance, 1e-20)) in LDM's ddpm.py
+        return self.posterior_variance(i - 1) if i > 0 else beta  # guided-diffusion: the step before's value
 
     def split(self, i: int, z: torch.Tensor, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x0, eps) from the model output (epsilon or v) for z at timesteps[i]; float32."""

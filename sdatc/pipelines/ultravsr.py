@@ -21,11 +21,10 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from sdatc.errors import SdatcError
-from sdatc.models.ultravsr import UltraVSR, drs_step, one_step_x0
+from sdatc.models.ultravsr import UltraVSR, bicubic_x4, drs_step, one_step_x0
 from sdatc.pipelines.colour import colour_correct
 from sdatc.pipelines.drs import DRSConfig, DRSEstimator
 from sdatc.pipelines.memory import StagePlan, StagePlanner
@@ -76,7 +75,7 @@ class UltraVSRRunner:
         (x the window's frames: RTS mixes them) as memory allows."""
         cfg, tc, n = self.cfg, self.cfg.tiling, lq.shape[0]
         chunk = cfg.chunk_frames or None
-        up = F.interpolate(lq, scale_factor=4, mode="bicubic", align_corners=False).clamp(0, 1)
+        up = bicubic_x4(lq, self.model.cfg.input_resize)  # (T, 3, 4h, 4w), the release's PIL bicubic by default
         with autocast(self.device, self.dtype):
             p = self._plan("encode", up, tc.encoder_tile, chunk=chunk)  # fewer frames per call first, then tiles
             enc_chunk = p.batch if p.batch < n else None
@@ -96,7 +95,8 @@ class UltraVSRRunner:
         return one_step_x0(out.float(), z.float(), big_d, self.model.prediction_type)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """(T, 4, h, w) -> (T, 3, 8h, 8w) in [0, 1] (fp32 decode when running fp16)."""
+        """(T, 4, h, w) -> (T, 3, 8h, 8w) in [0, 1], clamped: UltraVSR's release colour-fixes the 8-bit output
+        image (``ToPILImage`` first), unlike StableSR (fp32 decode when running fp16)."""
         tc, n = self.cfg.tiling, z.shape[0]
         # the frozen blocks on chunks of frames (TAI: fewer if memory asks), RTS on the whole window; then tiles
         p = self._plan("decode", z, tc.decoder_tile, chunk=self.cfg.chunk_frames or None)
@@ -112,7 +112,7 @@ class UltraVSRRunner:
         """(d, t_rec, D) for a clip from its source file (bitstream) or its first window's frames (clipiqa)."""
         frames = None
         if self.drs.kind == "clipiqa":
-            up = F.interpolate(lq.float(), scale_factor=4, mode="bicubic", align_corners=False).clamp(0, 1)
+            up = bicubic_x4(lq.float(), self.model.cfg.input_resize)  # what the reference scores
             frames = (up * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
         d, how = self.drs(path=source, frames=frames)
         t, big_d = drs_step(self.model.scheduler.alphas_cumprod, d)

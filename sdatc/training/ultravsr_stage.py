@@ -32,7 +32,7 @@ from torch.nn.utils import spectral_norm
 from sdatc.models.drivers import unet_forward
 from sdatc.models.prediction import split_prediction, training_target
 from sdatc.models.sites import Ctx, Placement, insert
-from sdatc.models.ultravsr import UltraVSR, drs_step, one_step_x0
+from sdatc.models.ultravsr import UltraVSR, bicubic_x4, drs_step, one_step_x0
 from sdatc.training.losses import LPIPSLoss, frame_difference_l1, hinge_g_loss
 from sdatc.training.stages import _Stage
 
@@ -137,7 +137,7 @@ class UltraVSRStage(_Stage):
         steps = [drs_step(m.scheduler.alphas_cumprod, float(x)) for x in d]
         t = torch.tensor([s[0] for s in steps], device=lq.device).repeat_interleave(num_frames)
         big_d = torch.tensor([s[1] for s in steps], device=lq.device).repeat_interleave(num_frames)
-        up = F.interpolate(lq, scale_factor=4, mode="bicubic", align_corners=False).clamp(0, 1)
+        up = bicubic_x4(lq, m.cfg.input_resize)  # (N, 3, 4h, 4w), as at inference
         z = m.encode(up)
         out = m.predict(z, t, num_frames)
         return one_step_x0(out.float(), z.float(), big_d, m.prediction_type), t, big_d

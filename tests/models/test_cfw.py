@@ -150,3 +150,57 @@ def test_pipeline_cfw_weight_reaches_decode(tiny_model, monkeypatch):
         one, low = tiny_model.decode(z, feats, num_frames=2), tiny_model.decode(z, feats, num_frames=2, w=0.3)
         assert torch.equal(one, tiny_model.decode(z, feats, num_frames=2, w=1.0))  # the default is training's w = 1
         assert not torch.allclose(one, low, atol=1e-4)
+
+
+def _peer_fusion(state: dict, enc, dec, w: float, num_rdb: int):
+    """MGLD-VSR's Fuse_sft_block_ResidualDenseBlock (ldm/modules/diffusionmodules/model.py:1312-1368 at 9aa7731)
+    written from its formula with the peer's own key names: ResBlock(2C -> C), RDBs, ResBlock(C -> C), then
+    ``dec + w * out`` (no final 1x1 conv)."""
+    import torch.nn.functional as F
+
+    def gn(x, k):
+        return F.group_norm(x, 32 if x.shape[1] >= 32 else x.shape[1], state[k + ".weight"], state[k + ".bias"], 1e-6)
+
+    def res(x, p):
+        h = F.conv2d(F.silu(gn(x, p + "norm1")), state[p + "conv1.weight"], state[p + "conv1.bias"], padding=1)
+        h = F.conv2d(F.silu(gn(h, p + "norm2")), state[p + "conv2.weight"], state[p + "conv2.bias"], padding=1)
+        skip = F.conv2d(x, state[p + "conv_out.weight"], state[p + "conv_out.bias"]) if p + "conv_out.weight" in state else x
+        return h + skip
+
+    def rdb(x, p):
+        feats = [x]
+        for j in range(1, 5):
+            feats.append(F.leaky_relu(F.conv2d(torch.cat(feats, 1), state[f"{p}conv{j}.weight"], state[f"{p}conv{j}.bias"],
+                                               padding=1), 0.2))
+        return F.conv2d(torch.cat(feats, 1), state[p + "conv5.weight"], state[p + "conv5.bias"], padding=1) * 0.2 + x
+
+    h = res(torch.cat([enc, dec], 1), "encode_enc_1.")
+    for k in range(num_rdb):
+        h = rdb(h, f"encode_enc_2.{k}.")
+    return dec + w * res(h, "encode_enc_3.")
+
+
+def test_peer_weights_load_and_compute_the_peer_block():
+    """A StableSR / MGLD-VSR fusion block's weights (peer key names) load into our CFW, whose extra zero 1x1 conv
+    becomes the identity: the output equals the peer block's."""
+    from sdatc.models.cfw import cfw_state_from_peer
+
+    ours = CFW(64, CFWConfig(growth=16, num_rdb=2))
+    g = torch.Generator().manual_seed(0)
+    shapes = {"encode_enc_1.norm1": (128,), "encode_enc_1.conv1": (64, 128, 3, 3), "encode_enc_1.norm2": (64,),
+              "encode_enc_1.conv2": (64, 64, 3, 3), "encode_enc_1.conv_out": (64, 128, 1, 1),
+              "encode_enc_3.norm1": (64,), "encode_enc_3.conv1": (64, 64, 3, 3), "encode_enc_3.norm2": (64,),
+              "encode_enc_3.conv2": (64, 64, 3, 3)}
+    for k in range(2):
+        for j in range(1, 6):
+            shapes[f"encode_enc_2.{k}.conv{j}"] = (64 if j == 5 else 16, 64 + 16 * (j - 1), 3, 3)
+    peer = {}
+    for name, shape in shapes.items():
+        peer[name + ".weight"] = torch.randn(shape, generator=g) * (0.5 if "norm" in name else 0.05) + ("norm" in name)
+        peer[name + ".bias"] = torch.randn(shape[0], generator=g) * 0.05
+    ours.load_state_dict(cfw_state_from_peer(peer, 64), strict=True)
+    enc, dec = torch.randn(2, 64, 6, 7, generator=g), torch.randn(2, 64, 6, 7, generator=g)
+    for w in (1.0, 0.5):
+        torch.testing.assert_close(ours(dec, enc, w=w), _peer_fusion(peer, enc, dec, w, 2), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="not a key"):
+        cfw_state_from_peer({"fuse.weight": torch.zeros(1)}, 64)

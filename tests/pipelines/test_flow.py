@@ -3,6 +3,7 @@ RAFT plumbing with random weights (no RAFT weights are downloaded; RAFT-large wi
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -53,16 +54,57 @@ def test_resize_flow_scales_vectors():
     torch.testing.assert_close(out[:, 1], torch.full((1, 32, 64), 2.0))
 
 
-@pytest.mark.parametrize("form", ["linear", "squared"])
+@pytest.mark.parametrize("form", ["linear", "linear_offframe", "squared"])
 def test_occlusion_consistent_flows_only_out_of_frame(form):
     fwd, bwd = const_flow(1, 12, 16, 3, 0), const_flow(1, 12, 16, -3, 0)
     occ = occlusion_mask(fwd, bwd, 0.01, 0.5, form)
     assert occ.shape == (1, 1, 12, 16)
     assert occ[..., :-3].sum() == 0
-    assert (occ[..., -3:] == 1).all()
+    assert (occ[..., -3:] == 1).all()  # linear: W0(b) = 0 there, |f| = 3 > 0.56
 
 
-@pytest.mark.parametrize("form", ["linear", "squared"])
+def test_occlusion_off_frame_small_motion_only_with_offframe_form():
+    """MGLD-VSR has no off-frame test: f = 0.4 px leaving the last column samples 0.6 b + 0.4 * 0 (zero
+    padding) = -0.24, |f + W0(b)| = 0.16 <= 0.01 * 0.8 + 0.5: not occluded; linear_offframe occludes it."""
+    fwd, bwd = const_flow(1, 4, 6, 0.4, 0), const_flow(1, 4, 6, -0.4, 0)
+    assert occlusion_mask(fwd, bwd, 0.01, 0.5, "linear").sum() == 0
+    off = occlusion_mask(fwd, bwd, 0.01, 0.5, "linear_offframe")
+    assert (off[..., -1] == 1).all() and off[..., :-1].sum() == 0
+
+
+def _mgld_check(fwd: np.ndarray, bwd: np.ndarray, alpha: float = 0.01, beta: float = 0.5) -> np.ndarray:
+    """MGLD-VSR's forward_backward_consistency_check (scripts/util_flow.py:114-136 at 9aa7731) written from its
+    formula with an explicit bilinear sampler (zero outside the frame, pixel centres at integers), float64."""
+    _, h, w = fwd.shape
+    occ = np.zeros((h, w), bool)
+    for y in range(h):
+        for x in range(w):
+            sx, sy = x + fwd[0, y, x], y + fwd[1, y, x]
+            x0, y0 = int(np.floor(sx)), int(np.floor(sy))
+            wb = np.zeros(2)
+            for yy, xx, k in ((y0, x0, (1 - (sx - x0)) * (1 - (sy - y0))), (y0, x0 + 1, (sx - x0) * (1 - (sy - y0))),
+                              (y0 + 1, x0, (1 - (sx - x0)) * (sy - y0)), (y0 + 1, x0 + 1, (sx - x0) * (sy - y0))):
+                if 0 <= yy < h and 0 <= xx < w:
+                    wb += k * bwd[:, yy, xx]
+            diff = np.linalg.norm(fwd[:, y, x] + wb)
+            occ[y, x] = diff > alpha * (np.linalg.norm(fwd[:, y, x]) + np.linalg.norm(bwd[:, y, x])) + beta
+    return occ
+
+
+def test_linear_occlusion_equals_mgld_vsr_on_random_flows():
+    g = torch.Generator().manual_seed(3)
+    base = torch.tensor([0.45, -0.3], dtype=torch.float64).view(1, 2, 1, 1)  # sub-pixel motion off two edges
+    fwd = base + torch.randn(1, 2, 9, 11, generator=g, dtype=torch.float64) * 0.15
+    bwd = -base + torch.randn(1, 2, 9, 11, generator=g, dtype=torch.float64) * 0.3
+    ours = occlusion_mask(fwd, bwd, 0.01, 0.5, "linear")[0, 0].numpy().astype(bool)
+    theirs = _mgld_check(fwd[0].numpy(), bwd[0].numpy())
+    assert 0 < theirs.sum() < theirs.size  # a mix of both outcomes
+    np.testing.assert_array_equal(ours, theirs)
+    former = occlusion_mask(fwd, bwd, 0.01, 0.5, "linear_offframe")[0, 0].numpy().astype(bool)
+    assert (former != theirs).any()  # the former form differs on these flows
+
+
+@pytest.mark.parametrize("form", ["linear", "linear_offframe", "squared"])
 def test_occlusion_inconsistent_flows_all_occluded(form):
     occ = occlusion_mask(const_flow(1, 12, 16, 3, 0), torch.zeros(1, 2, 12, 16), 0.01, 0.5, form)
     assert (occ == 1).all()
@@ -78,6 +120,7 @@ def test_occlusion_forms_disagree():
     # linear:  0.6  > 0.01 * (5 + 4.4) + 0.5      = 0.594  -> occluded
     # squared: 0.36 > 0.01 * (25 + 19.36) + 0.5   = 0.9436 -> not occluded
     assert occluded((3, 4), (-2.64, -3.52), "linear") and not occluded((3, 4), (-2.64, -3.52), "squared")
+    assert occluded((3, 4), (-2.64, -3.52), "linear_offframe")
     # large motion, 3 px inconsistency: linear 3 > 0.01 * (100 + 97) + 0.5 = 2.47 -> occluded;
     # squared 9 > 0.01 * (10000 + 9409) + 0.5 = 194.59 -> not occluded
     assert occluded((100, 0), (-97, 0), "linear") and not occluded((100, 0), (-97, 0), "squared")

@@ -292,3 +292,32 @@ def test_flow_guidance_lowers_the_warping_loss(tiny_model_config, carphone_frame
     off, default, strong = (guide.loss(z).item() for z in latents)
     assert strong < 0.8 * off, (strong, off)
     assert strong < default < off, (strong, default, off)
+
+
+# --------------------------------------------------------------------------- colour fix order
+
+
+@pytest.mark.parametrize("colour", ["adain", "wavelet"])
+def test_colour_fix_sees_the_unclamped_decode_then_clamps(model_no_stam, clip, monkeypatch, colour):
+    """StableSR / MGLD-VSR fix the decoder's output, then clamp: the colour fix must receive values outside
+    [0, 1] when the decoder produces them, and the frames written are the clamp of its result."""
+    orig_decode, seen = model_no_stam.decode, []
+
+    def loud_decode(z, *args, **kwargs):
+        return 1.5 * orig_decode(z, *args, **kwargs)  # push values out of [-1, 1] (decoder scale)
+
+    def spy(x, ref, mode):
+        seen.append(x.clone())
+        return restore_mod_colour(x, ref, mode)
+
+    from sdatc.pipelines.colour import colour_correct as restore_mod_colour
+
+    monkeypatch.setattr(model_no_stam, "decode", loud_decode)
+    monkeypatch.setattr(restore_mod, "colour_correct", spy)
+    cfg = dataclasses.replace(pipeline_cfg(3, 3, steps=1), colour=colour)
+    frames = run(model_no_stam, clip[:3], cfg)
+    x = seen[0]
+    assert x.min() < -0.01 or x.max() > 1.01, (x.min(), x.max())  # the fix saw the decoder's own range
+    expected = (restore_mod_colour(x, torch.from_numpy(clip[:3]).permute(0, 3, 1, 2).float() / 255, colour)
+                .clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    np.testing.assert_array_equal(np.stack(frames), expected)

@@ -15,12 +15,27 @@ def _acp():
     return DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
 
 
+def _space_timesteps(num_timesteps: int, count: int) -> set[int]:
+    """guided-diffusion's space_timesteps(num_timesteps, [count]) for one section, written from its formula
+    (StableSR ldm/models/respace.py:43-58): a fractional stride added up, each partial sum rounded."""
+    frac_stride = 1 if count <= 1 else (num_timesteps - 1) / (count - 1)
+    cur, taken = 0.0, []
+    for _ in range(count):
+        taken.append(round(cur))
+        cur += frac_stride
+    return set(taken)
+
+
 def test_respaced_timesteps_match_guided_diffusion():
     ts = respaced_timesteps(999, 50)
     assert len(ts) == 50 and ts[0] == 999 and ts[-1] == 0
-    assert ts == sorted((round(k * 999 / 49) for k in range(50)), reverse=True)
-    assert respaced_timesteps(999, 2) == [999, 0] and respaced_timesteps(999, 1) == [999]
+    assert ts == sorted(_space_timesteps(1000, 50), reverse=True)
+    assert respaced_timesteps(999, 2) == [999, 0] and respaced_timesteps(999, 1) == [999]  # one step: ours (A47)
     assert respaced_timesteps(10, 50) == list(range(10, -1, -1))  # never more steps than timesteps
+    # half-way ties: the accumulated stride rounds as guided-diffusion does (21 steps: 499, not round(10 * 49.95))
+    assert 499 in respaced_timesteps(999, 21) and 500 not in respaced_timesteps(999, 21)
+    differ = [n for n in range(2, 1000) if respaced_timesteps(999, n) != sorted(_space_timesteps(1000, n), reverse=True)]
+    assert differ == []
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
@@ -78,8 +93,16 @@ def test_unknown_prediction_type():
 
 
 def test_posterior_variance_positive_and_clipped():
+    """The last step's variance is 0; LDM (MGLD-VSR's ddpm.py:273) clips it at 1e-20 (the default), so the
+    guidance step there is 10 |log 1e-20| = 460.5; "previous" takes the step before's value."""
     s = Sampler(SamplerConfig(steps=50), _acp(), "epsilon")
     v = [s.posterior_variance(i) for i in range(len(s))]
-    assert all(x > 0 for x in v) and v[-1] == v[-2]
+    assert all(x > 0 for x in v) and v[-1] == 1e-20 and v[-2] > 1e-6
+    assert 10 * abs(math.log(v[-1])) == pytest.approx(460.517, abs=1e-3)
+    prev = Sampler(SamplerConfig(steps=50, last_variance="previous"), _acp(), "epsilon")
+    vp = [prev.posterior_variance(i) for i in range(len(prev))]
+    assert vp[:-1] == v[:-1] and vp[-1] == vp[-2]
     with pytest.raises(ValueError):
         SamplerConfig(steps=0)
+    with pytest.raises(ValueError, match="last_variance"):
+        SamplerConfig(last_variance="zero")

@@ -10,7 +10,6 @@ import av
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from sdatc.config import REPO_ROOT, load_config
@@ -139,12 +138,15 @@ def test_identity_at_init_through_infer(lq_clip, tmp_path, write_sd_folder):
     assert [r["status"] for r in run(cfg, progress=False)] == ["done"]
     ours = read_video(out / "clip").astype(int)  # the PNGs (lossless)
     # an independent computation with diffusers' own modules
-    lr = torch.from_numpy(read_video(lq_clip)).permute(0, 3, 1, 2).float() / 255  # (5, 3, 32, 48)
+    from PIL import Image
+
+    lr8 = read_video(lq_clip)  # (5, 32, 48, 3) uint8
     sched = DDPMScheduler.from_pretrained(folder / "scheduler")
     abar = sched.alphas_cumprod.double()
     t = int((abar - 0.36).abs().argmin())
-    with torch.no_grad():
-        up = F.interpolate(lr, scale_factor=4, mode="bicubic", align_corners=False).clamp(0, 1)
+    with torch.no_grad():  # the release's input: PIL's bicubic x4 of the 8-bit frames
+        up = torch.from_numpy(np.stack([np.asarray(Image.fromarray(f).resize((192, 128))) for f in lr8]))
+        up = up.permute(0, 3, 1, 2).float() / 255
         z = vae.encode(up * 2 - 1).latent_dist.mode() * vae.config.scaling_factor
         eps = unet(z, torch.full((5,), t), encoder_hidden_states=embeds.expand(5, -1, -1)).sample
         x0 = (z - 0.8 * eps) / 0.6  # sqrt(1 - D) = 0.8, sqrt(D) = 0.6
@@ -201,3 +203,30 @@ def test_tiled_runner_is_close_to_untiled(tiny_uvsr, bunny_frames):
     diff = np.abs(runs["on"] - runs["off"])
     print(f"UltraVSR tiled VAE vs untiled: mean {diff.mean():.2f}, p99 {np.percentile(diff, 99):.1f}, max {diff.max():.0f}")
     assert diff.mean() < 3.0 and np.percentile(diff, 99) < 25, (diff.mean(), np.percentile(diff, 99))
+
+
+def test_input_resize_is_the_release_pil_bicubic(bunny_frames):
+    """UltraVSR's release upsamples each 8-bit LR frame with PIL's Image.resize (default filter: bicubic,
+    inference.py:113 at f3672761); torch's bicubic (a = -0.75) differs by several grey levels on a photo."""
+    from PIL import Image
+
+    from sdatc.models.ultravsr import bicubic_x4
+
+    lr = np.ascontiguousarray(bunny_frames[:2, 300:348, 500:564])  # (2, 48, 64, 3) real frames
+    lq = torch.from_numpy(lr).permute(0, 3, 1, 2).float() / 255
+    ours = (bicubic_x4(lq, "pil") * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    theirs = np.stack([np.asarray(Image.fromarray(f).resize((256, 192))) for f in lr])  # the release's call
+    np.testing.assert_array_equal(ours, theirs)
+    torch_up = (bicubic_x4(lq, "torch") * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    assert np.abs(torch_up.astype(int) - theirs.astype(int)).max() >= 3
+
+
+def test_drs_range_follows_the_release():
+    """The release takes D = d^2 straight into argmin |abar_t - D| (inference_arch.py:90): no clip at 0.2 / 0.95."""
+    a = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
+    est = DRSEstimator(DRSConfig(estimator="fixed", d=0.1))
+    d, _ = est(frames=None)
+    assert d == 0.1
+    assert drs_step(a, d)[0] == int((a.double() - 0.01).abs().argmin()) == 933
+    d1, _ = DRSEstimator(DRSConfig(estimator="fixed", d=1.0))(frames=None)
+    assert drs_step(a, d1)[0] == 0
