@@ -369,8 +369,8 @@ def write_restored(stream, src: Path, mp4: Path | None, frames_dir: Path | None 
     """Restore the clip ``src`` (a video or a frame folder at ``fps``) through ``stream(reader, n)`` into
     ``mp4`` (and PNGs in ``frames_dir``; either may be None), each under a temporary name; returns the frames
     written. An existing output is replaced with ``overwrite`` (else an error); an output that is the input,
-    or holds it, is always an error. Output frame i is input frame i: it keeps its timestamp; SAR, rotation, colour tags and HDR10
-    metadata are kept."""
+    or holds it, is always an error. Output frame i is input frame i: it keeps its timestamp; SAR, rotation,
+    colour tags and HDR10 metadata are kept."""
     for o in filter(None, (mp4, frames_dir)):  # run() checked already (check_paths); restore_file did not
         s, r = src.resolve(), o.resolve()
         if _contains(s, r) or _contains(r, s):

@@ -198,10 +198,12 @@ def test_input_reached_through_a_bind_mount_is_refused(tmp_path):
     before = digests(src)
     view = tmp_path / "view"
     view.mkdir()
-    code = (f"from tests.test_input_safety import infer_cfg; from sdatc.inference import run; from pathlib import Path; "
-            f"run(infer_cfg(Path('{src}'), Path('{view}'), save_frames=True, overwrite=True), progress=False)")
-    p = subprocess.run(["unshare", "-m", "sh", "-c", f"mount --bind {src.parent} {view} && {sys.executable} -c \"{code}\""],
-                       capture_output=True, text=True, timeout=600, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    code = ("from tests.test_input_safety import infer_cfg; from sdatc.inference import run; "
+            f"from pathlib import Path; run(infer_cfg(Path('{src}'), Path('{view}'), save_frames=True, "
+            "overwrite=True), progress=False)")
+    script = f"mount --bind {src.parent} {view} && {sys.executable} -c \"{code}\""
+    p = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=600, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
     if "mount:" in p.stderr:
         pytest.skip(f"bind mount not permitted here ({p.stderr.strip()[:120]})")
     assert p.returncode != 0 and f"output {view}/clipf is the input clip {src}" in p.stderr, p.stderr[-2000:]

@@ -273,7 +273,8 @@ def test_broken_model_settings_are_errors_even_when_outputs_exist(tmp_path, brok
         run(infer_cfg(clip, out, config="preview.yaml", **settings), progress=False)
     settings["checkpoint"] = str(ROOT / "assets" / "preview")  # the same run with a good setting: skipped
     settings.pop("model_config", None)
-    assert [r["status"] for r in run(infer_cfg(clip, out, config="preview.yaml", **settings), progress=False)] == ["skipped"]
+    results = run(infer_cfg(clip, out, config="preview.yaml", **settings), progress=False)
+    assert [r["status"] for r in results] == ["skipped"]
 
 
 def test_legal_long_names_get_short_temporary_names(tmp_path):
@@ -301,5 +302,6 @@ def test_two_clips_of_one_name_fail_those_clips_only(tmp_path):
     write_video(clips / "b.mp4", _noise(2, 16, 16, seed=1), fps=10, crf=25)
     results = run(infer_cfg(clips, tmp_path / "out"), progress=False)
     assert [(r["clip"], r["status"]) for r in results] == [("a", "failed"), ("b", "done")]
-    assert results[0]["error"] == "2 clips share this name (a.mkv, a.mp4) and would write the same a.mp4: rename all but one"
+    assert results[0]["error"] == ("2 clips share this name (a.mkv, a.mp4) and would write the same a.mp4: "
+                                   "rename all but one")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["b.mp4"]

@@ -146,7 +146,8 @@ def list_frame_files(folder: str | Path) -> list[Path]:
     """The image files of ``folder`` in natural order; a folder that cannot be listed is an SdatcError."""
     folder = Path(folder)
     try:
-        files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")]
+        files = [p for p in folder.iterdir()
+                 if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")]
     except OSError as e:
         raise os_error(folder, e, "cannot read the folder") from None
     return sorted(files, key=lambda p: natural_key(p.name))
