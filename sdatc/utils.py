@@ -297,7 +297,7 @@ def _link_new(src: Path, dst: Path, data: bytes) -> None:
 
 
 class ClipClaim:
-    """An exclusive claim on one output (``<folder>/.<name>.lock``) so that processes sharing an output folder,
+    """An exclusive claim on one output (``<folder>/.<name>.lock``, hashed for very long names) so that processes sharing an output folder,
     on one machine or several, never restore the same clip at once.
 
         claim = ClipClaim(out, name, outputs=[out / f"{name}.mp4"], run=run_id)
@@ -315,7 +315,8 @@ class ClipClaim:
     """
 
     def __init__(self, folder: str | Path, name: str, outputs: list[Path] | tuple = (), run: str | None = None):
-        self.path = Path(folder) / f".{name}.lock"
+        # room for the ".<token>.stale" / ".<token>.tmp" siblings: a legal 250-byte clip name gets a hashed lock
+        self.path = Path(folder) / hidden_name(name, ".lock", room=40)
         self.outputs = [Path(o) for o in outputs]
         self.run = run
         self.token = uuid.uuid4().hex

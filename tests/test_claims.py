@@ -293,3 +293,14 @@ def test_stage2_latents_claim_shards_and_exit_1_for_those_left_to_other_runs(tmp
     assert "shard 1: left to another process (host render node 7 pid 1 holds its lock)" in capsys.readouterr().out
     assert [(lat / shard_name(k)).is_file() for k in range(3)] == [True, False, True]
     assert _leftovers(lat) == [f".{shard_name(1)}.lock"]  # only the other run's lock: ours are released
+
+
+def test_a_legal_250_byte_clip_name_gets_a_lock(tmp_path):
+    """``.<name>.lock`` plus the takeover siblings would pass NAME_MAX for a 250-byte name: the lock is hashed."""
+    name = "c" * 250
+    a = ClipClaim(tmp_path, name)
+    assert a.acquire()
+    assert len(a.path.name.encode()) + 40 <= 255 and a.path.exists()
+    assert not ClipClaim(tmp_path, name).acquire()  # the same name finds the same lock
+    a.release()
+    assert not a.path.exists()
