@@ -32,12 +32,15 @@ import torch
 # measured by scripts/measure_stage_memory.py on the tiny and the SD 2.1-size configs (the larger of the
 # two, rounded up; docs/decisions.md A41).
 COEF = {"dcm": 140.0, "predict": 150.0}
-# The VAE stages by system: (live, temp, tiled_live, tiled_temp), same units (docs/decisions.md A41).
+# The VAE stages by system: (live, temp, tiled_live, tiled_temp), bytes per input pixel per channel of
+# block_out_channels[0], fp32 (``VAECost``). Measured on the tiny models (24x40 latent / 192x320 image, 1 and 3
+# frames, tiles 12 and 4 latent / 96 and 32 image pixels; peaks in one fresh process each, the process's own
+# constant included), rounded up by about 10 % (docs/decisions.md A41).
 VAE_COEF = {
-    ("sdatc", "encode"): (5.0, 17.0, 10.0, 17.0),
-    ("sdatc", "decode"): (7000.0, 0.0, 1600.0, 8000.0),
-    ("ultravsr", "encode"): (2.0, 17.0, 10.0, 17.0),
-    ("ultravsr", "decode"): (1500.0, 1500.0, 1500.0, 3000.0),
+    ("sdatc", "encode"): (6.5, 12.0, 14.0, 24.0),
+    ("sdatc", "decode"): (7000.0, 0.0, 1600.0, 8000.0),  # STAM: never split, temp folded into live
+    ("ultravsr", "encode"): (0.5, 22.5, 15.0, 18.0),
+    ("ultravsr", "decode"): (3400.0, 100.0, 2100.0, 900.0),  # RTS on the whole window: chunks save little
 }
 MIN_TILE = {"encode": 64, "decode": 8}  # the planner halves tiles down to this (image / latent pixels)
 GPU_MARGIN = 0.15  # fraction of the free GPU memory left alone (fragmentation, cuDNN workspaces, the writer)

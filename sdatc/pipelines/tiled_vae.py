@@ -18,6 +18,7 @@ the layers with large temporaries are swapped for versions that compute their ou
 * the self-attention of the mid blocks takes keys and values of the whole frame, queries by tile;
 * CAPM: the pooled prompt weights (a pass over tiles), ``q k^T`` and MDTA's L2 norms (a second pass),
   then the output tile by tile; its prompt is each tile's window of the prompt resized to the frame;
+* RTS's attention unit (UltraVSR): its L2 norms and ``q_t k_{t+-1}^T`` over the whole frame in a first pass;
 * ``conv_norm_out -> SiLU -> conv_out`` runs as one tiled layer.
 
 Tiles are a partition of the frame (no overlaps, no blending): every pixel is computed from the same
@@ -43,7 +44,7 @@ from torch import Tensor, nn
 
 from sdatc.models.capm import CAPM
 from sdatc.models.cfw import ResidualDenseBlock
-from sdatc.models.rts import RTSConv
+from sdatc.models.rts import RTSAttention, RTSConv, neighbour
 from sdatc.models.stam import STAM
 
 Box = tuple[int, int, int, int]  # (y0, y1, x0, x1)
@@ -277,6 +278,48 @@ class TiledCAPM(_Tiled):
         return out
 
 
+class TiledRTSAttention(_Tiled):
+    """RTS's attention unit (``sdatc/models/rts.py``) by tiles holding all frames: pass 1 the whole frame's L2
+    norms of q, k and ``q_t k_{t+s}^T`` (s = -1, +1), pass 2 the output. Halo 1 (the depthwise conv)."""
+
+    def tiled(self, x: Tensor, num_frames: int) -> Tensor:
+        m, g = self.inner, self.inner.num_heads
+        h, w = x.shape[-2:]
+        boxes = self.grid.boxes(h, w)
+
+        def qkv(box: Box) -> tuple[Tensor, ...]:  # 3 x (N, g, c, P_box): the box's q, k, v
+            c = (max(0, box[0] - 1), min(h, box[1] + 1), max(0, box[2] - 1), min(w, box[3] + 1))
+            t = m.qkv_dwconv(m.qkv(x[..., c[0]:c[1], c[2]:c[3]]))[..., box[0] - c[0]:box[1] - c[0], box[2] - c[2]:box[3] - c[2]]
+            return tuple(a.unflatten(1, (g, -1)).flatten(-2) for a in t.chunk(3, dim=1))
+
+        sq = sk = 0
+        grams = {-1: 0, 1: 0}
+        for box in boxes:
+            q, k, _ = qkv(box)
+            dtype, qf, kf = q.dtype, q.float(), k.float()
+            sq, sk = sq + qf.square().sum(-1), sk + kf.square().sum(-1)  # (N, g, c)
+            for s in grams:
+                grams[s] = grams[s] + qf @ neighbour(kf, num_frames, s).transpose(-2, -1)  # (N, g, c, c)
+        eps = 1e-12  # F.normalize's
+        nq = sq.sqrt().clamp_min(eps)
+        attn = {s: ((gr / (nq[..., :, None] * neighbour(sk.sqrt(), num_frames, s).clamp_min(eps)[..., None, :])).to(dtype)
+                    * m.temperature).softmax(dim=-1) for s, gr in grams.items()}  # (N, g, c, c) per offset
+
+        def one(box: Box) -> Tensor:
+            _, _, v = qkv(box)
+            out = sum(attn[s] @ neighbour(v, num_frames, s) for s in attn)  # (N, g, c, P_box)
+            out = out.flatten(1, 2).unflatten(-1, (box[1] - box[0], box[3] - box[2]))  # (N, Ca/3, h_b, w_b)
+            return x[..., box[0]:box[1], box[2]:box[3]] + m.proj_out(out)
+
+        out = None
+        for box in boxes:
+            y = one(box)
+            if out is None:
+                out = y.new_empty(*y.shape[:-2], h, w)
+            out[..., box[0]:box[1], box[2]:box[3]] = y
+        return out
+
+
 # ---------------------------------------------------------------------------------------- the swap
 
 
@@ -302,7 +345,9 @@ def _tiled_version(child: nn.Module, grid: _Grid) -> nn.Module | None:
     if isinstance(child, STAM):
         return TiledLocal(child, grid, halo=0)  # per pixel over the frames, which every tile holds
     if isinstance(child, RTSConv):
-        return TiledLocal(child, grid, halo=1)
+        return TiledLocal(child, grid, halo=1)  # every tile holds the window's frames: the shift is exact
+    if isinstance(child, RTSAttention):
+        return TiledRTSAttention(child, grid)
     return None
 
 
