@@ -20,7 +20,13 @@ from safetensors.torch import save_file
 
 from sdatc.config import REPO_ROOT, dump_config, load_config, to_dict
 from sdatc.errors import SdatcError
-from sdatc.models.saving import CHECKSUMS_NAME, CONFIG_NAME, checksum_problem, verify_weights, write_checksums
+from sdatc.models.saving import (
+    CHECKSUMS_NAME,
+    CONFIG_NAME,
+    checksum_problem,
+    verify_weights,
+    write_checksums,
+)
 from sdatc.models.sdatc import FORMAT, WEIGHTS_NAME, ModelConfig
 from sdatc.training.config import TrainConfig
 from sdatc.utils import atomic_write_text
@@ -220,6 +226,7 @@ def truncate_metrics(path: Path, step: int) -> None:
         else:
             later += 1
     if torn or later:
-        parts = ([f"{later} line(s) after step {step}"] if later else []) + ([f"{torn} unreadable line(s)"] if torn else [])
+        parts = [f"{later} line(s) after step {step}"] if later else []
+        parts += [f"{torn} unreadable line(s)"] if torn else []
         print(f"note: {path}: dropped {' and '.join(parts)}")
     atomic_write_text(path, "".join(line + "\n" for line in keep))
