@@ -104,7 +104,8 @@ def _checkpoint_kind(ckpt: Path) -> str | None:
     from safetensors import safe_open
 
     if ckpt.is_dir():
-        has = [kind for kind, name in (("sdatc", WEIGHTS_NAME), ("ultravsr", ULTRAVSR_WEIGHTS)) if (ckpt / name).is_file()]
+        names = (("sdatc", WEIGHTS_NAME), ("ultravsr", ULTRAVSR_WEIGHTS))
+        has = [kind for kind, name in names if (ckpt / name).is_file()]
         return has[0] if len(has) == 1 else None
     try:
         with safe_open(str(ckpt), "pt") as f:

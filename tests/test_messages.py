@@ -22,7 +22,8 @@ def one_line(excinfo) -> str:
     return msg
 
 
-@pytest.mark.parametrize("mode,name", [("sdatc", "sdatc_modules.safetensors"), ("ultravsr", "ultravsr_modules.safetensors")])
+@pytest.mark.parametrize("mode,name", [("sdatc", "sdatc_modules.safetensors"),
+                                       ("ultravsr", "ultravsr_modules.safetensors")])
 def test_checkpoint_not_found_says_none_are_published(mode, name, tmp_path):
     with pytest.raises(SdatcError) as e:
         build_model(InferConfig(mode=mode, checkpoint=str(tmp_path / "weights" / "sdatc")))
@@ -34,7 +35,8 @@ def test_checkpoint_not_found_says_none_are_published(mode, name, tmp_path):
 def test_no_trained_modules_says_none_are_published(tmp_path, monkeypatch, write_sd_folder, tiny_model_config):
     write_sd_folder(tmp_path / "sd", tiny_model_config.backbone)
     with pytest.raises(SdatcError) as e:
-        build_model(InferConfig(mode="sdatc", pretrained=str(tmp_path / "sd"), model_config="configs/model/sdatc_tiny.yaml"))
+        build_model(InferConfig(mode="sdatc", pretrained=str(tmp_path / "sd"),
+                                model_config="configs/model/sdatc_tiny.yaml"))
     assert "no trained SDATC modules" in one_line(e)
     assert "no trained SDATC or UltraVSR weights are published" in one_line(e)
 
@@ -45,7 +47,8 @@ def test_checkpoint_of_the_other_system_is_named(tmp_path):
     ultra_ck.mkdir()
     save_file({"dcm.x": torch.zeros(1)}, str(sdatc_ck / "sdatc_modules.safetensors"), metadata={"format": "sdatc/2"})
     (sdatc_ck / "config.yaml").write_text("dcm: {}\n")  # an SDATC model config: UltraVSR's loader would say 'dcm'
-    save_file({"rts.x": torch.zeros(1)}, str(ultra_ck / "ultravsr_modules.safetensors"), metadata={"format": "ultravsr/1"})
+    save_file({"rts.x": torch.zeros(1)}, str(ultra_ck / "ultravsr_modules.safetensors"),
+              metadata={"format": "ultravsr/1"})
     with pytest.raises(SdatcError) as e:
         build_model(InferConfig(mode="ultravsr", checkpoint=str(sdatc_ck)))
     assert "is an SDATC checkpoint" in one_line(e) and "mode=sdatc" in one_line(e) and "unknown key" not in one_line(e)
@@ -80,7 +83,7 @@ def test_check_weights_says_no_trained_weights_are_published(tmp_path):
     ("sdatc.inference:InferConfig", ["device=banana"], "unknown device 'banana'"),
     ("sdatc.inference:InferConfig", ["fps=.nan"], "fps must be a frame rate > 0"),
     ("sdatc.inference:InferConfig", ["fps=0"], "fps must be a frame rate > 0"),
-    ("sdatc.inference:InferConfig", ["pipeline.tiling.latent_tile=0"], "latent_tile must be a whole number of pixels >= 1"),
+    ("sdatc.inference:InferConfig", ["pipeline.tiling.latent_tile=0"], "latent_tile must be a whole number"),
     ("sdatc.inference:InferConfig", ["ultravsr.tiling.decoder_tile=-8"], "decoder_tile must be"),
     ("sdatc.inference:InferConfig", ["pipeline.tiling.dcm_overlap=-1"], "dcm_overlap must be"),
     ("sdatc.inference:InferConfig", ["pipeline.tiling.encoder_overlap=512"], "encoder_overlap must be"),

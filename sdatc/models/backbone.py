@@ -7,8 +7,8 @@ or build with random weights.
 
 A repo id is resolved through huggingface_hub into its standard cache ($HF_HUB_CACHE, else $HF_HOME/hub):
 only the files sdatc needs, downloaded only when online; with HF_HUB_OFFLINE=1 only from the cache.
-A local folder never touches the network; a value that starts with ``./``, ``../``, ``/`` or ``~``, or whose
-first component is an existing local folder, is always a path (a missing one is an error, not a download). The empty-prompt text embedding (1, 77, C) is computed once and cached
+A local folder never touches the network; a value that starts with ``./``, ``../``, ``/`` or ``~``, or
+whose first component is an existing local folder, is always a path (missing: an error, not a download). The empty-prompt text embedding (1, 77, C) is computed once and cached
 beside the weights (``sdatc_empty_prompt.safetensors``), so inference never loads the text encoder.
 The noise schedule and ``prediction_type`` (epsilon for SD 2.1-base, v_prediction for SD 2.1 768)
 come from the folder's ``scheduler/scheduler_config.json``; a non-null config value overrides it.
@@ -134,7 +134,8 @@ def _resolve(cfg: BackboneConfig) -> tuple[Path, str] | None:
         path, source = hub_snapshot(value)
     elif not path.is_dir():
         what = "not a folder" if path.exists() else "no such folder"
-        raise SdatcError(f"SD 2.1 folder not found: {what} {path} (taken as a path: nothing is downloaded); {SD21_HELP}")
+        raise SdatcError(f"SD 2.1 folder not found: {what} {path} (taken as a path: nothing is downloaded); "
+                         f"{SD21_HELP}")
     else:
         source = str(path)
     missing = [s for s in ("unet", "vae", "scheduler") if not (path / s / _config_name(s)).is_file()]

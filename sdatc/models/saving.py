@@ -79,7 +79,8 @@ def checksum_problem(folder: str | Path, names: list[str] | None = None) -> str 
             return f"{name} is missing"
         size = path.stat().st_size
         if size != want["bytes"]:
-            return f"{name} has {size} bytes, {want['bytes']} were saved" + (" (cut short)" if size < want["bytes"] else "")
+            short = " (cut short)" if size < want["bytes"] else ""
+            return f"{name} has {size} bytes, {want['bytes']} were saved{short}"
         if sha256_file(path) != want["sha256"]:
             return f"{name} differs from the saved file (sha256 mismatch: changed or corrupted on disk)"
     return None

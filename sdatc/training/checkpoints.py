@@ -226,6 +226,7 @@ def truncate_metrics(path: Path, step: int) -> None:
         else:
             later += 1
     if torn or later:
-        parts = ([f"{later} line(s) after step {step}"] if later else []) + ([f"{torn} unreadable line(s)"] if torn else [])
+        parts = [f"{later} line(s) after step {step}"] if later else []
+        parts += [f"{torn} unreadable line(s)"] if torn else []
         print(f"note: {path}: dropped {' and '.join(parts)}")
     atomic_write_text(path, "".join(line + "\n" for line in keep))

@@ -99,7 +99,8 @@ def test_path_like_pretrained_is_never_a_hub_id(value, tiny_model_config, tmp_pa
     with pytest.raises(SdatcError) as e:
         resolve_pretrained(cfg)
     msg = str(e.value)
-    assert "\n" not in msg and msg.startswith("SD 2.1 folder not found: no such folder") and "nothing is downloaded" in msg
+    assert "\n" not in msg and msg.startswith("SD 2.1 folder not found: no such folder")
+    assert "nothing is downloaded" in msg
     assert calls == []
     assert bb_mod.is_local_path(value)
     assert not bb_mod.is_local_path("stabilityai/stable-diffusion-2-1-base")  # no such local folder: a Hub id

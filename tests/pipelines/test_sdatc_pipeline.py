@@ -69,7 +69,8 @@ def test_save_and_load_a_pipeline_folder_and_hub_id(pipe, frames, tmp_path, monk
     folder = pipe.save_pretrained(tmp_path / "saved")
     index = json.loads((folder / "model_index.json").read_text())
     assert index["_class_name"] == "SDATCPipeline" and index["unet"] == ["diffusers", "UNet2DConditionModel"]
-    assert sorted(p.name for p in (folder / "sdatc").iterdir()) == ["config.yaml", "sdatc_modules.safetensors"]
+    assert sorted(p.name for p in (folder / "sdatc").iterdir()) == ["checksums.json", "config.yaml",
+                                                                   "sdatc_modules.safetensors"]
     # unet/ is plain SD: diffusers loads it strictly, equal to the pipeline's frozen UNet
     unet = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True)
     ours = pretrained_state_dict(pipe.model.unet)
