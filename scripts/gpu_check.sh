@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU check of what users run, in under 9 minutes on one GPU (scripts/gpu_check.py says how):
+# One prepared GPU check of what users run, within 9 minutes on one GPU (scripts/gpu_check.py says how):
 # stage 1, stage 2 and UltraVSR trained for 2 steps each at full SD 2.1 size with random weights and the
 # full configs' flags (bf16, gradient checkpointing, EMA turned on), each resumed once from its checkpoint,
 # then infer.py (SDATC and UltraVSR) on a 320x180 clip -> 1280x720, untiled and with forced tiles. Each step
