@@ -207,9 +207,11 @@ def _collate(items: list[dict]) -> dict:
 
 
 def make_loader(ds: VideoClipDataset, batch_size: int, start: int = 0, rank: int = 0, world_size: int = 1,
-                num_workers: int | None = None) -> DataLoader:
-    """Batches of ``batch_size`` samples for this rank, from global sample position ``start``."""
+                num_workers: int | None = None, pin_memory: bool = False) -> DataLoader:
+    """Batches of ``batch_size`` samples for this rank, from global sample position ``start``; ``pin_memory``
+    (CUDA runs): page-locked batches, so host-to-device copies can be asynchronous."""
     workers = ds.cfg.num_workers if num_workers is None else num_workers
     return DataLoader(ds, batch_size=batch_size, sampler=ShardSampler(start, rank, world_size), num_workers=workers,
+                      pin_memory=pin_memory,
                       collate_fn=_collate, persistent_workers=workers > 0, prefetch_factor=2 if workers else None,
                       generator=torch.Generator().manual_seed(ds.cfg.seed))  # never draws from the global RNG

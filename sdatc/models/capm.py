@@ -102,8 +102,12 @@ class ChannelLayerNorm(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=1e-5)
 
     def forward(self, x: Tensor) -> Tensor:
-        # x: (N, C, H, W) -> (N, H, W, C) -> normalise over C -> (N, C, H, W)
-        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        # x: (N, C, H, W) -> (N, H, W, C) -> normalise over C -> (N, C, H, W), in x's memory layout: the
+        # permuted result is channels_last, and a depthwise conv fed channels_last returns its (C, 1, 3, 3)
+        # weight's gradient with other strides than the weight's, which DDP's gradient buckets warn about
+        cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        y = self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return y.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
 
 
 class MDTA(nn.Module):

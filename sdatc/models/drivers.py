@@ -65,7 +65,8 @@ def vae_encode(vae: nn.Module, x: Tensor, levels: Sequence[int] = (),
     """(N, 3, H, W) in [-1, 1] -> the posterior mode (N, C_lat, H/8, W/8), unscaled, and the encoder
     features at ``levels`` (after each level's resnets, before its downsampler). The one place that
     re-implements ``Encoder.forward``: it cannot return features. ``checkpoint``: recompute the resnets
-    in backward (gradients reach the DCM through the encoder in stage 1)."""
+    in backward, each resnet and the mid block (gradients reach SDATC's DCM through the encoder in stage 1;
+    UltraVSR's encoder carries LoRA)."""
     enc = vae.encoder
     h = enc.conv_in(x)
     feats = {}
@@ -76,7 +77,8 @@ def vae_encode(vae: nn.Module, x: Tensor, levels: Sequence[int] = (),
             feats[level] = h  # (N, C_level, H / 2^level, W / 2^level)
         for d in down.downsamplers or ():
             h = d(h)
-    h = enc.conv_out(enc.conv_act(enc.conv_norm_out(enc.mid_block(h))))  # (N, 2 C_lat, H/8, W/8)
+    h = torch.utils.checkpoint.checkpoint(enc.mid_block, h, use_reentrant=False) if checkpoint else enc.mid_block(h)
+    h = enc.conv_out(enc.conv_act(enc.conv_norm_out(h)))  # (N, 2 C_lat, H/8, W/8)
     if vae.quant_conv is not None:
         h = vae.quant_conv(h)
     return h[:, : vae.config.latent_channels], feats

@@ -29,7 +29,7 @@ from sdatc.models.drivers import unet_forward, vae_decode, vae_encode
 from sdatc.models.prediction import check_prediction_type
 from sdatc.models.rts import RTS, RTSConfig
 from sdatc.models.saving import TrainedModules, check_state
-from sdatc.models.sites import Ctx, Placement, insert, pretrained_modules
+from sdatc.models.sites import Ctx, Placement, insert, pretrained_modules, sites
 
 WEIGHTS_NAME = "ultravsr_modules.safetensors"
 FORMAT = "ultravsr/1"
@@ -169,6 +169,7 @@ class UltraVSR(TrainedModules, nn.Module):
         if on.rts_vae:
             table += [Placement(f"vae.decoder.up_blocks.{i}", "pre", "rts", RTS(c, cfg.rts)) for i, c in enumerate(dec_in)]
         insert(self, table)
+        self.gradient_checkpointing = False  # the VAE encoder's (see encode); the UNet's and Sites' are their own
         self.freeze_pretrained()
 
     # ------------------------------------------------------------------ construction, freezing
@@ -202,10 +203,14 @@ class UltraVSR(TrainedModules, nn.Module):
             p.requires_grad_(self.group_of(name) is not None)
 
     def enable_gradient_checkpointing(self) -> None:
+        """Recompute activations in backward: the UNet's blocks (diffusers' own switch, which also gives them
+        their checkpoint function), the LoRA'd VAE encoder (its resnets and mid block, in :meth:`encode`, as
+        SDATC's) and every Site (RTS with its block; in the decoder each up level). diffusers' VAE blocks keep
+        their own flags off: the drivers call their parts (drivers.vae_encode / vae_decode)."""
+        self.gradient_checkpointing = True
         self.unet.enable_gradient_checkpointing()
-        for m in self.modules():
-            if hasattr(m, "gradient_checkpointing") and not isinstance(m, UltraVSR):
-                m.gradient_checkpointing = True
+        for _, site in sites(self):
+            site.gradient_checkpointing = True
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for n, p in self.named_parameters() if self.group_of(n) is not None]
@@ -222,7 +227,8 @@ class UltraVSR(TrainedModules, nn.Module):
     def encode(self, img: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
         """(N, 3, H, W) in [0, 1] (the bicubic x4 LR) -> scaled latent mode (N, 4, H/8, W/8); per frame chunks."""
         parts = img.split(chunk) if chunk else (img,)
-        return torch.cat([vae_encode(self.vae, x * 2 - 1)[0] for x in parts]) * self.latent_scale
+        ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        return torch.cat([vae_encode(self.vae, x * 2 - 1, checkpoint=ckpt)[0] for x in parts]) * self.latent_scale
 
     def predict(self, z: torch.Tensor, t: int | torch.Tensor, num_frames: int, chunk: int | None = None) -> torch.Tensor:
         """The UNet output (epsilon or v) at timestep t for (N, 4, h, w) latents, N = B * num_frames."""

@@ -27,6 +27,7 @@ The model's parameters change memory layout in place (``save_pretrained`` still 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
@@ -64,6 +65,34 @@ def enable_tf32() -> bool:
     torch.backends.cudnn.allow_tf32 = True
     print("note: TF32 on for fp32 matmuls and convolutions on CUDA (process-wide; speed_up(tf32=False) keeps full fp32)")
     return True
+
+
+@torch.no_grad()
+def to_channels_last(module: nn.Module) -> None:
+    """Every 4-D parameter and buffer of ``module`` in channels_last, in place (``module.to(memory_format=...)``
+    would fail on the 5-D Conv3d weights of STAM)."""
+    for t in (*module.parameters(), *module.buffers()):
+        if t.ndim == 4:
+            t.data = t.data.contiguous(memory_format=torch.channels_last)
+
+
+@contextlib.contextmanager
+def speed_up_undone(model: nn.Module):
+    """What :func:`speed_up` changes, undone when the block ends: the process-wide TF32 flags (and float32
+    matmul precision) and the memory layout of every parameter and buffer of ``model`` (values untouched).
+    For a pipeline built on a model that keeps training (the trainer's validation)."""
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.get_float32_matmul_precision())
+    layouts = [(t, t.stride()) for t in (*model.parameters(), *model.buffers())]
+    try:
+        yield model
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags[:2]
+        torch.set_float32_matmul_precision(flags[2])
+        with torch.no_grad():
+            for t, stride in layouts:
+                if t.stride() != stride:  # same values, the strides it had (Parameter objects kept)
+                    t.data = torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device).copy_(t)
 
 
 def _timesteps(t, z: Tensor) -> Tensor:
@@ -111,7 +140,7 @@ def speed_up(model: nn.Module, device: str | torch.device, compile: bool = False
         for name in parts:
             part = getattr(model, name, None)
             if part is not None:
-                part.to(memory_format=torch.channels_last)
+                to_channels_last(part)
     predict = model.predict
     if compile:
         predict = torch.compile(predict, dynamic=False, backend=backend,

@@ -22,10 +22,15 @@ from sdatc.models.sites import cast_pretrained
 DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def resolve_precision(requested: str, cuda: bool) -> str:
-    """The precision a run uses: what was asked, or a clear error (never a silent fallback)."""
+def resolve_precision(requested: str, cuda: bool, vsd: bool = False) -> str:
+    """The precision a run uses: what was asked, or a clear error (never a silent fallback). ``vsd``: the run
+    trains UltraVSR's VSD fake score with a second optimiser, which fp16's loss scaling cannot serve
+    (accelerate's clip_grad_norm_ unscales every optimiser, the second one's step unscales again)."""
     if requested not in DTYPES:
         raise SdatcError(f"mixed_precision must be one of {', '.join(DTYPES)}, got {requested!r}")
+    if requested == "fp16" and vsd:
+        raise SdatcError("mixed_precision=fp16 with VSD (ultravsr.teacher=vsd) is not supported: the loss scaler "
+                         "would unscale the fake score's gradients twice; use mixed_precision=bf16")
     if requested == "fp16" and not cuda:
         raise SdatcError("mixed_precision=fp16 needs a GPU (torch has no fp16 autocast worth training with on the "
                          "CPU); use mixed_precision=bf16 (works on the CPU) or mixed_precision=no")

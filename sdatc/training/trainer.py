@@ -3,8 +3,9 @@
     summary = train(load_config(TrainConfig, "configs/train/tiny_stage1.yaml", ["data.root=clips"]))
 
 One optimiser step = ``grad_accum`` micro-steps of ``batch_size`` clips split over the processes.
-``output_dir`` receives ``config.yaml`` (resolved), ``metrics.jsonl`` (one line per step: every loss
-term, lr, grad norm, seconds per step, samples/s; validation lines), ``val/step-*.png`` and
+``output_dir`` receives ``config.yaml`` (resolved), ``metrics.jsonl`` (a line every ``log_every`` steps and
+at each checkpoint step: the means since the last line of every loss term and the grad norm, lr, seconds
+per step, samples/s; the loop's only host sync; validation lines), ``val/step-*.png`` and
 ``checkpoint-<step>/`` folders: accelerate's full state (optimiser, scheduler, EMA, RNG of every
 process, step and data position, discriminator) plus the trainable weights as
 ``sdatc_modules.safetensors`` with the model's ``config.yaml``, the resolved ``train_config.yaml`` and
@@ -26,6 +27,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -43,6 +45,7 @@ from sdatc.models.sdatc import SDATC, WEIGHTS_NAME
 from sdatc.models.ultravsr import WEIGHTS_NAME as ULTRAVSR_WEIGHTS
 from sdatc.models.ultravsr import UltraVSR
 from sdatc.pipelines.flow import RAFT_WEIGHTS_NAME, load_raft
+from sdatc.pipelines.speed import speed_up_undone
 from sdatc.training.checkpoints import (
     TrainState,
     load_checkpoint,
@@ -58,7 +61,6 @@ from sdatc.training.precision import (
     FrozenHelper,
     cast_frozen_backbone,
     describe_precision,
-    keep_frozen_in_eval,
     resolve_precision,
 )
 from sdatc.training.stages import DCMStage, LatentStage, PixelStage
@@ -150,11 +152,79 @@ def generated_latents(cfg: TrainConfig, data_cfg) -> GeneratedLatents:
 
 
 def _fingerprint(tensors) -> str:
-    """A hash of the exact bytes of some tensors (frozen weights, or the trainable ones across ranks)."""
+    """A hash of the exact bytes of some tensors (the trainable ones across ranks: a debug log, host copies)."""
     h = hashlib.sha256()
     for t in tensors:
         h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@torch.no_grad()
+def device_checksums(tensors) -> torch.Tensor:
+    """Two int64 sums of each tensor's exact bits (plain and position-weighted), computed where the tensors
+    live: (n, 2). The frozen-weight check without copying ~1 B parameters to the host."""
+    out = []
+    for t in tensors:
+        bits = t.detach().reshape(-1).view(_BITS[t.element_size()]).long()  # the exact bits, widened
+        pos = torch.arange(1, bits.numel() + 1, device=bits.device)
+        out.append(torch.stack([bits.sum(), (bits * pos).sum()]))  # integer sums: exact, order-free
+    return torch.stack(out) if out else torch.zeros(0, 2, dtype=torch.long)
+
+
+def _on(t: torch.Tensor, device: torch.device) -> bool:
+    if t.device.type != device.type:
+        return False
+    return device.type == "cpu" or device.index is None or t.device.index == device.index  # "cpu" and "cpu:0" alike
+
+
+def misplaced(device, modules: dict, optimizers: dict, ema=None) -> list[str]:
+    """Names of the tensors not on ``device``: every parameter and buffer of ``modules`` (name -> module),
+    every optimiser state tensor (name -> optimiser; AdamW's scalar ``step`` counters live on the host by
+    design) and every EMA shadow."""
+    device = torch.device(device)
+    bad = []
+    for name, m in modules.items():
+        if m is not None:
+            bad += [f"{name}.{n}" for n, t in [*m.named_parameters(), *m.named_buffers()] if not _on(t, device)]
+    for name, opt in optimizers.items():
+        if opt is None:
+            continue
+        for i, st in enumerate(opt.state.values()):
+            bad += [f"{name}.state[{i}].{k}" for k, t in st.items()
+                    if torch.is_tensor(t) and not (k == "step" and t.ndim == 0) and not _on(t, device)]
+    if ema is not None:
+        bad += [f"ema.shadow[{i}]" for i, t in enumerate(ema.shadow_params) if not _on(t, device)]
+    return bad
+
+
+def check_devices(device, modules: dict, optimizers: dict, ema=None, when: str = "setup") -> None:
+    """Raise when any model, optimiser or EMA tensor is off the run's device (see :func:`misplaced`)."""
+    bad = misplaced(device, modules, optimizers, ema)
+    if bad:
+        raise SdatcError(f"after {when}: {len(bad)} tensor(s) not on {device} (a bug: please report it), e.g. "
+                         f"{', '.join(bad[:4])}")
+
+
+def check_fp32_optimizers(optimizers: dict) -> None:
+    """Every parameter an optimiser holds is fp32 (its own master copy: bf16 updates lose small steps)."""
+    bad = [f"{name}: {tuple(p.shape)} {p.dtype}" for name, opt in optimizers.items() if opt is not None
+           for g in opt.param_groups for p in g["params"] if p.dtype != torch.float32]
+    if bad:
+        raise SdatcError(f"{len(bad)} optimised parameter(s) not fp32 (a bug: please report it), e.g. {'; '.join(bad[:3])}")
+
+
+def process_note(world: int, env=os.environ) -> str | None:
+    """A warning when the launcher asked for more processes than this run has, else None."""
+    asked = env.get("WORLD_SIZE", "")
+    if asked.isdigit() and int(asked) > world:
+        return f"the launcher asked for {asked} processes (WORLD_SIZE) but this run has {world}"
+    if not asked and world == 1 and env.get("MASTER_ADDR"):  # accelerate's simple launcher, --num_processes > 1
+        return ("the launcher asked for several processes (MASTER_ADDR is set) but this run is one process: "
+                "without GPUs, `accelerate launch` needs --multi_gpu and ACCELERATE_USE_CPU=1 to start several")
+    return None
 
 
 # --------------------------------------------------------------------------- the loop
@@ -184,7 +254,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     else:
         ds = VideoClipDataset(data_cfg, scan_clips(data_cfg))
     cuda = torch.cuda.is_available()
-    mp = resolve_precision(cfg.mixed_precision, cuda)
+    vsd = cfg.system == "ultravsr" and cfg.ultravsr.teacher == "vsd" and cfg.loss.distill > 0
+    mp = resolve_precision(cfg.mixed_precision, cuda, vsd=vsd)
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state()  # another run in this process may have used another precision
@@ -194,6 +265,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     if cfg.batch_size % world:
         raise SdatcError(f"batch_size {cfg.batch_size} is not divisible across {world} processes")
     per_rank = cfg.batch_size // world
+    if main:
+        kind = f" ({acc.distributed_type.value.lower()})" if world > 1 else ""
+        print(f"processes: {world}{kind}, device {acc.device}")
+    note = process_note(world)
+    if note and main:
+        print(f"warning: {note}", file=sys.stderr)
     if not cuda:  # oversubscribed OpenMP threads spin and can slow a step down several times
         torch.set_num_threads(cfg.cpu_threads or max(1, (os.cpu_count() or 1) // world - data_cfg.num_workers))
 
@@ -210,7 +287,6 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         else:
             model.enable_gradient_checkpointing()
     frozen = [p for p in model.parameters() if not p.requires_grad]
-    frozen_print = _fingerprint(frozen) if cfg.stage > 0 or cfg.system == "ultravsr" else None
     params = [p for n in cfg.trainable for p in modules[n].parameters()]
     lp = None
     if (cfg.stage in (0, 2) or cfg.system == "ultravsr") and cfg.loss.lpips > 0:
@@ -261,6 +337,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     if ema is not None:
         acc.register_for_checkpointing(ema)
     inner = acc.unwrap_model(stage)
+    optimizers = {"optimizer": opt, "disc_optimizer": d_opt, "fake_optimizer": fake_opt}
+    placed = {"model": inner, "discriminator": disc, "fake_score": fake}
+    check_fp32_optimizers(optimizers)
+    check_devices(device, placed, optimizers, ema, "setup")
+    main_check = main and (cfg.stage > 0 or cfg.system == "ultravsr")
+    frozen_print = device_checksums(frozen) if main_check else None  # on the device, rank 0, once
 
     def trainable_state() -> dict[str, torch.Tensor]:
         state = (model.trainable_state_dict() if isinstance(model, SDATC | UltraVSR)
@@ -289,6 +371,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     set_seed(cfg.seed + 1 + rank)  # noise and timesteps differ across processes; a resume restores the RNG below
     if resume is not None:
         load_checkpoint(acc, resume)
+        if ema is not None:
+            ema.to(device)  # accelerate loads the EMA with map_location="cpu" and diffusers' EMAModel keeps it there
+        check_devices(device, placed, optimizers, ema, "resume")
         if main:
             print(f"resumed from {resume} at step {state.step} (data position {state.position})")
     if main:  # the log holds no row after the checkpoint behind it (a new run: none)
@@ -309,32 +394,45 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
               f"{world} process(es), batch {cfg.batch_size} x accumulation {cfg.grad_accum} = effective batch "
               f"{cfg.batch_size * cfg.grad_accum}, device {device}; {describe_precision(mp)}")
 
-    loader = make_loader(ds, per_rank, start=state.position, rank=rank, world_size=world)
+    loader = make_loader(ds, per_rank, start=state.position, rank=rank, world_size=world, pin_memory=cuda)
     batches = iter(loader)
     weights = dataclasses.asdict(cfg.loss)
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc=f"stage {cfg.stage}", unit="step",
                disable=not (progress and main))
     last: dict = {}
+    sums: dict[str, torch.Tensor] = {}  # per-term sums over the steps since the last log line, on the device
+    counts: dict[str, int] = {}
+    window_t0, window_steps, paused = time.perf_counter(), 0, 0.0  # paused: validation and checkpoint seconds
+    no_sync = [m for m in (stage, fake) if m is not None]  # DDP modules whose gradients accumulate locally
+
+    def add(key: str, value: torch.Tensor) -> None:
+        sums[key] = sums[key] + value if key in sums else value
+        counts[key] = counts.get(key, 0) + 1
+
     stage.train()  # the stages keep their frozen parts in eval mode (training/stages.py)
     while state.step < cfg.max_steps:
-        t0 = time.perf_counter()
-        terms: dict[str, float] = {}
+        terms: dict[str, torch.Tensor] = {}
         indices = []
         for micro in range(cfg.grad_accum):
             batch = next(batches)
-            indices += batch["index"].tolist()
-            lq, gt = batch["lq"].to(device), batch["gt"].to(device)  # (B, T, 3, h, w), (B, T, 3, H, W)
-            extra = {"z": batch["z"].to(device)} if "z" in batch else {}  # (B, T, 4, H/8, W/8) generated latents
+            if cfg.log_rank_checksums:
+                indices += batch["index"].tolist()
+            lq = batch["lq"].to(device, non_blocking=True)  # (B, T, 3, h, w)
+            gt = batch["gt"].to(device, non_blocking=True)  # (B, T, 3, H, W)
+            extra = {"z": batch["z"].to(device, non_blocking=True)} if "z" in batch else {}  # (B, T, 4, H/8, W/8)
             if disc is not None:
                 disc.requires_grad_(False)
-            sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else acc.no_sync(stage)
-            with sync:
+            with contextlib.ExitStack() as sync:
+                if micro < cfg.grad_accum - 1:  # all-reduce once, on the last micro-step
+                    for m in no_sync:
+                        sync.enter_context(acc.no_sync(m))
                 with acc.autocast():
                     losses, output = stage(lq, gt, state.step, **extra)
                     total = sum(weights[k] * v for k, v in losses.items())
                 acc.backward(total / cfg.grad_accum)
             for k, v in {**losses, "total": total}.items():
-                terms[k] = terms.get(k, 0.0) + v.detach().float().item() / cfg.grad_accum
+                v = v.detach().float() / cfg.grad_accum
+                terms[k] = terms[k] + v if k in terms else v
             state.position += cfg.batch_size
         grad_norm = acc.clip_grad_norm_(params, cfg.optim.max_grad_norm or math.inf)
         opt.step()
@@ -354,36 +452,44 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
             acc.backward(d_loss)
             d_opt.step()
             d_opt.zero_grad(set_to_none=True)
-            terms["disc"] = d_loss.detach().float().item()
+            terms["disc"] = d_loss.detach().float()
+        for k, v in terms.items():
+            add(k, v)
+        add("grad_norm", torch.as_tensor(grad_norm, device=device).detach().float())
         state.step += 1
-        seconds = time.perf_counter() - t0
-        # mean of every term over the processes, for the log
-        keys = sorted(terms)
-        vec = acc.reduce(torch.tensor([terms[k] for k in keys], device=device), reduction="mean")
-        row = {"step": state.step, **{k: float(v) for k, v in zip(keys, vec.tolist())},
-               "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm), "sec_per_step": seconds,
-               "samples_per_s": cfg.batch_size * cfg.grad_accum / seconds,
-               "effective_batch": cfg.batch_size * cfg.grad_accum, "precision": mp}
+        window_steps += 1
         if cfg.log_rank_checksums:
             _log_rank(out, rank, world, state.step, indices, _fingerprint(params))
-        if main:
-            _append_jsonl(out / "metrics.jsonl", row)
-            if cfg.tensorboard:
-                acc.log({k: v for k, v in row.items() if k != "step"}, step=state.step)
-            bar.set_postfix(loss=f"{row['total']:.4f}")
+        checkpoint_now = state.step % cfg.checkpoint_every == 0 or state.step == cfg.max_steps
+        if state.step % cfg.log_every == 0 or checkpoint_now:  # the only host sync of the loop
+            seconds = (time.perf_counter() - window_t0 - paused) / window_steps  # wall time: the sync below ends it
+            keys = sorted(sums)
+            vec = acc.reduce(torch.stack([sums[k] / counts[k] for k in keys]), reduction="mean")  # over processes
+            values = dict(zip(keys, vec.tolist()))
+            row = {"step": state.step, **{k: v for k, v in values.items() if k != "grad_norm"},
+                   "lr": sched.get_last_lr()[0], "grad_norm": values["grad_norm"], "sec_per_step": seconds,
+                   "samples_per_s": cfg.batch_size * cfg.grad_accum / seconds, "log_steps": window_steps,
+                   "effective_batch": cfg.batch_size * cfg.grad_accum, "precision": mp}
+            sums, counts, window_t0, window_steps, paused = {}, {}, time.perf_counter(), 0, 0.0
+            if main:
+                _append_jsonl(out / "metrics.jsonl", row)
+                if cfg.tensorboard:
+                    acc.log({k: v for k, v in row.items() if k != "step"}, step=state.step)
+                bar.set_postfix(loss=f"{row['total']:.4f}")
+            last = row
         bar.update(1)
-        last = row
+        t_pause = time.perf_counter()
         if validator is not None and (state.step % cfg.val.every == 0 or state.step == cfg.max_steps):
-            _validate(validator, cfg, modules, model, device, weight_dtype, state.step, out)
-        if state.step % cfg.checkpoint_every == 0 or state.step == cfg.max_steps:
+            _validate(validator, cfg, modules, model, device, weight_dtype, state.step, out, ema, params)
+        if checkpoint_now:
             save_checkpoint(acc, cfg, mcfg, state.step, out, trainable_state, ema, params)
+        paused += time.perf_counter() - t_pause  # not training time
     bar.close()
     summary = {"step": state.step, "last": last, "checkpoint": str(out / f"checkpoint-{state.step}"),
                "trainable_params": n_trainable, "precision": mp,
                "weight_dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})}
     if frozen_print is not None:
-        now = _fingerprint(frozen)
-        if now != frozen_print:
+        if not torch.equal(device_checksums(frozen), frozen_print):
             raise SdatcError("the frozen SD 2.1 weights changed during training (a bug: please report it)")
         summary["frozen_weights_unchanged"] = True
     acc.wait_for_everyone()
@@ -406,21 +512,30 @@ def _ultravsr_stage(model, cfg: TrainConfig, lp, device, weight_dtype):
     return UltraVSRStage(model, cfg, lp, negative), disc, fake
 
 
-def _validate(validator: Validator, cfg: TrainConfig, modules, model, device, dtype, step: int, out: Path) -> None:
-    """Validation runs as inference does: eval mode, the run's dtype (autocast over the cast weights)."""
-    was = model.training
+def _validate(validator: Validator, cfg: TrainConfig, modules, model, device, dtype, step: int, out: Path,
+              ema=None, params=None) -> None:
+    """Validation runs as inference does: eval mode, the run's dtype (autocast over the cast weights), the EMA
+    weights when the run keeps an EMA. The training model is left as it was: weights (the EMA swap is undone
+    bit for bit), module modes, memory layout and the process-wide flags the pipelines' speed_up sets."""
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
+    if ema is not None:
+        ema.store(params)
+        ema.copy_to(params)
     try:
-        if cfg.system == "ultravsr":
-            restore = ultravsr_restorer(model, cfg.ultravsr.val_d, cfg.val.num_frames, device, dtype)
-        elif cfg.stage == 0:
-            restore = dcm_restorer(modules["dcm"], device, dtype)
-        else:
-            restore = pipeline_restorer(model, cfg.val.steps, cfg.val.num_frames, device, dtype)
-        row = {"step": step, **validator(restore, step)}
+        with speed_up_undone(model):
+            if cfg.system == "ultravsr":
+                restore = ultravsr_restorer(model, cfg.ultravsr.val_d, cfg.val.num_frames, device, dtype)
+            elif cfg.stage == 0:
+                restore = dcm_restorer(modules["dcm"], device, dtype)
+            else:
+                restore = pipeline_restorer(model, cfg.val.steps, cfg.val.num_frames, device, dtype)
+            row = {"step": step, **validator(restore, step), "val_weights": "ema" if ema is not None else "live"}
     finally:
-        model.train(was)
-        keep_frozen_in_eval(model)
+        if ema is not None:
+            ema.restore(params)
+        for m, mode in modes:
+            m.training = mode
     _append_jsonl(out / "metrics.jsonl", row)
     print(f"step {step}: val PSNR-Y {row['val_psnr_y']:.2f} dB (bicubic {row['val_bicubic_psnr_y']:.2f} dB), "
           f"{row['val_picture']}")

@@ -82,6 +82,8 @@ class FakeScore(nn.Module):
                + [Placement(f"unet.up_blocks.{i}", "pre", "rts", RTS(c, rts)) for i, c in enumerate(up_in)])
         for n, p in self.named_parameters():
             p.requires_grad_(".lora_" in n or ".rts." in n)
+            if p.requires_grad and p.dtype != torch.float32:  # peft builds LoRA in its (cast) base layer's dtype
+                p.data = p.data.float()  # the optimiser's master weights are fp32, as the generator's
         self.register_buffer("text", model.empty_prompt_embeds.clone(), persistent=False)
 
     @staticmethod

@@ -53,17 +53,27 @@ def rows(out) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def stage1_run(data_root, val_root, tmp_path_factory):
-    """Tiny stage 1 in bf16 with validation and EMA: the run stage 2 starts from."""
+def stage1_run(data_root, val_root, tmp_path_factory, spy_optimizers):
+    """Tiny stage 1 in bf16 with gradient checkpointing, validation and EMA: the run stage 2 starts from. The
+    frozen-weight check runs on the device (no host copies of SD's weights: _fingerprint is not called)."""
     out = tmp_path_factory.mktemp("s1")
-    summary = train(cfg_for(1, data_root, out, "mixed_precision=bf16", "max_steps=2", "checkpoint_every=2", "ema=true",
-                            "val.clip=bunnyval", f"val.root={val_root}", "val.every=2"), progress=False)
-    return out, summary
+
+    def host_fingerprint(tensors):
+        raise AssertionError("the frozen weights were copied to the host")
+
+    with pytest.MonkeyPatch.context() as mp:
+        spy = spy_optimizers(mp)
+        mp.setattr("sdatc.training.trainer._fingerprint", host_fingerprint)
+        summary = train(cfg_for(1, data_root, out, "mixed_precision=bf16", "max_steps=2", "checkpoint_every=2",
+                                "ema=true", "gradient_checkpointing=true", "val.clip=bunnyval", f"val.root={val_root}",
+                                "val.every=2"), progress=False)
+    return out, summary, spy.param_dtypes()
 
 
 def test_stage1_bf16_validation_ema(stage1_run):
-    out, summary = stage1_run
+    out, summary, optimised = stage1_run
     assert summary["precision"] == "bf16" and "bfloat16" in summary["weight_dtypes"]  # SD weights really cast
+    assert optimised == {"float32"} and summary["frozen_weights_unchanged"] is True
     log = rows(out)
     assert all(r["precision"] == "bf16" for r in log if "eps_mse" in r)
     assert [r["step"] for r in log if "val_psnr_y" in r] == [2]  # validation ran under bf16 (it crashed before)
@@ -77,10 +87,13 @@ def test_fp16_on_cpu_is_a_clear_error(data_root, tmp_path):
     assert not list(tmp_path.glob("checkpoint-*"))
 
 
-def test_stage0_bf16(data_root, val_root, tmp_path):
+def test_stage0_bf16(data_root, val_root, tmp_path, monkeypatch, spy_optimizers):
+    spy = spy_optimizers(monkeypatch)
     summary = train(cfg_for(0, data_root, tmp_path, "mixed_precision=bf16", "max_steps=2", "checkpoint_every=2",
-                            "ema=true", "val.clip=bunnyval", f"val.root={val_root}", "val.every=2"), progress=False)
+                            "ema=true", "gradient_checkpointing=true", "val.clip=bunnyval", f"val.root={val_root}",
+                            "val.every=2"), progress=False)
     assert summary["precision"] == "bf16" and summary["weight_dtypes"] == ["float32"]  # the DCM trains in fp32
+    assert spy.param_dtypes() == {"float32"}
     assert [r["step"] for r in rows(tmp_path) if "val_psnr_y" in r] == [2]
 
 
@@ -107,7 +120,8 @@ class RaftSpy:
 
 
 @pytest.mark.parametrize("source", ["generated", "gt_noise", "stage1_x0"])
-def test_stage2_bf16_every_latent_source(source, stage1_run, data_root, val_root, raft_file, tmp_path, monkeypatch):
+def test_stage2_bf16_every_latent_source(source, stage1_run, data_root, val_root, raft_file, tmp_path, monkeypatch,
+                                         spy_optimizers):
     """Stage 2 in bf16 from the stage-1 checkpoint: validation, EMA, flow-warp with RAFT, GAN; RAFT
     stays in eval mode, fp32, autocast off, its BatchNorm buffers untouched; every stage-1 tensor is
     bit-identical in every stage-2 checkpoint."""
@@ -123,10 +137,13 @@ def test_stage2_bf16_every_latent_source(source, stage1_run, data_root, val_root
         assert manifest["steps"] == 2 and len(manifest["stage1"][0]["sha256"]) == 64
         common.append(f"latents.dir={lat}")
     spy = RaftSpy(monkeypatch)
+    optimisers = spy_optimizers(monkeypatch)
     out = tmp_path / "run"
     summary = train(cfg_for(2, data_root, out, *common, "max_steps=3", "checkpoint_every=2", "ema=true",
-                            "val.clip=bunnyval", f"val.root={val_root}", "val.every=3"), progress=False)
+                            "gradient_checkpointing=true", "val.clip=bunnyval", f"val.root={val_root}", "val.every=3"),
+                    progress=False)
     assert summary["precision"] == "bf16"
+    assert len(optimisers.made) == 2 and optimisers.param_dtypes() == {"float32"}  # decoder modules, discriminator
     log = rows(out)
     assert {"l1", "frame_diff", "flow_warp", "gan", "disc"} <= set(log[-2])  # log[-1] is the validation line
     assert [r["step"] for r in log if "val_psnr_y" in r] == [3]

@@ -39,7 +39,8 @@ def rows(out) -> list[dict]:
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_every_stage_trains_and_writes_a_checkpoint(stage, data_root, tmp_path, monkeypatch):
     monkeypatch.delenv("SDATC_SD21_PATH", raising=False)
-    summary = train(cfg_for(stage, data_root, tmp_path, "max_steps=3", "checkpoint_every=2"), progress=False)
+    summary = train(cfg_for(stage, data_root, tmp_path, "max_steps=3", "checkpoint_every=2", "log_every=1"),
+                    progress=False)
     assert summary["step"] == 3
     log = rows(tmp_path)
     assert [r["step"] for r in log] == [1, 2, 3]
@@ -71,9 +72,10 @@ def test_every_stage_trains_and_writes_a_checkpoint(stage, data_root, tmp_path, 
 def test_resume_matches_an_uninterrupted_run(data_root, tmp_path, monkeypatch):
     monkeypatch.delenv("SDATC_SD21_PATH", raising=False)
     full, split = tmp_path / "full", tmp_path / "split"
-    train(cfg_for(1, data_root, full, "max_steps=4", "checkpoint_every=2"), progress=False)
-    train(cfg_for(1, data_root, split, "max_steps=2", "checkpoint_every=2"), progress=False)
-    summary = train(cfg_for(1, data_root, split, "max_steps=4", "checkpoint_every=2"), progress=False)  # resume=latest
+    train(cfg_for(1, data_root, full, "max_steps=4", "checkpoint_every=2", "log_every=1"), progress=False)
+    train(cfg_for(1, data_root, split, "max_steps=2", "checkpoint_every=2", "log_every=1"), progress=False)
+    summary = train(cfg_for(1, data_root, split, "max_steps=4", "checkpoint_every=2", "log_every=1"),
+                    progress=False)  # resume=latest
     assert summary["step"] == 4
     a, b = weights(full / "checkpoint-4"), weights(split / "checkpoint-4")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -84,7 +86,7 @@ def test_resume_matches_an_uninterrupted_run(data_root, tmp_path, monkeypatch):
 def test_killed_run_resumes_from_last_complete_checkpoint(data_root, tmp_path):
     """Train 20 steps with a checkpoint at 10; SIGKILL after it; resume from 10; step 20 equals an uninterrupted run."""
     args = [sys.executable, str(TRAIN), "--config", "configs/train/tiny_stage0.yaml", f"data.root={data_root}",
-            "max_steps=20", "checkpoint_every=10", "data.num_workers=0"]
+            "max_steps=20", "checkpoint_every=10", "data.num_workers=0", "log_every=1"]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     ref = subprocess.run([*args, f"output_dir={tmp_path / 'ref'}"], capture_output=True, text=True, cwd=ROOT, env=env)
     assert ref.returncode == 0, ref.stderr[-2000:]
