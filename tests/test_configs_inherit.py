@@ -167,3 +167,13 @@ def test_tiny_configs_keep_the_users_features():
         assert dataclasses.asdict(tiny.loss) | {"gan_start_step": 0, "lpips_pretrained_backbone": 0} == \
             dataclasses.asdict(full.loss) | {"gan_start_step": 0, "lpips_pretrained_backbone": 0}, rel
         assert (tiny.latent_source, tiny.flow, tiny.ultravsr) == (full.latent_source, full.flow, full.ultravsr), rel
+
+
+def test_suite_switches_name_tiny_configs_and_real_keys():
+    """tests/ci_switches.py, the suite's one departure: each entry is a tiny config and loads with it."""
+    from ci_switches import SUITE_OVERRIDES
+
+    for config, overrides in SUITE_OVERRIDES.items():
+        rel = config.removeprefix("configs/")
+        assert rel in TINY_BASES, config
+        load_config(_class_for(rel), REPO_ROOT / config, overrides)

@@ -134,7 +134,8 @@ def test_identity_at_init_through_infer(lq_clip, tmp_path, write_sd_folder):
     out = tmp_path / "out"
     cfg = load_config(InferConfig, "configs/infer/ultravsr_tiny.yaml", [
         f"input={lq_clip}", f"output={out}", f"pretrained={folder}", "save_frames=true", "dtype=fp32",
-        "ultravsr.drs.d=0.6", "ultravsr.colour=none", "ultravsr.window.length=8", "ultravsr.tiling.mode=off"])
+        "ultravsr.drs.estimator=fixed", "ultravsr.drs.d=0.6", "ultravsr.colour=none", "ultravsr.window.length=8",
+        "ultravsr.tiling.mode=off"])
     assert [r["status"] for r in run(cfg, progress=False)] == ["done"]
     ours = read_video(out / "clip").astype(int)  # the PNGs (lossless)
     # an independent computation with diffusers' own modules
@@ -164,7 +165,7 @@ def test_python_api_call_save_load_and_file(tiny_uvsr, tmp_path, lq_clip):
     import sdatc
     from sdatc.pipelines.ultravsr import UltraVSRPipelineConfig
 
-    cfg = load_config(InferConfig, "configs/infer/ultravsr_tiny.yaml").ultravsr
+    cfg = load_config(InferConfig, "configs/infer/ultravsr_tiny.yaml", ["ultravsr.drs.estimator=fixed"]).ultravsr
     pipe = sdatc.UltraVSRPipeline(tiny_uvsr, cfg, progress=False)
     frames = read_video(lq_clip)  # (5, 32, 48, 3)
     out = pipe(frames, d=0.6)

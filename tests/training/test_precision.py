@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from ci_switches import SUITE_OVERRIDES  # tests/ci_switches.py: the suite's one departure from the configs
 from sdatc.config import load_config
 from sdatc.data.video import write_frames
 from sdatc.errors import SdatcError
@@ -228,7 +229,8 @@ def test_discriminator_g_pass_never_sees_a_fake_only_batch(tiny_model):
     from sdatc.training.losses import PatchDiscriminator
     from sdatc.training.stages import PixelStage
 
-    cfg = load_config(TrainConfig, "configs/train/tiny_stage2.yaml", ["loss.lpips=0", "loss.flow_warp=0"])
+    config = "configs/train/tiny_stage2.yaml"
+    cfg = load_config(TrainConfig, config, [*SUITE_OVERRIDES[config], "loss.lpips=0", "loss.flow_warp=0"])
     disc = PatchDiscriminator()
     sizes = []
     for m in disc.modules():

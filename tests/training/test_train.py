@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from ci_switches import SUITE_OVERRIDES  # tests/ci_switches.py: the suite's one departure from the configs
 from sdatc.config import load_config
 from sdatc.errors import SdatcError
 from sdatc.training.config import TrainConfig
@@ -24,8 +25,9 @@ TRAIN = ROOT / "scripts" / "train.py"
 
 
 def cfg_for(stage: int, data_root, out, *overrides) -> TrainConfig:
-    return load_config(TrainConfig, f"configs/train/tiny_stage{stage}.yaml",
-                       [f"data.root={data_root}", f"output_dir={out}", "data.num_workers=0", *overrides])
+    config = f"configs/train/tiny_stage{stage}.yaml"
+    return load_config(TrainConfig, config, [*SUITE_OVERRIDES.get(config, []), f"data.root={data_root}",
+                                             f"output_dir={out}", "data.num_workers=0", *overrides])
 
 
 def weights(folder) -> dict[str, torch.Tensor]:
