@@ -115,7 +115,7 @@ def test_settings_that_fail_late_are_refused_when_the_config_loads():
                            (TestSetConfig, "configs/data/testsets.yaml", "preset")):
         with pytest.raises(SdatcError, match=rf"{key} 'medum' is not an x264 preset \(ultrafast, .*placebo\)"):
             load_config(cls, path, [f"{key}=medum"])
-        with pytest.raises(SdatcError, match=r"fps must be a positive number.*nan"):
+        with pytest.raises(SdatcError, match=r"fps must be a (positive number|frame rate > 0).*nan"):
             load_config(cls, path, ["fps=.nan"])
     from sdatc.training.trainer import TrainConfig
 

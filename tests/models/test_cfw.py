@@ -95,6 +95,7 @@ def test_old_model_config_with_cfw_weight_loads_with_a_note(tmp_path, capsys, ti
 
     text = (REPO_ROOT / "configs" / "model" / "sdatc_tiny.yaml").read_text()
     assert "cfw_weight" not in text
+    text = text.replace("base: sdatc_sd21.yaml", f"base: {REPO_ROOT / 'configs' / 'model' / 'sdatc_sd21.yaml'}")  # moved
     old = tmp_path / "old.yaml"
     old.write_text(text + "cfw_weight: 0.75\n")
     capsys.readouterr()
@@ -112,6 +113,7 @@ def test_old_model_config_with_cfw_weight_loads_with_a_note(tmp_path, capsys, ti
     # a checkpoint folder written before: config.yaml with the key, loaded by from_pretrained
     folder = tiny_model.save_pretrained(tmp_path / "ckpt")
     (folder / "config.yaml").write_text((folder / "config.yaml").read_text() + "cfw_weight: 0.75\n")
+    (folder / "checksums.json").unlink()  # written before checksums existed (edited, it would be damaged)
     capsys.readouterr()
     SDATC.from_pretrained(folder)
     assert "ignoring cfw_weight" in capsys.readouterr().out

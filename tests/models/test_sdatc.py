@@ -101,7 +101,8 @@ def test_shapes_odd_lr_sizes(tiny_model, frames):
 def test_trainable_save_load_round_trip(tiny_model, tiny_model_config, tmp_path):
     _perturb_new_modules(tiny_model)
     tiny_model.save_pretrained(tmp_path / "ckpt")
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.yaml", "sdatc_modules.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["checksums.json", "config.yaml",
+                                                                        "sdatc_modules.safetensors"]
     loaded = SDATC.from_pretrained(tmp_path / "ckpt")
     a, b = tiny_model.trainable_state_dict(), loaded.trainable_state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -201,7 +201,7 @@ def _reference_chain(model, lq_frames: np.ndarray, seed: int, w: float, colour: 
             beta = 1 - a / a_prev  # of the respaced chain
             mean = math.sqrt(a_prev) * beta / (1 - a) * x0 + math.sqrt(a / a_prev) * (1 - a_prev) / (1 - a) * z
             z = mean + math.sqrt(beta * (1 - a_prev) / (1 - a)) * noise(k) if k + 1 < len(ts) else mean
-        y = ((model.decode(z.float(), feats, num_frames=n, w=w) + 1) / 2).clamp(0, 1)
+        y = (model.decode(z.float(), feats, num_frames=n, w=w) + 1) / 2  # unclamped: fix, then clamp (StableSR)
         y = colour_correct(y, lq, colour).clamp(0, 1)
     return (y * 255).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
 
