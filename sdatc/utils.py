@@ -197,7 +197,7 @@ def temp_siblings(path: str | Path) -> list[Path]:
     return [path.parent / n for n in names if pattern.fullmatch(n)]
 
 
-# Clip locks (A47). A live holder touches its locks' mtime every heartbeat; a lock whose holder cannot be
+# Clip locks (A50). A live holder touches its locks' mtime every heartbeat; a lock whose holder cannot be
 # checked through its PID (another machine, boot or PID namespace) is stale once its mtime is older than an
 # expiry: 3 heartbeats in another PID namespace of this kernel (same clock, same file cache), else
 # $SDATC_LOCK_EXPIRY_S (another machine: room for clock skew and NFS attribute caching).

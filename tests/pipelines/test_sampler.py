@@ -30,7 +30,7 @@ def test_respaced_timesteps_match_guided_diffusion():
     ts = respaced_timesteps(999, 50)
     assert len(ts) == 50 and ts[0] == 999 and ts[-1] == 0
     assert ts == sorted(_space_timesteps(1000, 50), reverse=True)
-    assert respaced_timesteps(999, 2) == [999, 0] and respaced_timesteps(999, 1) == [999]  # one step: ours (A47)
+    assert respaced_timesteps(999, 2) == [999, 0] and respaced_timesteps(999, 1) == [999]  # one step: ours (A54)
     assert respaced_timesteps(10, 50) == list(range(10, -1, -1))  # never more steps than timesteps
     # half-way ties: the accumulated stride rounds as guided-diffusion does (21 steps: 499, not round(10 * 49.95))
     assert 499 in respaced_timesteps(999, 21) and 500 not in respaced_timesteps(999, 21)
