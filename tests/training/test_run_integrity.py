@@ -171,8 +171,8 @@ def test_resume_with_ema_passes_the_device_check_and_validates_the_ema(data_root
         return real(device, modules, optimizers, ema, when)
 
     monkeypatch.setattr(trainer, "check_devices", spy)
-    common = ["ema=true", "checkpoint_every=1", "checkpoints_total_limit=null", "val.clip=bunnyval", f"val.root={val_root}",
-              "val.every=1"]
+    common = ["ema=true", "checkpoint_every=1", "checkpoints_total_limit=null", "val.clip=bunnyval",
+              f"val.root={val_root}", "val.every=1"]
     out = tmp_path / "run"
     train(cfg_for("tiny_stage0", data_root, out, "max_steps=1", *common), progress=False)
     train(cfg_for("tiny_stage0", data_root, out, "max_steps=2", *common), progress=False)  # resume=latest
