@@ -81,7 +81,10 @@ def vae_encode(vae: nn.Module, x: Tensor, levels: Sequence[int] = (),
     h = enc.conv_out(enc.conv_act(enc.conv_norm_out(h)))  # (N, 2 C_lat, H/8, W/8)
     if vae.quant_conv is not None:
         h = vae.quant_conv(h)
-    return h[:, : vae.config.latent_channels], feats
+    # the mid block's Attention returns a transposed view (channels_last strides) that the layers after it keep:
+    # the latent in the standard layout, so the guidance encoder's convs (1x1 zero convs included) see it and
+    # their weight gradients keep the weights' strides (DDP's buckets warn otherwise)
+    return h[:, : vae.config.latent_channels].contiguous(), feats
 
 
 def vae_decode(vae: nn.Module, z: Tensor, ctx: Ctx) -> Tensor:

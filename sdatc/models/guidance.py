@@ -228,9 +228,12 @@ class GuidanceEncoder(nn.Module):
         feats = [h]
         for block in self.down_blocks:
             # (N, C_in, H, W) -> (N, C_out, H/2, W/2) (ceil; no downsample on the last level)
+            # diffusers' Attention returns a transposed view (channels_last strides): in the standard layout
+            # here, or the 1x1 zero convs' weight gradients come back with other strides than the weights'
             h, res = self._run(block, h, temb)
-            feats += res  # layers_per_block resnet outputs (+ the downsampled h)
-        h = self._run(self.mid_block, h, temb)  # (N, C_last, h/2^(L-1), w/2^(L-1))
+            h = h.contiguous()
+            feats += [f.contiguous() for f in res]  # layers_per_block resnet outputs (+ the downsampled h)
+        h = self._run(self.mid_block, h, temb).contiguous()  # (N, C_last, h/2^(L-1), w/2^(L-1))
         return self.zero_convs(feats, h)
 
 

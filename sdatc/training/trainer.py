@@ -371,6 +371,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     set_seed(cfg.seed + 1 + rank)  # noise and timesteps differ across processes; a resume restores the RNG below
     if resume is not None:
         load_checkpoint(acc, resume)
+        # the next step's learning rate from this run's schedule: the checkpoint's optimiser holds the rate the
+        # saving run's schedule set last, another one when max_steps changed (a cosine that ended gave 0, and the
+        # first resumed step did not move the weights); with the same schedule the same number
+        for group, base, lr_lambda in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas):
+            group["lr"] = base * lr_lambda(sched.last_epoch)
+        sched._last_lr = [group["lr"] for group in opt.param_groups]  # what get_last_lr() logs
         if ema is not None:
             ema.to(device)  # accelerate loads the EMA with map_location="cpu" and diffusers' EMAModel keeps it there
         check_devices(device, placed, optimizers, ema, "resume")

@@ -159,6 +159,7 @@ def test_resume_with_ema_passes_the_device_check_and_validates_the_ema(data_root
     from sdatc.metrics.psnr_ssim import psnr_y
     from sdatc.models.dcm import DCM
     from sdatc.training.checkpoints import model_config
+    from sdatc.training.precision import DTYPES, resolve_precision
     from sdatc.training.validation import Validator, dcm_restorer
 
     calls = []
@@ -170,7 +171,8 @@ def test_resume_with_ema_passes_the_device_check_and_validates_the_ema(data_root
         return real(device, modules, optimizers, ema, when)
 
     monkeypatch.setattr(trainer, "check_devices", spy)
-    common = ["ema=true", "checkpoint_every=1", "checkpoints_total_limit=null", "val.clip=bunnyval", f"val.root={val_root}", "val.every=1"]
+    common = ["ema=true", "checkpoint_every=1", "checkpoints_total_limit=null", "val.clip=bunnyval",
+              f"val.root={val_root}", "val.every=1"]
     out = tmp_path / "run"
     train(cfg_for("tiny_stage0", data_root, out, "max_steps=1", *common), progress=False)
     train(cfg_for("tiny_stage0", data_root, out, "max_steps=2", *common), progress=False)  # resume=latest
@@ -178,14 +180,22 @@ def test_resume_with_ema_passes_the_device_check_and_validates_the_ema(data_root
     assert calls == [("setup", n_params, 0), ("setup", n_params, 0), ("resume", n_params, n_params)]
     val = {r["step"]: r for r in rows(out) if "val_psnr_y" in r}
     assert sorted(val) == [1, 2] and {r["val_weights"] for r in val.values()} == {"ema"}
+    # the resumed step moved the weights: its learning rate is the max_steps=2 schedule's (cosine at 1/2), not
+    # the 0 that the max_steps=1 run's finished cosine left in the checkpoint's optimiser
+    before, after = (load_file(str(out / f"checkpoint-{s}" / "sdatc_modules.safetensors")) for s in (1, 2))
+    assert any(not torch.equal(before[k], after[k]) for k in before)
     validator = Validator(cfg_for("tiny_stage0", data_root, out, *common).val, val_root, tmp_path / "v")
     cfg = cfg_for("tiny_stage0", data_root, out)
+    # validation ran in the run's precision (tiny_stage0 inherits stage0.yaml's bf16: autocast over the fp32
+    # DCM); the same weights, frames and dtype through the same pipeline give the same frames, bit for bit
+    dtype = DTYPES[resolve_precision(cfg.mixed_precision, cuda=False)]
+    assert dtype == torch.bfloat16, "the tiny stage-0 config no longer inherits bf16: this test's premise"
     psnr = {}
     for kind in ("ema", "live"):
         dcm = DCM(model_config(cfg).dcm).eval()
         folder = out / "checkpoint-2" / ("ema" if kind == "ema" else "")
         dcm.load_state_dict({k.removeprefix("dcm."): v for k, v in load_file(str(folder / "sdatc_modules.safetensors")).items()})
-        frames = dcm_restorer(dcm, "cpu")(validator.lq)
+        frames = dcm_restorer(dcm, "cpu", dtype)(validator.lq)
         psnr[kind] = float(np.mean([psnr_y(o, g) for o, g in zip(frames, validator.gt)]))
     assert val[2]["val_psnr_y"] == pytest.approx(psnr["ema"], abs=1e-9) and psnr["ema"] != psnr["live"]
 
@@ -274,6 +284,25 @@ def test_device_checksums_see_any_change():
 
 
 # --------------------------------------------------------------------------- 3b. processes
+
+
+def test_guidance_1x1_weight_gradients_keep_the_weights_strides(tiny_model, bunny_frames):
+    """The latent from the VAE encoder and the guidance encoder's features are in the standard layout (diffusers'
+    Attention returns a channels_last-strided view, which the blocks after it kept): the 1x1 zero convs' weight
+    gradients then have the weights' strides. A (C_out, C_in, 1, 1) gradient with channels_last strides passes
+    autograd's layout contract (size-1 dims) but not DDP's bucket-view stride check (the 2-process warning).
+    Under the configs' bf16 autocast, as the runs train (the bf16 weight copy's gradient keeps the input's layout)."""
+    m = tiny_model.train()
+    img = torch.from_numpy(bunny_frames[:2, 300:332, 700:732]).permute(0, 3, 1, 2).float() / 255  # (2, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z, _ = m.encode(img)  # (2, 4, 4, 4)
+        assert z.is_contiguous()
+        down, mid = m.guidance(z, torch.randn_like(z), torch.tensor([10, 500]))
+    g = torch.Generator().manual_seed(0)
+    sum((d.float() * torch.randn(d.shape, generator=g)).sum() for d in [*down, mid]).backward()
+    convs = dict(m.guidance.zero_convs.named_parameters())
+    bad = {n: (p.stride(), p.grad.stride()) for n, p in convs.items() if p.ndim == 4 and p.grad.stride() != p.stride()}
+    assert len(convs) > 2 and not bad, bad
 
 
 def test_two_processes_without_bucket_stride_warnings(data_root, tmp_path):
