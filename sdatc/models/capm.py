@@ -102,12 +102,16 @@ class ChannelLayerNorm(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=1e-5)
 
     def forward(self, x: Tensor) -> Tensor:
-        # x: (N, C, H, W) -> (N, H, W, C) -> normalise over C -> (N, C, H, W), in x's memory layout: the
-        # permuted result is channels_last, and a depthwise conv fed channels_last returns its (C, 1, 3, 3)
-        # weight's gradient with other strides than the weight's, which DDP's gradient buckets warn about
-        cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        # x: (N, C, H, W) -> (N, H, W, C) -> normalise over C -> (N, C, H, W), a channels_last view
         y = self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        return y.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+        cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        if cl or not torch.is_grad_enabled():
+            # inference keeps the view: a contiguous copy raised the tiny SDATC's untiled decode peak from
+            # 280 to 372 MB (tests/pipelines/test_tiled_vae_memory.py, the planner's VAE_COEF; A43)
+            return y
+        # with grad, x's memory layout: a depthwise conv fed channels_last returns its (C, 1, 3, 3) weight's
+        # gradient with other strides than the weight's, which DDP's gradient buckets warn about
+        return y.contiguous()
 
 
 class MDTA(nn.Module):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sdatc.models.capm import CAPM, CAPMConfig, capm_params, fit_heads
+from sdatc.models.capm import CAPM, CAPMConfig, ChannelLayerNorm, capm_params, fit_heads
 
 C = 32
 
@@ -114,3 +114,19 @@ def test_full_size_budget_scales_with_width():
     assert 20e6 < total < 40e6
     assert capm_params(widths, CAPMConfig(max_width=768)) > total
     assert capm_params(widths, CAPMConfig(cnn_width=256)) > total
+
+
+def test_channel_layernorm_copies_only_for_gradients():
+    """No grad (inference): the permuted LayerNorm output is returned as it is, a channels_last view (a copy
+    would add a whole-frame tensor to the VAE decoder's peak, the planner's VAE_COEF). With grad: x's layout
+    (the depthwise convs' weight gradients keep their strides for DDP's buckets)."""
+    norm = ChannelLayerNorm(6)
+    x = torch.randn(2, 6, 5, 7)
+    with torch.no_grad():
+        fast = norm(x)
+    slow = norm(x)
+    assert fast.is_contiguous(memory_format=torch.channels_last) and not fast.is_contiguous()
+    assert slow.is_contiguous()
+    assert torch.equal(fast, slow)
+    cl = x.contiguous(memory_format=torch.channels_last)
+    assert norm(cl).is_contiguous(memory_format=torch.channels_last) and torch.equal(norm(cl), slow)

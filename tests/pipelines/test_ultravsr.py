@@ -172,7 +172,11 @@ def test_python_api_call_save_load_and_file(tiny_uvsr, tmp_path, lq_clip):
     assert out.shape == (5, 128, 192, 3) and out.dtype == np.uint8
     assert not np.array_equal(out, pipe(frames, d=0.9))  # d sets the timestep
     chunked = pipe(frames, d=0.6, chunk_frames=2).astype(int)  # TAI chunks: the same frames up to float rounding
-    assert np.abs(chunked - out).max() <= 1 and (chunked != out).mean() < 1e-3
+    # Chunks change every conv's batch; with more than one intra-op thread the CPU kernels split the work
+    # otherwise. Measured (2 threads, this clip): fp32 frames differ by 5.2e-6 on average (max 2.1e-4) of [0, 1],
+    # which crosses a level's rounding boundary on 255 x 5.2e-6 = 0.13 % of values (observed 0.133 %); with
+    # 1 thread the encoder and decoder agree exactly and 0.005 % move. Bound: one level, 0.5 % (4x the 2 threads').
+    assert np.abs(chunked - out).max() <= 1 and (chunked != out).mean() < 5e-3
     assert np.array_equal(pipe(frames), pipe(frames, d=cfg.drs.d))  # estimator fixed: its d
     saved = pipe.save_pretrained(tmp_path / "uv")
     assert (saved / "ultravsr" / "ultravsr_modules.safetensors").is_file()
