@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from ci_switches import (
+    SUITE_OVERRIDES,  # tests/ci_switches.py: the suite's one departure from the configs
+)
 from safetensors.torch import load_file
 
-from ci_switches import SUITE_OVERRIDES  # tests/ci_switches.py: the suite's one departure from the configs
 from sdatc.config import load_config
 from sdatc.data.video import write_frames
 from sdatc.errors import SdatcError

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from ci_switches import (
+    SUITE_OVERRIDES,  # tests/ci_switches.py: the suite's one departure from the configs
+)
 from safetensors.torch import load_file
 
-from ci_switches import SUITE_OVERRIDES  # tests/ci_switches.py: the suite's one departure from the configs
 from sdatc.config import load_config
 from sdatc.errors import SdatcError
 from sdatc.training.config import TrainConfig
