@@ -10,7 +10,13 @@ import dataclasses
 import pytest
 import torch
 
-from sdatc.pipelines.restore import PipelineConfig, RestorePipeline, TilingConfig, WindowConfig, frame_noise
+from sdatc.pipelines.restore import (
+    PipelineConfig,
+    RestorePipeline,
+    TilingConfig,
+    WindowConfig,
+    frame_noise,
+)
 from sdatc.pipelines.sampler import SamplerConfig
 from sdatc.pipelines.tiled_vae import encode_tiled
 
