@@ -42,7 +42,7 @@ from sdatc.models.sdatc import SDATC, WEIGHTS_NAME, ModelConfig
 from sdatc.models.ultravsr import WEIGHTS_NAME as ULTRAVSR_WEIGHTS
 from sdatc.models.ultravsr import UltraVSR, UltraVSRConfig
 from sdatc.pipelines.dcm_pipeline import Bicubic, DCMPipeline
-from sdatc.pipelines.prompt import PromptConfig, clip_prompt, load_captioner
+from sdatc.pipelines.prompt import PromptConfig, clip_prompt, load_captioner, sidecar_path
 from sdatc.pipelines.restore import PipelineConfig, RestorePipeline, cast_weights
 from sdatc.pipelines.sampler import respaced_timesteps
 from sdatc.pipelines.sdatc_pipeline import SDATCPipeline
@@ -520,6 +520,9 @@ def run(cfg: InferConfig, progress: bool = True) -> list[dict]:
     skipped: list[Path] = []
     clashes: dict[str, list[Path]] = {}  # clips of one name (a.mp4, a.mkv) would share their outputs: they fail
     clips = list_clips(cfg.input, skipped, clashes=clashes)
+    if cfg.prompt.sidecar:  # the clips' prompt sidecars are expected beside them, not stray files
+        sidecars = {sidecar_path(p) for p in clips.values()}
+        skipped = [p for p in skipped if p not in sidecars]
     check_paths(cfg, clips)  # no output may touch an input clip
     out = Path(cfg.output).resolve()
     check_model(cfg)  # a broken model setting is an error even when every output exists

@@ -260,6 +260,7 @@ def test_infer_sidecar_and_fixed_text(clips, in_process, monkeypatch):
     p = _infer("--input", clips / "in", "--output", clips / "out", "prompt.sidecar=true", "prompt.text=a dog", *STEPS)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "2 done" in p.stdout and "note: car.mp4: no prompt sidecar car.txt; using prompt.text 'a dog'" in p.stdout
+    assert "skipped 1 entries" not in p.stdout  # shot.txt is a sidecar, not a stray file
     for name, clip, prompt in (("shot", shot, "a cat"), ("car", car, "a dog")):
         ours = read_video(clips / "out" / name).astype(int)  # the lossless PNGs
         assert np.abs(ours - in_process(clip, prompt)).max() <= 1, name
