@@ -87,7 +87,7 @@ def child(config: str, stage: str, size: int, frames: int, chunk: int, tile: int
             elif uvsr:
                 fn = lambda t: model.decode(t, frames, chunk or None)  # noqa: E731
                 tiled_shared(model.vae.decoder, fn, x, tile) if tile else fn(x)
-            elif stage == "encode":  # as RestorePipeline._encode: tiled, or batches of `chunk` frames
+            elif stage == "encode":  # as SDATCPipeline._encode: tiled, or batches of `chunk` frames
                 encode_tiled(model, x, levels, tile) if tile else tiled_batched(enc, (x,), None, 0, chunk or frames)
             else:
                 decode_tiled(model, x, feats, frames, 0.75, tile) if tile else model.decode(x, feats, num_frames=frames)
@@ -147,7 +147,7 @@ def vae_child(config: str, stage: str) -> None:
             elif uvsr:
                 fn = lambda t: model.decode(t, frames, chunk or None)  # noqa: E731
                 out = tiled_shared(model.vae.decoder, fn, x, tile) if tile else fn(x)
-            elif stage == "encode":  # as RestorePipeline._encode: batches of `chunk` frames, each maybe tiled
+            elif stage == "encode":  # as SDATCPipeline._encode: batches of `chunk` frames, each maybe tiled
                 out = tiled_batched((lambda t: (lambda z, f: (z, *f.values()))(*encode_tiled(model, t, levels, tile)))
                                     if tile else enc, (x,), None, 0, chunk or frames)
             else:

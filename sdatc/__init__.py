@@ -11,8 +11,12 @@ __all__ = ["SDATCPipeline", "UltraVSRPipeline", "__version__"]
 
 
 def __getattr__(name):  # lazy: `import sdatc` stays light (no torch/diffusers import until used)
-    if name in ("SDATCPipeline", "UltraVSRPipeline"):
-        from sdatc.pipelines import sdatc_pipeline
+    if name == "SDATCPipeline":
+        from sdatc.pipelines.sdatc_pipeline import SDATCPipeline
 
-        return getattr(sdatc_pipeline, name)
+        return SDATCPipeline
+    if name == "UltraVSRPipeline":
+        from sdatc.pipelines.ultravsr import UltraVSRPipeline
+
+        return UltraVSRPipeline
     raise AttributeError(f"module 'sdatc' has no attribute {name!r}")

@@ -171,14 +171,9 @@ def _warmup_sampler(pipe, cfg: InferConfig, steps: int | None):
 
 
 def load_model(cfg: InferConfig, device: torch.device, dtype: torch.dtype):
-    """The model as infer.py runs it: weights cast once to the run's dtype where the pipelines provide
-    ``cast_weights``, then moved to the device."""
-    model = build_model(cfg)
-    try:
-        from sdatc.pipelines.restore import cast_weights
-    except ImportError:  # fp32 weights under autocast
-        return model.to(device)
-    return cast_weights(model, dtype).to(device)
+    """The model as infer.py builds it, in fp32 on the CPU: ``make_pipeline`` casts it once to ``dtype`` and
+    moves it to ``device``."""
+    return build_model(cfg)
 
 
 def bench(cfg: InferConfig, height: int, width: int, frames: int, seed: int = 0,
@@ -207,7 +202,7 @@ def bench(cfg: InferConfig, height: int, width: int, frames: int, seed: int = 0,
         if short is not None:
             pipe.sampler = short
         try:
-            for _ in pipe.restore(clip[:warm], warm):  # warm-up window
+            for _ in pipe.stream(clip[:warm], warm):  # warm-up window
                 pass
         finally:
             if short is not None:
@@ -222,7 +217,7 @@ def bench(cfg: InferConfig, height: int, width: int, frames: int, seed: int = 0,
     if timer is not None:
         timer.on = True
     t0 = time.perf_counter()
-    n_out = sum(1 for _ in pipe.restore(clip, frames))
+    n_out = sum(1 for _ in pipe.stream(clip, frames))
     _sync(device)
     seconds = time.perf_counter() - t0
     peak = peak_memory_mb(device)

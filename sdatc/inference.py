@@ -12,7 +12,6 @@ others go on.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import os
@@ -22,31 +21,18 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors.torch import load_file
 from tqdm import tqdm
 
-from sdatc.config import load_config, resolve_config_path
-from sdatc.data.video import (
-    X264_PRESETS,
-    FrameWriter,
-    VideoMeta,
-    VideoReader,
-    VideoWriter,
-    list_clips,
-)
+from sdatc.data.video import X264_PRESETS, VideoReader, contains_path, list_clips, write_restored
 from sdatc.errors import SdatcError, os_error, os_reason
-from sdatc.models.backbone import ENV_SD21, SD21_HELP, resolve_pretrained
-from sdatc.models.dcm import DCM
-from sdatc.models.saving import CONFIG_NAME
-from sdatc.models.sdatc import SDATC, WEIGHTS_NAME, ModelConfig
-from sdatc.models.ultravsr import WEIGHTS_NAME as ULTRAVSR_WEIGHTS
-from sdatc.models.ultravsr import UltraVSR, UltraVSRConfig
-from sdatc.pipelines.dcm_pipeline import Bicubic, DCMPipeline
+from sdatc.models.backbone import ENV_SD21
+from sdatc.pipelines import base
+from sdatc.pipelines.config import PipelineConfig, UltraVSRPipelineConfig, cast_weights
+from sdatc.pipelines.dcm_pipeline import DCMPipeline
 from sdatc.pipelines.prompt import PromptConfig, clip_prompt, load_captioner, sidecar_path
-from sdatc.pipelines.restore import PipelineConfig, RestorePipeline, cast_weights
 from sdatc.pipelines.sampler import respaced_timesteps
 from sdatc.pipelines.sdatc_pipeline import SDATCPipeline
-from sdatc.pipelines.ultravsr import UltraVSRPipelineConfig, UltraVSRRunner
+from sdatc.pipelines.ultravsr import UltraVSRPipeline
 from sdatc.utils import ClipClaim, natural_key, process_state, shared_run_id
 
 
@@ -98,120 +84,14 @@ def default_config() -> str:
     return SDATC_CONFIG if os.environ.get(ENV_SD21) else PREVIEW_CONFIG
 
 
-NO_PUBLISHED_WEIGHTS = ("no trained SDATC or UltraVSR weights are published: train them (README, Training) or use "
-                        "the preview model (infer.py without --config)")
-RANDOM_WEIGHTS_HINT = ("allow_random_weights=true runs random weights, for smoke tests; with --config "
-                       "configs/infer/tiny.yaml it takes seconds on a CPU (the full-size model takes hours per clip)")
+def check_model(cfg: InferConfig):
+    """The model settings checked without building anything (``base.check_model``)."""
+    return base.check_model(cfg)
 
 
-def _checkpoint_kind(ckpt: Path) -> str | None:
-    """Which system's modules ``ckpt`` (a folder or a .safetensors file) holds: "sdatc", "ultravsr" or None."""
-    from safetensors import safe_open
-
-    if ckpt.is_dir():
-        names = (("sdatc", WEIGHTS_NAME), ("ultravsr", ULTRAVSR_WEIGHTS))
-        has = [kind for kind, name in names if (ckpt / name).is_file()]
-        return has[0] if len(has) == 1 else None
-    try:
-        with safe_open(str(ckpt), "pt") as f:
-            fmt = (f.metadata() or {}).get("format", "")
-    except Exception:
-        return None  # not readable: the load below says so
-    return "ultravsr" if fmt.startswith("ultravsr/") else "sdatc" if fmt.startswith("sdatc/") else None
-
-
-def _weights_file(ckpt: Path, name: str) -> Path:
-    """The weights file of checkpoint ``ckpt`` (a folder holding ``name``, or the file), verified against the
-    ``checksums.json`` that lists it; a folder without one loads unverified, with a note."""
-    from sdatc.models.saving import CHECKSUMS_NAME, verify_weights
-
-    weights = ckpt / name if ckpt.is_dir() else ckpt
-    if not weights.is_file():
-        raise SdatcError(f"no {name} in {ckpt}")
-    if not verify_weights(weights):
-        print(f"note: {weights} is not listed in a {CHECKSUMS_NAME} (written by an older sdatc, or by hand): "
-              "loaded unverified")
-    return weights
-
-
-def _load_weights(weights: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(weights))
-    except Exception as e:  # a damaged or foreign file
-        raise SdatcError(f"cannot read {weights}: {(str(e).splitlines() or [''])[0][:200]}") from None
-
-
-def check_model(cfg: InferConfig) -> tuple[ModelConfig | UltraVSRConfig | None, Path | None]:
-    """Validate the model settings without building anything: the checkpoint and its weights file exist,
-    the model config parses. Runs before any clip is looked at, so a broken setting is an error even when
-    every output exists already. Returns (model config, checkpoint); (None, None) for bicubic."""
-    if cfg.mode == "bicubic":
-        return None, None
-    ckpt = resolve_config_path(cfg.checkpoint) if cfg.checkpoint else None
-    weights_name = ULTRAVSR_WEIGHTS if cfg.mode == "ultravsr" else WEIGHTS_NAME
-    if ckpt is not None and not ckpt.exists():
-        raise SdatcError(f"checkpoint not found: {ckpt} (config key checkpoint: a folder holding {weights_name} "
-                         f"and {CONFIG_NAME}, as written by train.py, or a .safetensors file); {NO_PUBLISHED_WEIGHTS}")
-    if ckpt is not None:
-        kind = _checkpoint_kind(ckpt)
-        want = "ultravsr" if cfg.mode == "ultravsr" else "sdatc"
-        if kind is not None and kind != want:
-            hint = ("mode=sdatc (configs/infer/sdatc.yaml, or mode=dcm for its DCM)" if kind == "sdatc"
-                    else "mode=ultravsr (configs/infer/ultravsr.yaml)")
-            raise SdatcError(f"{ckpt} is an {'SDATC' if kind == 'sdatc' else 'UltraVSR'} checkpoint, this config "
-                             f"runs mode={cfg.mode}: use {hint}")
-    if ckpt is not None and ckpt.is_dir() and not (ckpt / weights_name).is_file():
-        raise SdatcError(f"no {weights_name} in {ckpt}")
-    config_file = ckpt / CONFIG_NAME if ckpt is not None and ckpt.is_dir() and (ckpt / CONFIG_NAME).is_file() else cfg.model_config
-    overrides = list(cfg.model_overrides) + ([f"backbone.pretrained={cfg.pretrained}"] if cfg.pretrained else [])
-    return load_config(UltraVSRConfig if cfg.mode == "ultravsr" else ModelConfig, config_file, overrides), ckpt
-
-
-def build_model(cfg: InferConfig) -> SDATC | DCM:
-    """The SDATC model with SD 2.1 and the trained modules (or the DCM alone with ``mode=dcm``), or
-    an error saying what is missing."""
-    if cfg.mode == "bicubic":
-        return Bicubic(4)
-    model_cfg, ckpt = check_model(cfg)
-    if cfg.mode == "ultravsr":
-        return _build_diffusion(cfg, UltraVSR, model_cfg, ckpt, ULTRAVSR_WEIGHTS)
-    if cfg.mode == "dcm":
-        return _build_dcm(cfg, model_cfg, ckpt)
-    return _build_diffusion(cfg, SDATC, model_cfg, ckpt, WEIGHTS_NAME)
-
-
-def _build_diffusion(cfg: InferConfig, cls, model_cfg, ckpt: Path | None, weights_name: str):
-    """SDATC or UltraVSR on SD 2.1 with its trained modules, or the error saying what is missing."""
-    if resolve_pretrained(model_cfg.backbone) is None and not cfg.allow_random_weights:
-        raise SdatcError(f"no SD 2.1 weights: set pretrained=PATH or ${ENV_SD21} ({SD21_HELP}); {RANDOM_WEIGHTS_HINT}")
-    if ckpt is None and not cfg.allow_random_weights:
-        name = "SDATC" if cls is SDATC else "UltraVSR"
-        raise SdatcError(f"no trained {name} modules: set checkpoint=PATH (a folder with {weights_name} and "
-                         f"{CONFIG_NAME} from train.py; {NO_PUBLISHED_WEIGHTS}); allow_random_weights=true runs "
-                         "untrained modules")
-    weights = _weights_file(ckpt, weights_name) if ckpt is not None else None
-    model = cls.from_config(model_cfg)
-    if weights is not None:
-        model.load_trainable_state_dict(_load_weights(weights), str(weights))
-    return model.eval()
-
-
-def _build_dcm(cfg: InferConfig, model_cfg: ModelConfig, ckpt: Path | None) -> DCM:
-    if ckpt is None and not cfg.allow_random_weights:
-        raise SdatcError(f"no DCM weights: set checkpoint=PATH (a folder with {WEIGHTS_NAME} and {CONFIG_NAME} from "
-                         "train.py stage 0 or 1, e.g. assets/preview); allow_random_weights=true runs an untrained DCM")
-    dcm = DCM(model_cfg.dcm)
-    if ckpt is not None:
-        weights = _weights_file(ckpt, WEIGHTS_NAME)
-        state = {k[4:]: v for k, v in _load_weights(weights).items() if k.startswith("dcm.")}
-        if not state:
-            raise SdatcError(f"{weights} holds no DCM weights (keys dcm.*)")
-        result = dcm.load_state_dict(state, strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            raise SdatcError(f"{weights}: the DCM weights do not match the DCM config ({len(result.missing_keys)} missing, "
-                             f"e.g. {result.missing_keys[:3]}; {len(result.unexpected_keys)} unexpected, e.g. "
-                             f"{result.unexpected_keys[:3]})")
-    return dcm.eval()
+def build_model(cfg: InferConfig):
+    """The model ``cfg`` names, with its weights (``base.build_model``), in fp32."""
+    return base.build_model(cfg)
 
 
 def describe_model(cfg: InferConfig, model, device: torch.device | None = None, dtype: torch.dtype | None = None) -> str:
@@ -241,14 +121,16 @@ def describe_model(cfg: InferConfig, model, device: torch.device | None = None, 
 
 
 def make_pipeline(model, cfg: InferConfig, device, dtype, progress: bool = True):
+    """The pipeline of ``cfg.mode`` around ``model`` (its weights cast to ``dtype`` there, once)."""
     if cfg.mode == "bicubic":  # exact MATLAB bicubic: never tiled
         untiled = dataclasses.replace(cfg.pipeline, tiling=dataclasses.replace(cfg.pipeline.tiling, mode="off"))
         return DCMPipeline(model, untiled, device=device, dtype=torch.float32, progress=progress)
     if cfg.mode == "dcm":
-        return DCMPipeline(model, cfg.pipeline, device=device, dtype=dtype, progress=progress)
-    if cfg.mode == "ultravsr":
-        return UltraVSRRunner(model, cfg.ultravsr, device=device, dtype=dtype, progress=progress, compile=cfg.compile)
-    return RestorePipeline(model, cfg.pipeline, device=device, dtype=dtype, progress=progress, compile=cfg.compile)
+        return DCMPipeline(cast_weights(model, dtype).to(device), cfg.pipeline, device=device, dtype=dtype,
+                           progress=progress)
+    pipeline = UltraVSRPipeline if cfg.mode == "ultravsr" else SDATCPipeline
+    return pipeline(model, cfg.ultravsr if cfg.mode == "ultravsr" else cfg.pipeline, device, dtype, progress,
+                    compile=cfg.compile)
 
 
 def pick_device(cfg: InferConfig, state) -> tuple[torch.device, torch.dtype]:
@@ -284,35 +166,16 @@ def _resolve(path: Path, what: str) -> Path:
         raise os_error(path, e, f"{what}") from None
 
 
-def _contains(folder: Path, path: Path) -> bool:
-    """``path`` is ``folder`` or lies inside it (both resolved); also through a bind mount or a hard-linked
-    file, by comparing the identity (device, inode) of ``path`` and its existing parents with ``folder``'s."""
-    if path == folder or folder in path.parents:
-        return True
-    try:
-        target = folder.stat()
-    except OSError:
-        return False
-    for p in (path, *path.parents):
-        try:
-            st = p.stat()
-        except OSError:
-            continue
-        if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
-            return True
-    return False
-
-
 def check_output(cfg: InferConfig) -> None:
     """The output folder lies outside a folder given as input (symlinks, ``..`` and bind mounts resolved)
     and can be written: a hidden probe file is created and removed there (or, while it does not exist, in
     its nearest existing parent). Called before the clips are listed, so nothing is loaded yet."""
     out = _resolve(Path(cfg.output), "output")
     src = _resolve(Path(cfg.input), "input")
-    if src.is_dir() and _contains(src, out):
+    if src.is_dir() and contains_path(src, out):
         raise SdatcError(f"output {cfg.output} must not be inside the input folder {cfg.input} "
                          "(inputs are never modified)")
-    if _contains(src, out):
+    if contains_path(src, out):
         raise SdatcError(f"output {cfg.output} is {'the' if out == src else 'below the'} input clip {cfg.input}: "
                          "--output is a folder (inputs are never modified)")
     _check_writable(Path(cfg.output))
@@ -326,11 +189,11 @@ def check_paths(cfg: InferConfig, clips: dict[str, Path]) -> None:
     out = _resolve(Path(cfg.output), "output")
     for name, clip in clips.items():
         clip = _resolve(clip, "input")
-        if _contains(clip, out):
+        if contains_path(clip, out):
             raise SdatcError(f"output {cfg.output} is inside the input clip {clip} (inputs are never modified)")
         for o in outputs_of(cfg, name):
             o = _resolve(o, "output")
-            inside, holds = _contains(clip, o), _contains(o, clip)
+            inside, holds = contains_path(clip, o), contains_path(o, clip)
             if inside or holds:
                 what = "is" if inside and holds else "is inside" if inside else "holds"
                 raise SdatcError(f"output {o} {what} the input clip {clip}: choose another --output "
@@ -357,73 +220,6 @@ def _check_writable(out: Path) -> None:
             os.unlink(probe)
     except OSError as e:
         raise SdatcError(f"output folder {folder} cannot be written: {os_reason(e)}") from None
-
-
-def output_pix_fmt(meta: VideoMeta, choice: str = "auto") -> str:
-    """The restored mp4's pixel format: ``choice``, or for ``auto`` yuv420p10le when the input has more
-    than 8 bits per component, else yuv420p (the restoration itself works on 8-bit RGB either way)."""
-    if choice == "auto":
-        return "yuv420p10le" if meta.bit_depth > 8 else "yuv420p"
-    if choice not in ("yuv420p", "yuv420p10le"):
-        raise SdatcError(f"output_pix_fmt {choice!r} is not one of auto, yuv420p, yuv420p10le")
-    return choice
-
-
-def write_restored(stream, src: Path, mp4: Path | None, frames_dir: Path | None = None, crf: int = 15,
-                   preset: str = "medium", copy_audio: bool = True, fps: float = 25.0, name: str | None = None,
-                   progress: bool = True, pix_fmt: str = "auto", overwrite: bool = True) -> int:
-    """Restore the clip ``src`` (a video or a frame folder at ``fps``) through ``stream(reader, n)`` into
-    ``mp4`` (and PNGs in ``frames_dir``; either may be None), each under a temporary name; returns the frames
-    written. An existing output is replaced with ``overwrite`` (else an error); an output that is the input,
-    or holds it, is always an error. Output frame i is input frame i: it keeps its timestamp; SAR, rotation,
-    colour tags and HDR10 metadata are kept."""
-    for o in filter(None, (mp4, frames_dir)):  # run() checked already (check_paths); restore_file did not
-        s, r = src.resolve(), o.resolve()
-        if _contains(s, r) or _contains(r, s):
-            raise SdatcError(f"output {o} is or holds the input {src} (inputs are never modified)")
-    reader = VideoReader(src, fps=fps)
-    meta, n, name = reader.meta, len(reader), name or src.stem
-    if meta.frames_from == "packets":  # nothing to check the count against (no index, no declared duration)
-        print(f"note: {name}: the container declares no frame count or duration; restoring the {n} frames found")
-    if meta.color.hdr:
-        print(f"note: {name} is HDR ({meta.color.hdr}): its tags are kept, but the model was trained on SDR video")
-    audio = src if copy_audio and meta.has_audio else None
-    writer = (VideoWriter(mp4, fps=meta.rate or fps, crf=crf, preset=preset, audio_from=audio, overwrite=overwrite,
-                          pix_fmt=output_pix_fmt(meta, pix_fmt), source=meta) if mp4 else contextlib.nullcontext())
-    with writer:
-        frames = FrameWriter(frames_dir, overwrite=overwrite) if frames_dir else contextlib.nullcontext()
-        with frames:
-            count = 0
-            for i, frame in enumerate(tqdm(stream(reader, n), total=n, desc=name, unit="fr", leave=False,
-                                           disable=not progress)):
-                if mp4:
-                    writer.write(frame, pts=reader.timestamps[i] if i < len(reader.timestamps) else None)
-                if frames_dir:
-                    frames.write(frame)
-                count += 1
-            if count != n:
-                raise SdatcError(f"{name}: wrote {count} of {n} frames")
-            if mp4:
-                writer.end_pts = reader.end_pts
-    return n
-
-
-def restore_clip(pipe, cfg: InferConfig, name: str, src: Path, captioner=None) -> int:
-    """Restore one clip to its outputs (without ``overwrite``: those that do not exist yet); returns the
-    number of frames written. ``captioner``: the loaded ``prompt.captioner`` plug-in, if any."""
-    mp4, *frames_dir = [o if cfg.overwrite or not o.exists() else None for o in outputs_of(cfg, name)]
-    kw = {}
-    if cfg.mode in ("sdatc", "ultravsr") and not cfg.prompt.empty:  # encoded once per clip by the pipeline
-        kw["prompt"] = clip_prompt(cfg.prompt, src, lambda: VideoReader(src, fps=cfg.fps).read_all(), captioner)
-    if isinstance(pipe, SDATCPipeline):
-        stream = functools.partial(pipe.stream, **kw)
-    elif isinstance(pipe, UltraVSRRunner):  # DRS's bitstream estimator reads the clip's own file
-        stream = functools.partial(pipe.restore, source=src, **kw)
-    else:
-        stream = pipe.restore
-    return write_restored(stream, src, mp4, frames_dir[0] if frames_dir else None, crf=cfg.output_crf,
-                          preset=cfg.output_preset, copy_audio=cfg.copy_audio, fps=cfg.fps, name=name,
-                          progress=pipe.progress, pix_fmt=cfg.output_pix_fmt, overwrite=cfg.overwrite)
 
 
 def _output_identity(cfg: InferConfig, name: str) -> tuple | None:
@@ -498,8 +294,17 @@ def _try_clip(pipe, cfg: InferConfig, name: str, path: Path, out: Path, run_id: 
         if _finished(cfg, name, before):
             row.update(status="skipped", reason="finished by another process")
         else:
-            row["frames"] = restore_clip(pipe, cfg, name, path, captioner)
-            if isinstance(pipe, UltraVSRRunner) and pipe.last_drs is not None:
+            # restore the clip into the outputs that do not exist yet (with overwrite: all of them)
+            mp4, *frames_dir = [o if cfg.overwrite or not o.exists() else None for o in outputs_of(cfg, name)]
+            prompt = None  # the UNet's text, encoded once per clip by the pipeline
+            if cfg.mode in ("sdatc", "ultravsr") and not cfg.prompt.empty:
+                prompt = clip_prompt(cfg.prompt, path, lambda: VideoReader(path, fps=cfg.fps).read_all(), captioner)
+            stream = functools.partial(pipe.stream, prompt=prompt, source=path)  # DRS's bitstream reads the file
+            row["frames"] = write_restored(stream, path, mp4, frames_dir[0] if frames_dir else None,
+                                           crf=cfg.output_crf, preset=cfg.output_preset, copy_audio=cfg.copy_audio,
+                                           fps=cfg.fps, name=name, progress=pipe.progress, pix_fmt=cfg.output_pix_fmt,
+                                           overwrite=cfg.overwrite)
+            if pipe.last_drs is not None:
                 d, t, how = pipe.last_drs
                 row["drs"] = f"d={d:.3f}, t={t} ({how})"
     except Exception as e:  # one bad clip must not stop the others
@@ -546,11 +351,9 @@ def run(cfg: InferConfig, progress: bool = True) -> list[dict]:
         device, dtype = pick_device(cfg, state)
         if device.type == "cpu" and state.num_processes > 1:  # share the cores: oversubscribed threads spin
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // state.num_processes))
-        model = cast_weights(build_model(cfg), dtype).to(device)  # weights in the run's dtype, cast once
+        pipe = make_pipeline(build_model(cfg), cfg, device, dtype, progress)  # the weights cast once, to dtype
         if main:
-            print(describe_model(cfg, model, device, dtype))
-        pipe = (SDATCPipeline(model, cfg.pipeline, device, dtype, progress, compile=cfg.compile) if cfg.mode == "sdatc"
-                else make_pipeline(model, cfg, device, dtype, progress))
+            print(describe_model(cfg, pipe.model, device, dtype))
         held = []  # clips another run holds: tried again at the end
         for name, path in tqdm(todo, desc=f"clips (rank {rank})", unit="clip", disable=not progress):
             if not cfg.overwrite and _finished(cfg, name, before):  # the process that did it reports it too

@@ -112,8 +112,8 @@ def test_dtype_choice_on_the_cpu():
 
 
 def test_fp16_pipelines_on_the_cpu_are_errors():
+    from sdatc.pipelines.config import PipelineConfig
     from sdatc.pipelines.dcm_pipeline import DCMPipeline
-    from sdatc.pipelines.restore import PipelineConfig
 
     with pytest.raises(SdatcError, match="float16 autocast needs a GPU"):
         DCMPipeline(nn.Identity(), PipelineConfig(), device="cpu", dtype=torch.float16)
@@ -122,7 +122,7 @@ def test_fp16_pipelines_on_the_cpu_are_errors():
 def test_weights_cast_once_at_load():
     """bf16 runs hold bf16 weights (no per-call re-cast under autocast); fp16 keeps the VAE decoder fp32."""
     from sdatc.models.sdatc import SDATC, ModelConfig
-    from sdatc.pipelines.restore import cast_weights
+    from sdatc.pipelines.config import cast_weights
 
     def tiny():
         return SDATC.from_config(load_config(ModelConfig, "configs/model/sdatc_tiny.yaml"))

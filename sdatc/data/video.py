@@ -31,6 +31,7 @@ import av
 import cv2
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 from sdatc.errors import SdatcError, os_error
 from sdatc.utils import natural_key, temp_dir_sibling, temp_sibling
@@ -918,3 +919,71 @@ def write_frames(folder: str | Path, frames: Iterable[np.ndarray], overwrite: bo
         for f in frames:
             w.write(f)
     return Path(folder)
+
+
+def contains_path(folder: Path, path: Path) -> bool:
+    """``path`` is ``folder`` or lies inside it (both resolved); also through a bind mount or a hard-linked
+    file, by comparing the identity (device, inode) of ``path`` and its existing parents with ``folder``'s."""
+    if path == folder or folder in path.parents:
+        return True
+    try:
+        target = folder.stat()
+    except OSError:
+        return False
+    for p in (path, *path.parents):
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
+            return True
+    return False
+
+
+def output_pix_fmt(meta: VideoMeta, choice: str = "auto") -> str:
+    """The restored mp4's pixel format: ``choice``, or for ``auto`` yuv420p10le when the input has more
+    than 8 bits per component, else yuv420p (the restoration itself works on 8-bit RGB either way)."""
+    if choice == "auto":
+        return "yuv420p10le" if meta.bit_depth > 8 else "yuv420p"
+    if choice not in ("yuv420p", "yuv420p10le"):
+        raise SdatcError(f"output_pix_fmt {choice!r} is not one of auto, yuv420p, yuv420p10le")
+    return choice
+
+
+def write_restored(stream, src: Path, mp4: Path | None, frames_dir: Path | None = None, crf: int = 15,
+                   preset: str = "medium", copy_audio: bool = True, fps: float = 25.0, name: str | None = None,
+                   progress: bool = True, pix_fmt: str = "auto", overwrite: bool = True) -> int:
+    """Restore the clip ``src`` (a video or a frame folder at ``fps``) through ``stream(reader, n)`` into
+    ``mp4`` (and PNGs in ``frames_dir``; either may be None), each under a temporary name; returns the frames
+    written. An existing output is replaced with ``overwrite`` (else an error); an output that is the input,
+    or holds it, is always an error. Output frame i is input frame i: it keeps its timestamp; SAR, rotation,
+    colour tags and HDR10 metadata are kept."""
+    for o in filter(None, (mp4, frames_dir)):  # run() checked already (check_paths); restore_file did not
+        s, r = src.resolve(), o.resolve()
+        if contains_path(s, r) or contains_path(r, s):
+            raise SdatcError(f"output {o} is or holds the input {src} (inputs are never modified)")
+    reader = VideoReader(src, fps=fps)
+    meta, n, name = reader.meta, len(reader), name or src.stem
+    if meta.frames_from == "packets":  # nothing to check the count against (no index, no declared duration)
+        print(f"note: {name}: the container declares no frame count or duration; restoring the {n} frames found")
+    if meta.color.hdr:
+        print(f"note: {name} is HDR ({meta.color.hdr}): its tags are kept, but the model was trained on SDR video")
+    audio = src if copy_audio and meta.has_audio else None
+    writer = (VideoWriter(mp4, fps=meta.rate or fps, crf=crf, preset=preset, audio_from=audio, overwrite=overwrite,
+                          pix_fmt=output_pix_fmt(meta, pix_fmt), source=meta) if mp4 else contextlib.nullcontext())
+    with writer:
+        frames = FrameWriter(frames_dir, overwrite=overwrite) if frames_dir else contextlib.nullcontext()
+        with frames:
+            count = 0
+            for i, frame in enumerate(tqdm(stream(reader, n), total=n, desc=name, unit="fr", leave=False,
+                                           disable=not progress)):
+                if mp4:
+                    writer.write(frame, pts=reader.timestamps[i] if i < len(reader.timestamps) else None)
+                if frames_dir:
+                    frames.write(frame)
+                count += 1
+            if count != n:
+                raise SdatcError(f"{name}: wrote {count} of {n} frames")
+            if mp4:
+                writer.end_pts = reader.end_pts
+    return n

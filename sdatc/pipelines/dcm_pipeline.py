@@ -1,5 +1,5 @@
 """The pipelines without diffusion: the DCM alone (the built-in preview model, the DCM-only baseline) and
-MATLAB bicubic x4, with the same ``restore(frames, num_frames)`` interface as :class:`RestorePipeline`."""
+MATLAB bicubic x4, with the same ``stream(frames, num_frames)`` as ``SDATCPipeline`` and ``UltraVSRPipeline``."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 from sdatc.errors import SdatcError
+from sdatc.pipelines.config import PipelineConfig, autocast
 from sdatc.pipelines.memory import StagePlan, StagePlanner
-from sdatc.pipelines.restore import PipelineConfig, autocast
 from sdatc.pipelines.tiling import tiled_batched
 
 
@@ -42,8 +42,8 @@ def _intra_op_threads(n: int):
 
 class DCMPipeline:
     """DCM-only restoration (the built-in preview model, and the DCM-only baseline): frame by frame, no
-    diffusion, no colour correction (the DCM is trained with L1 to GT). Same interface as
-    :class:`RestorePipeline`. Tiling as there (``tiling.mode``, :func:`plan_stage`): with ``auto``, whole
+    diffusion, no colour correction (the DCM is trained with L1 to GT). ``stream`` as the diffusion
+    pipelines'. Tiling as there (``tiling.mode``, :func:`plan_stage`): with ``auto``, whole
     frames when a batch fits the memory budget, else tiles of ``tiling.dcm_tile`` LR pixels; ``plans``
     tells what ran.
 
@@ -56,6 +56,7 @@ class DCMPipeline:
     """
 
     unet_calls = 0
+    last_drs = None  # as UltraVSRPipeline's: no degradation score here
 
     def __init__(self, dcm, cfg: PipelineConfig, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, progress: bool = True, batch: int = 4,
@@ -92,8 +93,10 @@ class DCMPipeline:
                                             initializer=torch.set_num_threads, initargs=(self.worker_threads,))
         return [self._pool.submit(self._restore_batch, part) for part in lq.tensor_split(min(self.workers, len(lq)))]
 
-    def restore(self, frames: Iterable[np.ndarray], num_frames: int) -> Iterator[np.ndarray]:
-        """Stream restored frames (4h, 4w, 3) uint8, in order, for ``num_frames`` input frames.
+    def stream(self, frames: Iterable[np.ndarray], num_frames: int, prompt: str | list[str] | None = None,
+               source=None) -> Iterator[np.ndarray]:
+        """Stream restored frames (4h, 4w, 3) uint8, in order, for ``num_frames`` input frames (``source``:
+        not needed; ``prompt``: only the empty one, as the DCM has no text condition).
 
         The next batch is restored while the caller consumes this one (with workers, decoding and
         encoding overlap the DCM); with workers, torch's intra-op thread count is the workers' until
@@ -101,6 +104,8 @@ class DCMPipeline:
         """
         if num_frames < 1:
             raise SdatcError("the clip has no frames")
+        if prompt:
+            raise SdatcError("the DCM has no text condition: prompts need mode sdatc or ultravsr")
         threads = contextlib.nullcontext() if self.workers < 2 else _intra_op_threads(self.worker_threads)
         with threads:
             size, buf, pending = None, [], []

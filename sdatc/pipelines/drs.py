@@ -15,41 +15,14 @@ d is clipped to ``[d_min, d_max]``: by default [0.01, 1], where the release has 
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import warnings
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
 from sdatc.errors import SdatcError
-
-
-@dataclasses.dataclass
-class DRSConfig:
-    estimator: Literal["clipiqa", "bitstream", "fixed"] = "clipiqa"  # the reference's; falls back to bitstream
-    d: float = 0.5  # for estimator=fixed
-    d_min: float = 0.01  # the release clips nothing; > 0 keeps the one-step x0 = (z - sqrt(1 - D) eps) / sqrt(D) finite
-    d_max: float = 1.0
-    # [guess, ours] x264 CRF (or QP) -> d, and bits per pixel -> d: monotone, interpolated, clamped at the ends
-    crf_table: list[list[float]] = dataclasses.field(default_factory=lambda: [[10, 0.85], [20, 0.7], [30, 0.5], [40, 0.3]])
-    bpp_table: list[list[float]] = dataclasses.field(default_factory=lambda: [[0.02, 0.3], [0.1, 0.5], [0.3, 0.7], [1.0, 0.85]])
-    frames: int = 5  # clipiqa: frames sampled per clip
-
-    def __post_init__(self):
-        if not 0 < self.d_min <= self.d_max <= 1:
-            raise ValueError(f"drs: need 0 < d_min <= d_max <= 1, got {self.d_min}, {self.d_max}")
-        if not 0 < self.d <= 1:
-            raise ValueError(f"drs.d must be in (0, 1], got {self.d}")
-        for name, falling in (("crf_table", True), ("bpp_table", False)):
-            table = getattr(self, name)
-            xs, ys = [r[0] for r in table], [r[1] for r in table]
-            if len(table) < 2 or any(len(r) != 2 for r in table) or xs != sorted(xs) or len(set(xs)) != len(xs):
-                raise ValueError(f"drs.{name}: at least two [x, d] rows with x strictly increasing, got {table}")
-            if ys != sorted(ys, reverse=falling):
-                raise ValueError(f"drs.{name}: d must {'fall' if falling else 'rise'} with x (a monotone table), got {table}")
-
+from sdatc.pipelines.config import DRSConfig
 
 X264_OPTION = re.compile(rb"x264 - core \d+.*?options: ([^\x00]*)", re.S)
 

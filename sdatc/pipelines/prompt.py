@@ -18,7 +18,6 @@ missing-weights error quotes. Load models once (e.g. ``functools.cache``): it is
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,34 +26,7 @@ import numpy as np
 import torch
 
 from sdatc.errors import SdatcError
-
-
-@dataclasses.dataclass
-class PromptConfig:
-    """The prompt of each clip: ``text`` (all clips), or ``sidecar`` (``<clip>.txt``; ``text`` where a clip
-    has none), or a ``captioner`` plug-in with its ``captioner_weights``. ``""``: the empty prompt."""
-
-    text: str = ""
-    sidecar: bool = False
-    captioner: str | None = None  # "module:function"
-    captioner_weights: str | None = None
-
-    def __post_init__(self):
-        if not isinstance(self.text, str):
-            raise ValueError(f"prompt.text must be a string, got {self.text!r}")
-        if self.captioner is not None:
-            module, _, name = self.captioner.partition(":")
-            if not module or not name:
-                raise ValueError(f"prompt.captioner must be 'module:function', got {self.captioner!r}")
-            if self.sidecar or self.text:
-                raise ValueError("prompt.captioner captions every clip: leave prompt.sidecar and prompt.text unset")
-        elif self.captioner_weights is not None:
-            raise ValueError("prompt.captioner_weights is set without prompt.captioner")
-
-    @property
-    def empty(self) -> bool:
-        """Every clip gets the empty prompt (the cached-embedding fast path)."""
-        return not self.text and not self.sidecar and self.captioner is None
+from sdatc.pipelines.config import PromptConfig  # noqa: F401  (the settings live with the others)
 
 
 def sidecar_path(clip: str | Path) -> Path:

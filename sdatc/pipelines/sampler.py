@@ -129,3 +129,11 @@ class Sampler:
                 raise ValueError("a stochastic step needs noise")
             out = out + math.sqrt(var) * noise
         return out
+def frame_noise(seed: int, frame: int, step: int, shape: tuple[int, ...],
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    """Noise for one frame at one sampling step (step -1: the start), the same in every window, drawn by a
+    generator on ``device`` (no host copy). Same seed, same device type: same noise; a CPU and a GPU draw
+    different numbers."""
+    g = torch.Generator(device=device).manual_seed((seed * 1_000_003 + frame) * 1_009 + step + 1)
+    return torch.randn(shape, generator=g, device=device)
+

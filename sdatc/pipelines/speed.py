@@ -20,7 +20,7 @@ What :func:`speed_up` does (docs/decisions.md A44):
   ``"max-autotune-no-cudagraphs"`` is accepted. Modes with CUDA graphs are refused: their outputs are
   overwritten by the next call, and the pipelines keep outputs across calls (tile blending, trajectories).
 
-The compiled function runs whatever autocast the caller has entered (``RestorePipeline`` calls the denoiser
+The compiled function runs whatever autocast the caller has entered (``SDATCPipeline`` calls the denoiser
 inside ``torch.autocast``); it is guarded on that state, so fp32 and bf16 calls each get their own graph.
 The model's parameters change memory layout in place (``save_pretrained`` still writes contiguous tensors).
 """
@@ -141,15 +141,17 @@ def speed_up(model: nn.Module, device: str | torch.device, compile: bool = False
             part = getattr(model, name, None)
             if part is not None:
                 to_channels_last(part)
-    predict = model.predict
-    if compile:
-        predict = torch.compile(predict, dynamic=False, backend=backend,
-                                **({"mode": mode} if mode not in (None, "default") else {}))
+    if not compile:  # model.predict itself (a partial adds no Python frame)
+        denoise = functools.partial(model.predict)
+        denoise.compiled = False
+        return denoise
+    predict = torch.compile(model.predict, dynamic=False, backend=backend,
+                            **({"mode": mode} if mode not in (None, "default") else {}))
 
     @functools.wraps(model.predict)
     def denoise(z: Tensor, t, *args, **kwargs) -> Tensor:
         args = tuple(a.contiguous() if isinstance(a, Tensor) else a for a in args)
         return predict(z.contiguous(), _timesteps(t, z), *args, **kwargs)
 
-    denoise.compiled = compile
+    denoise.compiled = True
     return denoise

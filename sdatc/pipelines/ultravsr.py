@@ -1,8 +1,9 @@
-"""UltraVSR's one-step pipeline over a clip: windows streamed and blended, DRS, TAI chunks, tiles.
+"""``UltraVSRPipeline``: UltraVSR's one step over a whole clip: windows streamed and blended, DRS, TAI chunks, tiles.
 
-    pipe = UltraVSRRunner(model, UltraVSRPipelineConfig())
-    for frame in pipe.restore(reader, num_frames=len(reader), source="clip.mp4"):  # (h, w, 3) uint8 in
-        writer.write(frame)                                                         # (4h, 4w, 3) uint8 out
+    pipe = UltraVSRPipeline.from_sd21(None, checkpoint="weights/ultravsr")      # loading, saving: base.py
+    out = pipe(frames, d=None)                                                  # (T, h, w, 3) -> (T, 4h, 4w, 3)
+    for frame in pipe.stream(reader, num_frames=len(reader), source="clip.mp4"):  # frames streamed in order
+        writer.write(frame)
 
 Per window of ``window.length`` frames (overlaps blended as SDATC's): bicubic x4 -> VAE encoder (+LoRA)
 -> one UNet call at DRS's t_rec (RTS over the whole window; spatial blocks on chunks of
@@ -17,7 +18,6 @@ import dataclasses
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -25,60 +25,96 @@ from tqdm import tqdm
 
 from sdatc.errors import SdatcError
 from sdatc.models.ultravsr import UltraVSR, bicubic_x4, drs_step, one_step_x0
+from sdatc.pipelines.base import VSRPipeline
 from sdatc.pipelines.colour import colour_correct
-from sdatc.pipelines.drs import DRSConfig, DRSEstimator
+from sdatc.pipelines.config import UltraVSRPipelineConfig, pad_to_multiple
+from sdatc.pipelines.drs import DRSEstimator
 from sdatc.pipelines.memory import StagePlan, StagePlanner
 from sdatc.pipelines.prompt import clip_context
-from sdatc.pipelines.restore import TilingConfig, WindowConfig, autocast, pad_to_multiple
 from sdatc.pipelines.speed import speed_up
 from sdatc.pipelines.tiled_vae import tiled_shared
 from sdatc.pipelines.tiling import tiled_batched
 from sdatc.pipelines.windows import FrameFeed, WindowBlender, plan_windows
 
 
-@dataclasses.dataclass
-class UltraVSRPipelineConfig:
-    drs: DRSConfig = dataclasses.field(default_factory=DRSConfig)
-    window: WindowConfig = dataclasses.field(default_factory=lambda: WindowConfig(length=16, stride=12))
-    chunk_frames: int = 1  # TAI: frames per chunk through the spatial blocks (0: the whole window at once)
-    tiling: TilingConfig = dataclasses.field(default_factory=TilingConfig)
-    colour: Literal["wavelet", "adain", "none"] = "wavelet"
+class UltraVSRPipeline(VSRPipeline):
+    """SD 2.1 + trained UltraVSR modules (RTS, LoRA): x4 in one UNet call per frame. ``unet_calls`` counts
+    UNet calls (batches), ``unet_evals`` frame-tile evaluations by latent shape; ``plans`` holds each stage's
+    last memory plan; ``last_drs`` the last clip's (d, t_rec, how d was found)."""
 
-    def __post_init__(self):
-        if not isinstance(self.chunk_frames, int) or self.chunk_frames < 0:
-            raise ValueError(f"chunk_frames must be an int >= 0, got {self.chunk_frames!r}")
+    mode, model_cls, config_cls, folder = "ultravsr", UltraVSR, UltraVSRPipelineConfig, "ultravsr"
 
+    def __init__(self, model: UltraVSR, config: UltraVSRPipelineConfig | None = None,
+                 device: str | torch.device = "cpu", torch_dtype: torch.dtype | str | None = None,
+                 progress: bool = True, compile: bool = False, cast: bool = True, weights: str | Path | None = None):
+        self._drs_weights = weights  # the CLIP-IQA weights folder of DRS's clipiqa estimator
+        super().__init__(model, config, device, torch_dtype, progress, compile, cast)
 
-class UltraVSRRunner:
-    """Runs an UltraVSR model over clips. ``unet_calls`` counts UNet calls (batches), ``unet_evals`` frame-tile
-    evaluations by latent shape; ``plans`` holds each stage's last memory plan."""
-
-    def __init__(self, model: UltraVSR, cfg: UltraVSRPipelineConfig, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, progress: bool = True, weights: str | Path | None = None,
-                 compile: bool = False):
-        self.model, self.cfg, self.device, self.dtype, self.progress = model, cfg, torch.device(device), dtype, progress
-        autocast(self.device, dtype)  # fp16 on the CPU: an error now, not at the first frame
-        self.drs = DRSEstimator(cfg.drs, device=str(self.device), weights=weights)
+    def _setup(self) -> None:
+        m = self.model
+        self.drs = DRSEstimator(self.config.drs, device=str(self.device), weights=self._drs_weights)
         self.unet_calls = 0  # denoiser invocations (each a batch of frames x tiles)
         self.unet_evals: Counter[tuple[int, int]] = Counter()  # latent (h, w) of each frame-tile evaluation -> count
-        self._plan = StagePlanner(model, self.device, cfg.tiling)  # budget read at the first window
+        self._plan = StagePlanner(m, self.device, self.config.tiling)  # budget read at the first window
         self.plans: dict[str, StagePlan] = self._plan.plans
-        self.denoiser = speed_up(model, self.device, compile=compile)  # model.predict, or compiled
-        self.last_drs: tuple[float, int, str] | None = None  # (d, t_rec, how d was found) of the last clip
-        self.vae_factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
-        self.unet_factor = 2 ** (len(model.unet.config.block_out_channels) - 1)
+        self.denoiser = speed_up(m, self.device, compile=self.compile)  # model.predict, or compiled
+        self.unet_factor = 2 ** (len(m.unet.config.block_out_channels) - 1)
 
-    def _pad(self, lq: torch.Tensor) -> torch.Tensor:
-        return pad_to_multiple(lq, self.model.pad_multiple)
+    def __call__(self, frames, d: float | None = None, chunk_frames: int | None = None, colour_fix: str | None = None,
+                 output_type: str = "np", prompt: str | list[str] | None = None):
+        """Restore a clip in one step: (T, H, W, 3) uint8 or PIL images -> (T, 4H, 4W, 3) uint8 or PIL. ``d``: the
+        degradation score in (0, 1] (1: clean; it sets the timestep); None: the configured DRS estimator on the
+        frames. ``chunk_frames``: TAI chunk (memory), ``colour_fix``: wavelet | adain | none. ``prompt``: the
+        UNet's text condition, one string or one per frame (the release: RAM tags per frame); None or ``""``:
+        the cached empty prompt."""
+        extra = {k: v for k, v in (("chunk_frames", chunk_frames), ("colour", colour_fix)) if v is not None}
+        config = dataclasses.replace(self.config, **extra) if extra else None
+        return self._collect(frames, output_type, d=d, prompt=prompt, config=config)
 
-    def window_x0(self, lq: torch.Tensor, t: int, big_d: float, context: torch.Tensor | None = None) -> torch.Tensor:
+    @torch.no_grad()
+    def stream(self, frames: Iterable[np.ndarray], num_frames: int, prompt: str | list[str] | None = None,
+               source: str | Path | None = None, config: UltraVSRPipelineConfig | None = None,
+               d: float | None = None) -> Iterator[np.ndarray]:
+        """Stream restored frames (4h, 4w, 3) uint8, in order. ``source``: the clip's file, for DRS's
+        ``bitstream`` estimator; ``d``: skip the estimator; ``prompt``: the UNet's text condition, one for the
+        clip or one per frame (the release: RAM tags per frame); None or ``""``: the cached empty prompt;
+        ``config``: this call's settings instead of the pipeline's."""
+        cfg, dev = config or self.config, self.device
+        feed = FrameFeed(frames, num_frames)
+        text = clip_context(self.model, prompt, num_frames, dev) if prompt not in (None, "") else None  # per clip
+        windows = plan_windows(num_frames, cfg.window.length, min(cfg.window.stride, cfg.window.length))
+        blender = WindowBlender(num_frames, windows)
+        t_rec = big_d = None
+        for k, (start, end) in enumerate(tqdm(windows, desc="windows", unit="win", leave=False,
+                                              disable=not self.progress)):
+            lq = feed.window(start, end).to(dev)  # (T, 3, h, w)
+            if t_rec is None:  # the clip's timestep, from d (given, or estimated on the first window)
+                if d is None:
+                    _, t_rec, big_d = self.estimate(lq, source)
+                else:
+                    t_rec, big_d = drs_step(self.model.scheduler.alphas_cumprod, d)
+                    self.last_drs = (d, t_rec, "given")
+            h, w = lq.shape[-2:]
+            lq_p = pad_to_multiple(lq, self.model.pad_multiple)
+            z = self.window_x0(lq_p, t_rec, big_d, None if text is None else text.window(range(start, end)), cfg)
+            out = self.decode(z, cfg)[..., : 4 * h, : 4 * w]  # (T, 3, 4h, 4w)
+            out = colour_correct(out, lq, cfg.colour).clamp(0, 1)
+            for _, frame in blender.add(k, out.cpu()):
+                yield (frame * 255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+            feed.release(windows[k + 1][0] if k + 1 < len(windows) else num_frames)
+        if t_rec is None:
+            raise SdatcError("the clip has no frames")
+
+    def window_x0(self, lq: torch.Tensor, t: int, big_d: float, context: torch.Tensor | None = None,
+                  cfg: UltraVSRPipelineConfig | None = None) -> torch.Tensor:
         """One window, (T, 3, h, w) LR in [0, 1] (padded) -> z_HR (T, 4, 4h/8, 4w/8). Whole frames, or tiles
         (x the window's frames: RTS mixes them) as memory allows. ``context``: the frames' text states
         (T, 77, D); None: the empty prompt."""
-        cfg, tc, n = self.cfg, self.cfg.tiling, lq.shape[0]
+        cfg = cfg or self.config
+        tc, n = cfg.tiling, lq.shape[0]
         chunk = cfg.chunk_frames or None
         up = bicubic_x4(lq, self.model.cfg.input_resize)  # (T, 3, 4h, 4w), the release's PIL bicubic by default
-        with autocast(self.device, self.dtype):
+        with self._autocast():
             p = self._plan("encode", up, tc.encoder_tile, chunk=chunk)  # fewer frames per call first, then tiles
             enc_chunk = p.batch if p.batch < n else None
             if p.tiled:  # computed by tiles, whole-frame statistics (tiled_vae.py)
@@ -98,14 +134,15 @@ class UltraVSRRunner:
                                 align=self.unet_factor, group=n, per_frame=() if context is None else (context,))
         return one_step_x0(out.float(), z.float(), big_d, self.model.prediction_type)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, cfg: UltraVSRPipelineConfig | None = None) -> torch.Tensor:
         """(T, 4, h, w) -> (T, 3, 8h, 8w) in [0, 1], clamped: UltraVSR's release colour-fixes the 8-bit output
         image (``ToPILImage`` first), unlike StableSR (fp32 decode when running fp16)."""
-        tc, n = self.cfg.tiling, z.shape[0]
+        cfg = cfg or self.config
+        tc, n = cfg.tiling, z.shape[0]
         # the frozen blocks on chunks of frames (TAI: fewer if memory asks), RTS on the whole window; then tiles
-        p = self._plan("decode", z, tc.decoder_tile, chunk=self.cfg.chunk_frames or None)
+        p = self._plan("decode", z, tc.decoder_tile, chunk=cfg.chunk_frames or None)
         chunk = p.batch if p.batch < n else None
-        with autocast(self.device, self.dtype, enabled=self.dtype != torch.float16):
+        with self._autocast(enabled=self.dtype != torch.float16):
             if p.tiled:  # computed by tiles holding all frames, whole-frame statistics (tiled_vae.py)
                 out = tiled_shared(self.model.vae.decoder, lambda x: self.model.decode(x, n, chunk), z, p.tile)
             else:
@@ -122,33 +159,3 @@ class UltraVSRRunner:
         t, big_d = drs_step(self.model.scheduler.alphas_cumprod, d)
         self.last_drs = (d, t, how)
         return d, t, big_d
-
-    @torch.no_grad()
-    def restore(self, frames: Iterable[np.ndarray], num_frames: int, source: str | Path | None = None,
-                d: float | None = None, prompt: str | list[str] | None = None) -> Iterator[np.ndarray]:
-        """Stream restored frames (4h, 4w, 3) uint8, in order. ``source``: the clip's file, for DRS's
-        ``bitstream`` estimator; ``d``: skip the estimator; ``prompt``: the UNet's text condition, one for the
-        clip or one per frame (the release: RAM tags per frame); None or ``""``: the cached empty prompt."""
-        cfg, dev = self.cfg, self.device
-        feed = FrameFeed(frames, num_frames)
-        text = clip_context(self.model, prompt, num_frames, dev)  # encoded once per clip; None: the empty prompt
-        windows = plan_windows(num_frames, cfg.window.length, min(cfg.window.stride, cfg.window.length))
-        blender = WindowBlender(num_frames, windows)
-        t_rec = big_d = None
-        for k, (start, end) in enumerate(tqdm(windows, desc="windows", unit="win", leave=False, disable=not self.progress)):
-            lq = feed.window(start, end).to(dev)  # (T, 3, h, w)
-            if t_rec is None:
-                if d is None:
-                    _, t_rec, big_d = self.estimate(lq, source)
-                else:
-                    t_rec, big_d = drs_step(self.model.scheduler.alphas_cumprod, d)
-                    self.last_drs = (d, t_rec, "given")
-            h, w = lq.shape[-2:]
-            z = self.window_x0(self._pad(lq), t_rec, big_d, None if text is None else text.window(range(start, end)))
-            out = self.decode(z)[..., : 4 * h, : 4 * w]  # (T, 3, 4h, 4w)
-            out = colour_correct(out, lq, cfg.colour).clamp(0, 1)
-            for _, frame in blender.add(k, out.cpu()):
-                yield (frame * 255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
-            feed.release(windows[k + 1][0] if k + 1 < len(windows) else num_frames)
-        if t_rec is None:
-            raise SdatcError("the clip has no frames")

@@ -74,8 +74,9 @@ def generate(cfg, progress: bool = True) -> dict:
     """Write the missing shards, claimed one at a time with the other processes (lock files); returns this
     process's summary. ``cfg``: the stage-2 TrainConfig."""
     from sdatc.data.datasets import VideoClipDataset, scan_clips
-    from sdatc.pipelines.restore import PipelineConfig, RestorePipeline, WindowConfig
+    from sdatc.pipelines.config import PipelineConfig, WindowConfig
     from sdatc.pipelines.sampler import SamplerConfig
+    from sdatc.pipelines.sdatc_pipeline import SDATCPipeline
     from sdatc.training.precision import DTYPES, cast_frozen_backbone, resolve_precision
     from sdatc.training.trainer import build_model
     from sdatc.utils import process_state
@@ -122,7 +123,7 @@ def generate(cfg, progress: bool = True) -> dict:
         t = cfg.data.num_frames
         pcfg = PipelineConfig(sampler=SamplerConfig(steps=lat.steps, seed=lat.seed), flow=cfg.flow,
                               window=WindowConfig(length=t, stride=t))
-        pipe = RestorePipeline(model, pcfg, device=device, dtype=DTYPES[mp], progress=False)
+        pipe = SDATCPipeline(model, pcfg, device=device, torch_dtype=DTYPES[mp], progress=False, cast=False)
         ds = VideoClipDataset(cfg.data, scan_clips(cfg.data))
         bar = tqdm(total=len(todo) * lat.shard_size, desc=f"stage-2 latents (rank {state.process_index})",
                    unit="sample", disable=not progress)  # the other processes share the total

@@ -65,13 +65,13 @@ class Validator:
 
 def dcm_restorer(dcm, device, dtype: torch.dtype = torch.float32):
     """``restore`` for stage 0: the DCM alone, as ``infer.py mode=dcm`` runs it (the run's dtype)."""
+    from sdatc.pipelines.config import PipelineConfig, TilingConfig
     from sdatc.pipelines.dcm_pipeline import DCMPipeline
-    from sdatc.pipelines.restore import PipelineConfig, TilingConfig
 
     pipe = DCMPipeline(dcm, PipelineConfig(tiling=TilingConfig(mode="off")), device=device, dtype=dtype, progress=False)
 
     def restore(lq: np.ndarray) -> np.ndarray:
-        return np.stack(list(pipe.restore(list(lq), len(lq))))
+        return np.stack(list(pipe.stream(list(lq), len(lq))))
 
     return restore
 
@@ -79,31 +79,31 @@ def dcm_restorer(dcm, device, dtype: torch.dtype = torch.float32):
 def pipeline_restorer(model, steps: int, num_frames: int, device, dtype: torch.dtype = torch.float32):
     """``restore`` for stages 1 and 2: the inference pipeline with ``steps`` steps, one window, in the
     run's dtype (the frozen SD weights were cast to it by the trainer)."""
+    from sdatc.pipelines.config import PipelineConfig, WindowConfig
     from sdatc.pipelines.flow import FlowConfig
-    from sdatc.pipelines.restore import PipelineConfig, RestorePipeline, WindowConfig
     from sdatc.pipelines.sampler import SamplerConfig
+    from sdatc.pipelines.sdatc_pipeline import SDATCPipeline
 
     cfg = PipelineConfig(sampler=SamplerConfig(steps=steps), flow=FlowConfig(enabled=False),
                          window=WindowConfig(length=num_frames, stride=num_frames))
-    pipe = RestorePipeline(model, cfg, device=device, dtype=dtype, progress=False)
+    pipe = SDATCPipeline(model, cfg, device=device, torch_dtype=dtype, progress=False, cast=False)
 
     def restore(lq: np.ndarray) -> np.ndarray:
-        return np.stack(list(pipe.restore(list(lq), len(lq))))
+        return np.stack(list(pipe.stream(list(lq), len(lq))))
 
     return restore
 
 
 def ultravsr_restorer(model, d: float, num_frames: int, device, dtype: torch.dtype = torch.float32):
     """``restore`` for UltraVSR: the one-step pipeline at degradation score ``d``, one window, whole frames."""
-    from sdatc.pipelines.drs import DRSConfig
-    from sdatc.pipelines.restore import TilingConfig, WindowConfig
-    from sdatc.pipelines.ultravsr import UltraVSRPipelineConfig, UltraVSRRunner
+    from sdatc.pipelines.config import DRSConfig, TilingConfig, UltraVSRPipelineConfig, WindowConfig
+    from sdatc.pipelines.ultravsr import UltraVSRPipeline
 
     cfg = UltraVSRPipelineConfig(drs=DRSConfig(estimator="fixed", d=d), window=WindowConfig(length=num_frames, stride=num_frames),
                                  chunk_frames=0, tiling=TilingConfig(mode="off"))
-    pipe = UltraVSRRunner(model, cfg, device=device, dtype=dtype, progress=False)
+    pipe = UltraVSRPipeline(model, cfg, device=device, torch_dtype=dtype, progress=False, cast=False)
 
     def restore(lq: np.ndarray) -> np.ndarray:
-        return np.stack(list(pipe.restore(list(lq), len(lq))))
+        return np.stack(list(pipe.stream(list(lq), len(lq))))
 
     return restore

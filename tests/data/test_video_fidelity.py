@@ -12,8 +12,7 @@ import av
 import numpy as np
 import pytest
 
-from sdatc.data.video import VideoReader
-from sdatc.inference import write_restored
+from sdatc.data.video import VideoReader, write_restored
 
 ROOT = Path(__file__).resolve().parents[2]
 W, H = 64, 48

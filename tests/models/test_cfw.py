@@ -122,9 +122,10 @@ def test_old_model_config_with_cfw_weight_loads_with_a_note(tmp_path, capsys, ti
 def test_pipeline_cfw_weight_reaches_decode(tiny_model, monkeypatch):
     import numpy as np
 
+    from sdatc.pipelines.config import PipelineConfig, WindowConfig
     from sdatc.pipelines.flow import FlowConfig
-    from sdatc.pipelines.restore import PipelineConfig, RestorePipeline, WindowConfig
     from sdatc.pipelines.sampler import SamplerConfig
+    from sdatc.pipelines.sdatc_pipeline import SDATCPipeline
 
     with pytest.raises(ValueError, match=r"cfw_weight must be in \[0, 1\]"):
         PipelineConfig(cfw_weight=1.5)
@@ -140,7 +141,7 @@ def test_pipeline_cfw_weight_reaches_decode(tiny_model, monkeypatch):
     cfg = PipelineConfig(sampler=SamplerConfig(steps=1), flow=FlowConfig(enabled=False),
                          window=WindowConfig(length=2, stride=2), cfw_weight=0.3)
     frames = [np.random.default_rng(i).integers(0, 256, (8, 8, 3), dtype=np.uint8) for i in range(2)]
-    assert len(list(RestorePipeline(tiny_model, cfg, progress=False).restore(frames, 2))) == 2
+    assert len(list(SDATCPipeline(tiny_model, cfg, progress=False).stream(frames, 2))) == 2
     assert seen == [0.3]
     # and w changes the decoded output once CFW is not the identity (zero-initialised at first)
     monkeypatch.undo()

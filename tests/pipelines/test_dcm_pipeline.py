@@ -7,8 +7,8 @@ import torch
 
 from sdatc.errors import SdatcError
 from sdatc.models.dcm import DCM, DCMConfig
+from sdatc.pipelines.config import PipelineConfig
 from sdatc.pipelines.dcm_pipeline import DCMPipeline
-from sdatc.pipelines.restore import PipelineConfig
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def clip() -> list[np.ndarray]:
 
 def frames(dcm, clip, **kw) -> np.ndarray:
     pipe = DCMPipeline(dcm, PipelineConfig(), progress=False, **kw)
-    return np.stack(list(pipe.restore(iter(clip), len(clip))))
+    return np.stack(list(pipe.stream(iter(clip), len(clip))))
 
 
 def test_workers_and_batches_give_the_same_frames(dcm, clip):
@@ -45,12 +45,12 @@ def test_thread_count_restored(dcm, clip):
     try:
         pipe = DCMPipeline(dcm, PipelineConfig(), progress=False)
         assert (pipe.workers, pipe.worker_threads) == (2, 1)  # 2 cores: 2 workers of 1 thread
-        stream = pipe.restore(iter(clip), len(clip))
+        stream = pipe.stream(iter(clip), len(clip))
         next(stream)
         assert torch.get_num_threads() == 1  # while the stream runs: the workers' thread count
         stream.close()  # abandoned midway (an encoder error, Ctrl-C)
         assert torch.get_num_threads() == 2
-        assert len(list(pipe.restore(iter(clip), len(clip)))) == len(clip)
+        assert len(list(pipe.stream(iter(clip), len(clip)))) == len(clip)
         assert torch.get_num_threads() == 2
         torch.set_num_threads(8)
         pipe = DCMPipeline(dcm, PipelineConfig(), progress=False)
@@ -62,24 +62,24 @@ def test_thread_count_restored(dcm, clip):
 def test_input_checks(dcm, clip):
     pipe = DCMPipeline(dcm, PipelineConfig(), progress=False, workers=2)
     with pytest.raises(SdatcError, match="ended after 7 frames, 9 expected"):
-        list(pipe.restore(iter(clip), 9))
+        list(pipe.stream(iter(clip), 9))
     with pytest.raises(SdatcError, match="frame 2 is"):
-        list(pipe.restore(iter(clip[:2] + [clip[2][:10]]), 3))
+        list(pipe.stream(iter(clip[:2] + [clip[2][:10]]), 3))
     with pytest.raises(SdatcError, match="too small"):
-        list(pipe.restore(iter([clip[0][:5]]), 1))
+        list(pipe.stream(iter([clip[0][:5]]), 1))
     with pytest.raises(SdatcError, match="no frames"):
-        list(pipe.restore(iter([]), 0))
+        list(pipe.stream(iter([]), 0))
 
 
 def test_tiles_only_when_memory_asks(dcm, clip):
     """``auto`` restores whole frames when the batch fits the budget (even above ``dcm_tile``) and tiles
     when it does not; the tiled frames stay close to the whole ones (overlaps blended)."""
-    from sdatc.pipelines.restore import TilingConfig
+    from sdatc.pipelines.config import TilingConfig
 
     def run(memory_gb: float, mode: str = "auto"):
         cfg = PipelineConfig(tiling=TilingConfig(mode=mode, memory_gb=memory_gb, dcm_tile=16, dcm_overlap=4))
         pipe = DCMPipeline(dcm, cfg, progress=False, workers=1, batch=7)
-        out = np.stack(list(pipe.restore(iter(clip), len(clip))))
+        out = np.stack(list(pipe.stream(iter(clip), len(clip))))
         return out, pipe.plans["dcm"]
 
     whole, plan = run(1.0)

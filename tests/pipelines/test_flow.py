@@ -264,9 +264,10 @@ def test_window_flows_are_computed_once_per_frame_pair(monkeypatch):
 
     from sdatc.config import load_config
     from sdatc.models.sdatc import SDATC, ModelConfig
-    from sdatc.pipelines import restore as restore_mod
-    from sdatc.pipelines.restore import PipelineConfig, RestorePipeline, WindowConfig
+    from sdatc.pipelines import sdatc_pipeline as restore_mod
+    from sdatc.pipelines.config import PipelineConfig, WindowConfig
     from sdatc.pipelines.sampler import SamplerConfig
+    from sdatc.pipelines.sdatc_pipeline import SDATCPipeline
 
     model = SDATC.from_config(load_config(ModelConfig, "configs/model/sdatc_tiny.yaml")).eval()
     monkeypatch.setattr(model, "predict", lambda z_t, t, z_c: torch.tanh(z_t - z_c))
@@ -282,9 +283,9 @@ def test_window_flows_are_computed_once_per_frame_pair(monkeypatch):
     monkeypatch.setattr(restore_mod.FlowGuidance, "from_flows", staticmethod(spy))
     raft = PairRAFT()
     cfg = PipelineConfig(sampler=SamplerConfig(steps=2), window=WindowConfig(5, 3))
-    pipe = RestorePipeline(model, cfg, raft=raft, progress=False)
+    pipe = SDATCPipeline(model, cfg, raft=raft, progress=False)
     frames = np.random.default_rng(0).integers(0, 256, (8, 16, 24, 3), dtype=np.uint8)
-    assert len(list(pipe.restore(iter(frames), num_frames=8))) == 8
+    assert len(list(pipe.stream(iter(frames), num_frames=8))) == 8
     assert raft.pairs == 2 * 7  # 7 frame pairs in 8 frames, each both ways, once (not 2 x 4 per window)
     lq = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255
     for (fwd, bwd), (s, e) in zip(guides, [(0, 5), (3, 8)]):

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from sdatc.config import load_config
 from sdatc.models.sdatc import SDATC, ModelConfig
+from sdatc.pipelines.config import PipelineConfig, TilingConfig, WindowConfig
 from sdatc.pipelines.memory import (
     StagePlanner,
     available_ram,
@@ -31,8 +32,8 @@ from sdatc.pipelines.memory import (
     stage_bytes_per_pixel,
     vae_cost,
 )
-from sdatc.pipelines.restore import PipelineConfig, RestorePipeline, TilingConfig, WindowConfig
 from sdatc.pipelines.sampler import SamplerConfig
+from sdatc.pipelines.sdatc_pipeline import SDATCPipeline
 from sdatc.pipelines.tiling import tiled_apply, tiled_batched
 from sdatc.pipelines.windows import plan_windows
 
@@ -165,8 +166,8 @@ def test_memory_to_spare_gives_steps_times_window_factor(carphone_frames, monkey
     frames = np.ascontiguousarray(carphone_frames[:6, :90, :160])  # (6, 90, 160, 3), a real clip
     cfg = PipelineConfig(sampler=SamplerConfig(steps=2), window=WindowConfig(5, 3))
     cfg.flow.enabled = False
-    pipe = RestorePipeline(model, cfg, progress=False)
-    out = list(pipe.restore(iter(frames), num_frames=6))
+    pipe = SDATCPipeline(model, cfg, progress=False)
+    out = list(pipe.stream(iter(frames), num_frames=6))
     assert len(out) == 6 and out[0].shape == (360, 640, 3)
     windows = plan_windows(6, 5, 3)
     window_factor = sum(e - s for s, e in windows) / 6
@@ -175,6 +176,6 @@ def test_memory_to_spare_gives_steps_times_window_factor(carphone_frames, monkey
     assert pipe.unet_calls == 2 * len(windows)  # one call per window and step: frames on the batch axis
     assert not any(p.tiled for p in pipe.plans.values())
     tiny_budget = dataclasses.replace(cfg, tiling=TilingConfig(memory_gb=1e-3), window=WindowConfig(2, 2))
-    pipe = RestorePipeline(model, tiny_budget, progress=False)  # 1 MiB: the latent stage must tile
-    list(pipe.restore(iter(frames[:2]), num_frames=2))
+    pipe = SDATCPipeline(model, tiny_budget, progress=False)  # 1 MiB: the latent stage must tile
+    list(pipe.stream(iter(frames[:2]), num_frames=2))
     assert pipe.plans["predict"].tiled and sum(pipe.unet_evals.values()) > 2 * 2

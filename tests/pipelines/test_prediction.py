@@ -20,7 +20,7 @@ from sdatc.models.backbone import EMPTY_PROMPT_FILE, BackboneConfig, load_backbo
 from sdatc.models.prediction import split_prediction, training_target
 from sdatc.models.sdatc import SDATC
 from sdatc.pipelines.colour import colour_correct
-from sdatc.pipelines.restore import frame_noise
+from sdatc.pipelines.sampler import frame_noise
 
 # stabilityai/stable-diffusion-2-1 (768, v-prediction): scheduler/scheduler_config.json as published
 SD21_768_SCHEDULER = {

@@ -19,6 +19,7 @@ import torch
 
 from sdatc.config import load_config
 from sdatc.errors import SdatcError
+from sdatc.pipelines.config import PipelineConfig, TilingConfig, WindowConfig
 from sdatc.pipelines.prompt import (
     PromptConfig,
     clip_prompt,
@@ -26,8 +27,8 @@ from sdatc.pipelines.prompt import (
     read_sidecar,
     sidecar_path,
 )
-from sdatc.pipelines.restore import PipelineConfig, RestorePipeline, TilingConfig, WindowConfig
 from sdatc.pipelines.sampler import SamplerConfig
+from sdatc.pipelines.sdatc_pipeline import SDATCPipeline
 from sdatc.pipelines.tiling import tiled_batched
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,7 +74,7 @@ def _record_contexts(monkeypatch, module) -> list[torch.Tensor]:
 def _sdatc_pipe(model, tiling="off"):
     cfg = PipelineConfig(sampler=SamplerConfig(steps=2), window=WindowConfig(3, 2), tiling=TilingConfig(mode=tiling))
     cfg.flow.enabled = False
-    return RestorePipeline(model, cfg, progress=False)
+    return SDATCPipeline(model, cfg, progress=False)
 
 
 def test_sdatc_prompt_is_the_unet_context_and_changes_the_output(tiny_model, frames, monkeypatch):
@@ -81,14 +82,14 @@ def test_sdatc_prompt_is_the_unet_context_and_changes_the_output(tiny_model, fra
 
     pipe = _sdatc_pipe(tiny_model.eval())
     seen = _record_contexts(monkeypatch, sdatc_mod)
-    plain = np.stack(list(pipe.restore(iter(frames), 3)))
+    plain = np.stack(list(pipe.stream(iter(frames), 3)))
     assert seen and all(torch.equal(c, tiny_model.empty_prompt_embeds.expand_as(c)) for c in seen)  # as before
     seen.clear()
-    empty = np.stack(list(pipe.restore(iter(frames), 3, prompt="")))
+    empty = np.stack(list(pipe.stream(iter(frames), 3, prompt="")))
     assert np.array_equal(empty, plain)  # "" is the cached embedding: the same path, bit for bit
     assert all(torch.equal(c, tiny_model.empty_prompt_embeds.expand_as(c)) for c in seen)
     seen.clear()
-    cat = np.stack(list(pipe.restore(iter(frames), 3, prompt="a cat")))
+    cat = np.stack(list(pipe.stream(iter(frames), 3, prompt="a cat")))
     ref = _random_text_states(tiny_model.cfg.backbone, "a cat")
     assert seen and all(c.shape == (3, 77, 32) for c in seen)
     for c in seen:
@@ -100,27 +101,28 @@ def test_sdatc_prompt_is_the_unet_context_and_changes_the_output(tiny_model, fra
 def test_ultravsr_prompt_per_frame(frames, monkeypatch):
     import sdatc.models.ultravsr as ultravsr_mod
     from sdatc.models.ultravsr import UltraVSR, UltraVSRConfig
-    from sdatc.pipelines.ultravsr import UltraVSRPipelineConfig, UltraVSRRunner
+    from sdatc.pipelines.config import UltraVSRPipelineConfig
+    from sdatc.pipelines.ultravsr import UltraVSRPipeline
 
     monkeypatch.delenv("SDATC_SD21_PATH", raising=False)
     model = UltraVSR.from_config(load_config(UltraVSRConfig, "configs/model/ultravsr_tiny.yaml")).eval()
     cfg = UltraVSRPipelineConfig(tiling=TilingConfig(mode="off"))
     cfg.drs.estimator = "fixed"
-    runner = UltraVSRRunner(model, cfg, progress=False)
+    runner = UltraVSRPipeline(model, cfg, progress=False)
     seen = _record_contexts(monkeypatch, ultravsr_mod)
-    plain = np.stack(list(runner.restore(iter(frames), 3)))
-    empty = np.stack(list(runner.restore(iter(frames), 3, prompt=["", "", ""])))
+    plain = np.stack(list(runner.stream(iter(frames), 3)))
+    empty = np.stack(list(runner.stream(iter(frames), 3, prompt=["", "", ""])))
     assert np.array_equal(empty, plain)
     assert all(torch.equal(c, model.empty_prompt_embeds.expand_as(c)) for c in seen)
     seen.clear()
     tags = ["a cat", "a dog", "a cat"]  # tags per frame, as the release's RAM captions
-    tagged = np.stack(list(runner.restore(iter(frames), 3, prompt=tags)))
+    tagged = np.stack(list(runner.stream(iter(frames), 3, prompt=tags)))
     cat, dog = (_random_text_states(model.cfg.backbone, p)[0] for p in ("a cat", "a dog"))
     (c,) = seen
     torch.testing.assert_close(c, torch.stack([cat, dog, cat]), atol=1e-6, rtol=0)
     assert np.abs(tagged.astype(int) - plain.astype(int)).max() > 0
     with pytest.raises(SdatcError, match="a prompt per frame needs 3 strings, got 2"):
-        list(runner.restore(iter(frames), 3, prompt=["a", "b"]))
+        list(runner.stream(iter(frames), 3, prompt=["a", "b"]))
 
 
 def test_tiles_carry_their_frames_text():

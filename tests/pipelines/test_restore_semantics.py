@@ -1,4 +1,4 @@
-"""What RestorePipeline's sampling loop means, not just its I/O (tiny SDATC, random weights, real frames).
+"""What SDATCPipeline's sampling loop means, not just its I/O (tiny SDATC, random weights, real frames).
 
 * Windows with ``stride == length`` are independent; without flow guidance the reverse chain is per
   frame (coupling only comes from STAM, in the decoder), so window boundaries do not matter.
@@ -20,10 +20,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import sdatc.pipelines.restore as restore_mod
+import sdatc.pipelines.sdatc_pipeline as restore_mod
+from sdatc.pipelines.config import PipelineConfig, TilingConfig, WindowConfig
 from sdatc.pipelines.flow import FlowConfig, FlowGuidance, load_raft
-from sdatc.pipelines.restore import PipelineConfig, RestorePipeline, TilingConfig, WindowConfig
 from sdatc.pipelines.sampler import SamplerConfig
+from sdatc.pipelines.sdatc_pipeline import SDATCPipeline
 from sdatc.pipelines.tiling import tile_starts
 from sdatc.pipelines.windows import plan_windows
 
@@ -93,8 +94,8 @@ def pipeline_cfg(length: int, stride: int, steps: int = STEPS, tiling: TilingCon
 
 
 def run(model, frames: np.ndarray, cfg: PipelineConfig, raft=None) -> list[np.ndarray]:
-    pipe = RestorePipeline(model, cfg, raft=raft, progress=False)
-    return list(pipe.restore(iter(frames), num_frames=len(frames)))
+    pipe = SDATCPipeline(model, cfg, raft=raft, progress=False)
+    return list(pipe.stream(iter(frames), num_frames=len(frames)))
 
 
 @pytest.fixture(scope="module")
@@ -223,8 +224,8 @@ def test_unet_calls_is_windows_times_steps_times_tiles(model_no_stam, carphone_f
 
     monkeypatch.setattr(model_no_stam, "predict", predict)
     cfg = pipeline_cfg(length, stride, tiling=tiling)
-    pipe = RestorePipeline(model_no_stam, cfg, progress=False)
-    out = list(pipe.restore(iter(frames), num_frames=num_frames))
+    pipe = SDATCPipeline(model_no_stam, cfg, progress=False)
+    out = list(pipe.stream(iter(frames), num_frames=num_frames))
     assert len(out) == num_frames
 
     windows = plan_windows(num_frames, length, stride)

@@ -20,8 +20,9 @@ import torch
 
 from sdatc.config import load_config
 from sdatc.models.sdatc import SDATC, ModelConfig
-from sdatc.pipelines.restore import PipelineConfig, RestorePipeline, TilingConfig, WindowConfig
+from sdatc.pipelines.config import PipelineConfig, TilingConfig, WindowConfig
 from sdatc.pipelines.sampler import SamplerConfig
+from sdatc.pipelines.sdatc_pipeline import SDATCPipeline
 
 FIXTURE = "tests/fixtures/restore_tiny_8f095bb.npz"
 
@@ -37,7 +38,7 @@ def _former_adain(x, ref, mode):
 
 @pytest.mark.parametrize("prompt", [None, ""])  # "": the empty prompt given explicitly (issue 24 item 12)
 def test_restored_frames_match_the_previous_release(carphone_frames, monkeypatch, prompt):
-    import sdatc.pipelines.restore as restore_mod
+    import sdatc.pipelines.sdatc_pipeline as restore_mod
 
     monkeypatch.setattr(restore_mod, "colour_correct", _former_adain)
     torch.manual_seed(0)
@@ -50,7 +51,7 @@ def test_restored_frames_match_the_previous_release(carphone_frames, monkeypatch
     frames = np.ascontiguousarray(carphone_frames[:7, 40:56, 60:84])  # (7, 16, 24, 3)
     cfg = PipelineConfig(sampler=SamplerConfig(steps=2), window=WindowConfig(5, 3), tiling=TilingConfig(mode="off"))
     cfg.flow.enabled = False
-    out = np.stack(list(RestorePipeline(model, cfg, progress=False).restore(iter(frames), 7, prompt=prompt)))
+    out = np.stack(list(SDATCPipeline(model, cfg, progress=False).stream(iter(frames), 7, prompt=prompt)))
     ref = np.load(FIXTURE)["frames"]
     assert out.shape == ref.shape == (7, 64, 96, 3)
     diff = np.abs(out.astype(int) - ref.astype(int))

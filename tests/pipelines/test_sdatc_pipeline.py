@@ -15,7 +15,7 @@ from sdatc.data.video import VideoReader, write_video
 from sdatc.errors import SdatcError
 from sdatc.inference import InferConfig
 from sdatc.models.sites import pretrained_state_dict
-from sdatc.pipelines.restore import RestorePipeline
+from sdatc.pipelines.sdatc_pipeline import SDATCPipeline
 
 TINY = "configs/model/sdatc_tiny.yaml"
 
@@ -43,7 +43,7 @@ def frames():
 def test_call_on_arrays_and_pil_equals_the_restore_pipeline(pipe, frames):
     out = pipe(frames, num_inference_steps=2)
     assert out.shape == (3, 96, 128, 3) and out.dtype == np.uint8
-    ref = np.stack(list(RestorePipeline(pipe.model, pipe.config, progress=False).restore(iter(frames), 3)))
+    ref = np.stack(list(SDATCPipeline(pipe.model, pipe.config, progress=False).stream(iter(frames), 3)))
     assert np.array_equal(out, ref)
     pil = pipe([Image.fromarray(f) for f in frames], num_inference_steps=2, output_type="pil")
     assert len(pil) == 3 and pil[0].size == (128, 96) and np.array_equal(np.stack([np.asarray(i) for i in pil]), out)

@@ -163,7 +163,7 @@ def test_identity_at_init_through_infer(lq_clip, tmp_path, write_sd_folder):
 
 def test_python_api_call_save_load_and_file(tiny_uvsr, tmp_path, lq_clip):
     import sdatc
-    from sdatc.pipelines.ultravsr import UltraVSRPipelineConfig
+    from sdatc.pipelines.config import UltraVSRPipelineConfig
 
     cfg = load_config(InferConfig, "configs/infer/ultravsr_tiny.yaml", ["ultravsr.drs.estimator=fixed"]).ultravsr
     pipe = sdatc.UltraVSRPipeline(tiny_uvsr, cfg, progress=False)
@@ -193,16 +193,16 @@ def test_tiled_runner_is_close_to_untiled(tiny_uvsr, bunny_frames):
     """Forced tiles (tiling.mode on) for the VAE's encoder and decoder, which share whole-frame GroupNorm
     statistics across tiles: the frames stay close to the untiled run. (The latent tile covers the latent:
     UNet tiles change what attention sees, a different error; their batching: tests/pipelines/test_memory.py.)"""
-    from sdatc.pipelines.restore import TilingConfig
-    from sdatc.pipelines.ultravsr import UltraVSRPipelineConfig, UltraVSRRunner
+    from sdatc.pipelines.config import TilingConfig, UltraVSRPipelineConfig
+    from sdatc.pipelines.ultravsr import UltraVSRPipeline
 
     lr = np.ascontiguousarray(np.stack([bicubic_down(f, 4) for f in bunny_frames[:3, 300:428, 500:692]]))  # (3, 32, 48, 3)
     runs = {}
     for mode in ("off", "on"):
         tiling = TilingConfig(mode=mode, latent_tile=24, latent_overlap=8, decoder_tile=12, decoder_overlap=6,
                               encoder_tile=96, encoder_overlap=32)
-        pipe = UltraVSRRunner(tiny_uvsr, UltraVSRPipelineConfig(tiling=tiling), progress=False)
-        runs[mode] = np.stack(list(pipe.restore(iter(lr), 3, d=0.5))).astype(float)
+        pipe = UltraVSRPipeline(tiny_uvsr, UltraVSRPipelineConfig(tiling=tiling), progress=False)
+        runs[mode] = np.stack(list(pipe.stream(iter(lr), 3, d=0.5))).astype(float)
         assert all(p.tiled == (mode == "on") for p in pipe.plans.values())
         assert pipe.unet_evals == {(16, 24): 3}
     diff = np.abs(runs["on"] - runs["off"])

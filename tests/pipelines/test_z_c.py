@@ -10,14 +10,9 @@ import dataclasses
 import pytest
 import torch
 
-from sdatc.pipelines.restore import (
-    PipelineConfig,
-    RestorePipeline,
-    TilingConfig,
-    WindowConfig,
-    frame_noise,
-)
-from sdatc.pipelines.sampler import SamplerConfig
+from sdatc.pipelines.config import PipelineConfig, TilingConfig, WindowConfig
+from sdatc.pipelines.sampler import SamplerConfig, frame_noise
+from sdatc.pipelines.sdatc_pipeline import SDATCPipeline
 from sdatc.pipelines.tiled_vae import encode_tiled
 
 SEED = 7
@@ -38,11 +33,11 @@ def img(carphone_frames):
     return x
 
 
-def _pipe(model, z_c: str, seed: int = SEED, tiling: str = "off", encoder_tile: int = 512) -> RestorePipeline:
+def _pipe(model, z_c: str, seed: int = SEED, tiling: str = "off", encoder_tile: int = 512) -> SDATCPipeline:
     cfg = PipelineConfig(sampler=SamplerConfig(steps=2, seed=seed, z_c=z_c), window=WindowConfig(3, 2),
                          tiling=TilingConfig(mode=tiling, encoder_tile=encoder_tile, encoder_overlap=0))
     cfg.flow.enabled = False
-    return RestorePipeline(model, cfg, progress=False)
+    return SDATCPipeline(model, cfg, progress=False)
 
 
 def _diffusers_posterior(model, img):
@@ -100,7 +95,7 @@ def test_restore_with_sample_is_seeded(model, carphone_frames):
     import numpy as np
 
     frames = np.ascontiguousarray(carphone_frames[:4, 40:56, 60:76])  # (4, 16, 16, 3)
-    runs = {k: np.stack(list(_pipe(model, z_c).restore(iter(frames), 4)))
+    runs = {k: np.stack(list(_pipe(model, z_c).stream(iter(frames), 4)))
             for k, z_c in (("a", "sample"), ("b", "sample"), ("mode", "mode"))}
     assert np.array_equal(runs["a"], runs["b"])
     assert np.abs(runs["a"].astype(int) - runs["mode"].astype(int)).max() > 0

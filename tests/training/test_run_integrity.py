@@ -209,7 +209,7 @@ def test_validation_leaves_the_training_model_and_flags_unchanged(tiny_model, va
     mode, and torch.backends' flags are as before."""
     from diffusers.training_utils import EMAModel
 
-    import sdatc.pipelines.restore as restore
+    import sdatc.pipelines.sdatc_pipeline as restore
     from sdatc.training.precision import keep_frozen_in_eval
     from sdatc.training.validation import Validator
 
