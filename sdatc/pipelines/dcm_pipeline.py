@@ -62,6 +62,7 @@ class DCMPipeline:
                  dtype: torch.dtype = torch.float32, progress: bool = True, batch: int = 4,
                  workers: int | None = None):
         self.dcm, self.cfg, self.device, self.dtype, self.progress = dcm, cfg, torch.device(device), dtype, progress
+        self.model = dcm  # what every pipeline calls its network
         self.batch = batch
         threads = torch.get_num_threads()
         if workers is None:

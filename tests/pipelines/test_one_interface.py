@@ -26,6 +26,7 @@ def test_each_mode_streams_frames_through_the_same_interface(config, tmp_path):
     out = list(pipe.stream(iter(frames), 2, prompt=None, source=tmp_path / "clip.mp4"))
     assert [f.shape for f in out] == [(64, 96, 3)] * 2 and all(f.dtype == np.uint8 for f in out)
     assert pipe.last_drs is None or pipe.last_drs[2].startswith("fixed")  # UltraVSR: d from its DRS
+    assert inference.describe_model(cfg, pipe.model).startswith("model: ")  # the line infer.py prints
 
 
 def test_inference_dispatches_on_no_pipeline_class():
