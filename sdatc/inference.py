@@ -42,6 +42,7 @@ from sdatc.models.sdatc import SDATC, WEIGHTS_NAME, ModelConfig
 from sdatc.models.ultravsr import WEIGHTS_NAME as ULTRAVSR_WEIGHTS
 from sdatc.models.ultravsr import UltraVSR, UltraVSRConfig
 from sdatc.pipelines.dcm_pipeline import Bicubic, DCMPipeline
+from sdatc.pipelines.prompt import PromptConfig, clip_prompt, load_captioner, sidecar_path
 from sdatc.pipelines.restore import PipelineConfig, RestorePipeline, cast_weights
 from sdatc.pipelines.sampler import respaced_timesteps
 from sdatc.pipelines.sdatc_pipeline import SDATCPipeline
@@ -61,6 +62,7 @@ class InferConfig:
     pretrained: str | None = None  # SD 2.1-base diffusers folder (else $SDATC_SD21_PATH)
     checkpoint: str | None = None  # trained SDATC modules: a save_pretrained folder or a .safetensors file
     allow_random_weights: bool = False  # run without SD 2.1 / checkpoint weights (tests, smoke runs)
+    prompt: PromptConfig = dataclasses.field(default_factory=PromptConfig)  # the UNet's text (sdatc, ultravsr)
     pipeline: PipelineConfig = dataclasses.field(default_factory=PipelineConfig)  # mode sdatc (dcm: its tiling)
     ultravsr: UltraVSRPipelineConfig = dataclasses.field(default_factory=UltraVSRPipelineConfig)  # mode ultravsr
     device: str = "auto"  # auto: this process's GPU if any, else CPU
@@ -81,6 +83,9 @@ class InferConfig:
         check_fps(self.fps)
         if self.output_preset not in X264_PRESETS:
             raise ValueError(f"output_preset {self.output_preset!r} is not an x264 preset ({', '.join(X264_PRESETS)})")
+        if self.mode in ("dcm", "bicubic") and not self.prompt.empty:
+            raise ValueError(f"prompt.* conditions the diffusion UNet: mode {self.mode} has none "
+                             "(modes sdatc, ultravsr)")
 
 
 PREVIEW_CONFIG = "configs/infer/preview.yaml"
@@ -403,14 +408,17 @@ def write_restored(stream, src: Path, mp4: Path | None, frames_dir: Path | None 
     return n
 
 
-def restore_clip(pipe, cfg: InferConfig, name: str, src: Path) -> int:
+def restore_clip(pipe, cfg: InferConfig, name: str, src: Path, captioner=None) -> int:
     """Restore one clip to its outputs (without ``overwrite``: those that do not exist yet); returns the
-    number of frames written."""
+    number of frames written. ``captioner``: the loaded ``prompt.captioner`` plug-in, if any."""
     mp4, *frames_dir = [o if cfg.overwrite or not o.exists() else None for o in outputs_of(cfg, name)]
+    kw = {}
+    if cfg.mode in ("sdatc", "ultravsr") and not cfg.prompt.empty:  # encoded once per clip by the pipeline
+        kw["prompt"] = clip_prompt(cfg.prompt, src, lambda: VideoReader(src, fps=cfg.fps).read_all(), captioner)
     if isinstance(pipe, SDATCPipeline):
-        stream = pipe.stream
+        stream = functools.partial(pipe.stream, **kw)
     elif isinstance(pipe, UltraVSRRunner):  # DRS's bitstream estimator reads the clip's own file
-        stream = functools.partial(pipe.restore, source=src)
+        stream = functools.partial(pipe.restore, source=src, **kw)
     else:
         stream = pipe.restore
     return write_restored(stream, src, mp4, frames_dir[0] if frames_dir else None, crf=cfg.output_crf,
@@ -471,7 +479,7 @@ def _collect(out: Path, run_id: str, state, rows: list[dict], clips: dict) -> li
 
 
 def _try_clip(pipe, cfg: InferConfig, name: str, path: Path, out: Path, run_id: str, before: dict,
-              rank: int) -> tuple[dict | None, ClipClaim]:
+              rank: int, captioner=None) -> tuple[dict | None, ClipClaim]:
     """Claim and restore one clip; its row (None when another process of this run holds it: that one reports
     it) and the claim (a refused one says who holds the lock and when it expires)."""
     t0 = time.perf_counter()
@@ -490,7 +498,7 @@ def _try_clip(pipe, cfg: InferConfig, name: str, path: Path, out: Path, run_id: 
         if _finished(cfg, name, before):
             row.update(status="skipped", reason="finished by another process")
         else:
-            row["frames"] = restore_clip(pipe, cfg, name, path)
+            row["frames"] = restore_clip(pipe, cfg, name, path, captioner)
             if isinstance(pipe, UltraVSRRunner) and pipe.last_drs is not None:
                 d, t, how = pipe.last_drs
                 row["drs"] = f"d={d:.3f}, t={t} ({how})"
@@ -512,9 +520,13 @@ def run(cfg: InferConfig, progress: bool = True) -> list[dict]:
     skipped: list[Path] = []
     clashes: dict[str, list[Path]] = {}  # clips of one name (a.mp4, a.mkv) would share their outputs: they fail
     clips = list_clips(cfg.input, skipped, clashes=clashes)
+    if cfg.prompt.sidecar:  # the clips' prompt sidecars are expected beside them, not stray files
+        sidecars = {sidecar_path(p) for p in clips.values()}
+        skipped = [p for p in skipped if p not in sidecars]
     check_paths(cfg, clips)  # no output may touch an input clip
     out = Path(cfg.output).resolve()
     check_model(cfg)  # a broken model setting is an error even when every output exists
+    captioner = load_captioner(cfg.prompt) if cfg.prompt.captioner is not None else None  # its weights too
     state = process_state()
     main = state.is_main_process
     if skipped and main:
@@ -545,14 +557,14 @@ def run(cfg: InferConfig, progress: bool = True) -> list[dict]:
                 results.append({"clip": name, "status": "skipped", "frames": 0, "seconds": 0.0, "rank": rank,
                                 "reason": "finished by another process"})
                 continue
-            row, claim = _try_clip(pipe, cfg, name, path, out, run_id, before, rank)
+            row, claim = _try_clip(pipe, cfg, name, path, out, run_id, before, rank, captioner)
             if row is not None and row.get("held"):
                 held.append((name, path, claim))
             elif row is not None:
                 results.append(row)
         for name, path, refused in held:  # tried again at the end, after waiting for a lock that goes stale soon
             refused.wait_until_stale()
-            row, _ = _try_clip(pipe, cfg, name, path, out, run_id, before, rank)
+            row, _ = _try_clip(pipe, cfg, name, path, out, run_id, before, rank, captioner)
             if row is not None:
                 results.append(row)
     return _collect(out, run_id, state, results, clips)

@@ -115,6 +115,7 @@ class Backbone:
     scheduler: DDPMScheduler
     text_encoder_params: int  # counted for reports; the text encoder itself is not kept
     source: str  # folder path, "org/name@revision (snapshot path)" for a Hub id, or "random"
+    text_rng_state: torch.Tensor | None = None  # random weights: the CPU RNG state the text encoder was built from
 
 
 def resolve_pretrained(cfg: BackboneConfig) -> Path | None:
@@ -261,6 +262,7 @@ def load_backbone(cfg: BackboneConfig, with_text_encoder: bool = False) -> Backb
         torch.manual_seed(cfg.seed)
         unet = UNet2DConditionModel(**cfg.unet)
         vae = AutoencoderKL(**cfg.vae)
+        text_rng = torch.get_rng_state()  # PromptEncoder rebuilds this text encoder from it
         text = build_text_encoder(cfg.text_encoder)
         embeds = _encode_empty_prompt(text, None)
         n_text = sum(p.numel() for p in text.parameters())
@@ -273,9 +275,10 @@ def load_backbone(cfg: BackboneConfig, with_text_encoder: bool = False) -> Backb
         except (OSError, ValueError) as e:
             raise SdatcError(f"cannot load SD 2.1 from {path}: {str(e).splitlines()[0]}; {SD21_HELP}") from None
         embeds, n_text = _cached_empty_prompt(path)
+        text_rng = None
     for m in (unet, vae):
         m.requires_grad_(False).eval()
-    return Backbone(unet, vae, embeds, scheduler, n_text, source)
+    return Backbone(unet, vae, embeds, scheduler, n_text, source, text_rng)
 
 
 def encode_prompt(cfg: BackboneConfig, prompt: str) -> torch.Tensor:
@@ -301,6 +304,74 @@ def encode_prompt(cfg: BackboneConfig, prompt: str) -> torch.Tensor:
     ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
     with torch.no_grad():
         return text(ids)[0].float().contiguous()
+
+
+def _byte_ids(config, prompt: str) -> torch.Tensor:
+    """(1, 77) token ids without a tokenizer (random weights): BOS, the prompt's bytes mapped into the
+    vocabulary, EOS, then padding; for "" what the CLIP tokenizer gives (BOS, EOS, padding)."""
+    n = config.max_position_embeddings
+    ids = torch.full((1, n), config.pad_token_id, dtype=torch.long)
+    body = [3 + b % (config.vocab_size - 3) for b in prompt.encode()][: n - 2]
+    ids[0, : len(body) + 2] = torch.tensor([config.bos_token_id, *body, config.eos_token_id])
+    return ids
+
+
+class PromptEncoder:
+    """SD's tokenizer and CLIP text encoder for inference prompts, loaded at the first call and kept (on the
+    CPU, fp32; one prompt per clip costs one text-encoder pass): from the backbone's folder or Hub snapshot
+    (``text_encoder/``, ``tokenizer/``), by the rules of :func:`load_backbone`; with random weights the very
+    text encoder :func:`load_backbone` built (rebuilt from ``rng_state``) on byte-derived token ids, so that
+    ``""`` gives the cached empty-prompt embedding. Encodings are cached per text.
+
+        enc = PromptEncoder(cfg.backbone, model.text_rng_state)
+        states = enc(["a photo of a cat", "a dog"])   # (2, 77, D) float32
+    """
+
+    def __init__(self, cfg: BackboneConfig, rng_state: torch.Tensor | None = None):
+        self.cfg, self.rng_state = cfg, rng_state
+        self.text = self.tokenizer = None
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def _load(self, first: str) -> None:
+        path = resolve_pretrained(self.cfg)
+        if path is None:
+            with torch.random.fork_rng(devices=[]):  # the caller's RNG stream is left as it was
+                if self.rng_state is not None:
+                    torch.set_rng_state(self.rng_state)
+                else:  # (a backbone not built by load_backbone) the seed alone
+                    torch.manual_seed(self.cfg.seed)
+                self.text = build_text_encoder(self.cfg.text_encoder).eval()
+            return
+        if not (path / "text_encoder").is_dir() or not (path / "tokenizer").is_dir():
+            raise SdatcError(f"{path}: the prompt {first[:60]!r} needs SD's text encoder, but the folder has no "
+                             f"text_encoder/ and tokenizer/ (a pipeline saved by save_pretrained keeps only the empty "
+                             f"prompt): point model.backbone.pretrained (pretrained=) at the full SD 2.1 folder; "
+                             f"{SD21_HELP}")
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        try:
+            self.tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
+            self.text = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True).eval()
+        except (OSError, ValueError) as e:
+            raise SdatcError(f"cannot load SD's text encoder from {path}: {str(e).splitlines()[0]}") from None
+
+    def ids(self, prompt: str) -> torch.Tensor:
+        """(1, 77) token ids of ``prompt`` (truncated to the text encoder's 77 positions)."""
+        if self.tokenizer is None:
+            return _byte_ids(self.text.config, prompt)
+        n = self.text.config.max_position_embeddings  # 77 (what SD's tokenizer_config says as model_max_length)
+        return self.tokenizer(prompt, padding="max_length", max_length=n, truncation=True,
+                              return_tensors="pt").input_ids
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        """(len(prompts), 77, D) float32 on the CPU: the text encoder's last hidden state of each prompt."""
+        todo = [p for p in dict.fromkeys(prompts) if p not in self.cache]
+        if todo and self.text is None:
+            self._load(todo[0])
+        for p in todo:
+            self.cache[p] = self.text(self.ids(p))[0].float().contiguous()
+        return torch.cat([self.cache[p] for p in prompts])
 
 
 def _encode_empty_prompt(text_encoder, tokenizer) -> torch.Tensor:

@@ -63,10 +63,19 @@ def _resnet(m: nn.Module, x: Tensor, rows: slice = slice(None)) -> Tensor:
 def vae_encode(vae: nn.Module, x: Tensor, levels: Sequence[int] = (),
                checkpoint: bool = False) -> tuple[Tensor, dict[int, Tensor]]:
     """(N, 3, H, W) in [-1, 1] -> the posterior mode (N, C_lat, H/8, W/8), unscaled, and the encoder
-    features at ``levels`` (after each level's resnets, before its downsampler). The one place that
-    re-implements ``Encoder.forward``: it cannot return features. ``checkpoint``: recompute the resnets
-    in backward, each resnet and the mid block (gradients reach SDATC's DCM through the encoder in stage 1;
-    UltraVSR's encoder carries LoRA)."""
+    features at ``levels``: :func:`vae_posterior` without the log-variance."""
+    mean, _, feats = vae_posterior(vae, x, levels, checkpoint)
+    return mean, feats
+
+
+def vae_posterior(vae: nn.Module, x: Tensor, levels: Sequence[int] = (),
+                  checkpoint: bool = False) -> tuple[Tensor, Tensor, dict[int, Tensor]]:
+    """(N, 3, H, W) in [-1, 1] -> the posterior's mean and log-variance (N, C_lat, H/8, W/8) each, unscaled
+    and unclamped (``DiagonalGaussianDistribution`` clamps it to [-30, 20]), and the encoder features at
+    ``levels`` (after each level's resnets, before its downsampler). The one place that re-implements
+    ``Encoder.forward``: it cannot return features. ``checkpoint``: recompute the resnets in backward, each
+    resnet and the mid block (gradients reach SDATC's DCM through the encoder in stage 1; UltraVSR's encoder
+    carries LoRA)."""
     enc = vae.encoder
     h = enc.conv_in(x)
     feats = {}
@@ -84,7 +93,8 @@ def vae_encode(vae: nn.Module, x: Tensor, levels: Sequence[int] = (),
     # the mid block's Attention returns a transposed view (channels_last strides) that the layers after it keep:
     # the latent in the standard layout, so the guidance encoder's convs (1x1 zero convs included) see it and
     # their weight gradients keep the weights' strides (DDP's buckets warn otherwise)
-    return h[:, : vae.config.latent_channels].contiguous(), feats
+    c = vae.config.latent_channels
+    return h[:, :c].contiguous(), h[:, c:].contiguous(), feats
 
 
 def vae_decode(vae: nn.Module, z: Tensor, ctx: Ctx) -> Tensor:

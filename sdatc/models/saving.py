@@ -141,7 +141,20 @@ class TrainedModules:
         self.prediction_type = self.scheduler.config.prediction_type  # what the UNet predicts: epsilon | v_prediction
         self.backbone_source, self.text_encoder_params = backbone.source, backbone.text_encoder_params
         self.register_buffer("empty_prompt_embeds", backbone.empty_prompt_embeds, persistent=False)
+        self.text_rng_state = backbone.text_rng_state  # random weights: how to rebuild the text encoder
+        self._prompt_encoder = None  # sdatc.models.backbone.PromptEncoder, made at the first non-empty prompt
         self.latent_scale = float(self.vae.config.scaling_factor)
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """(P, 77, D) text-encoder states of ``prompts`` (float32, CPU), for ``predict(..., context=)``: ``""``
+        is the cached empty-prompt embedding, anything else goes through SD's text encoder, loaded at the first
+        such prompt and kept (``sdatc.models.backbone.PromptEncoder``)."""
+        from sdatc.models.backbone import PromptEncoder
+
+        if any(prompts) and self._prompt_encoder is None:
+            self._prompt_encoder = PromptEncoder(self.cfg.backbone, self.text_rng_state)
+        empty = self.empty_prompt_embeds.detach().float().cpu()
+        return torch.cat([empty if not p else self._prompt_encoder([p]) for p in prompts])
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """``folder/<WEIGHTS_NAME>`` (trainable weights + empty-prompt embedding) and ``folder/config.yaml``;

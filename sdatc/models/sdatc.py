@@ -26,7 +26,7 @@ from sdatc.models.backbone import Backbone, BackboneConfig, load_backbone
 from sdatc.models.capm import CAPM, CAPMConfig
 from sdatc.models.cfw import CFW, CFWConfig
 from sdatc.models.dcm import DCM, DCMConfig
-from sdatc.models.drivers import unet_forward, vae_decode, vae_encode
+from sdatc.models.drivers import unet_forward, vae_decode, vae_encode, vae_posterior
 from sdatc.models.guidance import GuidanceConfig, GuidanceEncoder
 from sdatc.models.prediction import split_prediction
 from sdatc.models.saving import TrainedModules, check_state
@@ -181,11 +181,21 @@ class SDATC(TrainedModules, nn.Module):
         mode, feats = vae_encode(self.vae, img * 2 - 1, self.cfg.cfw_levels, checkpoint=ckpt)
         return mode * self.latent_scale, feats
 
-    def predict(self, z_t: torch.Tensor, t: torch.Tensor, z_c: torch.Tensor) -> torch.Tensor:
+    def encode_posterior(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
+        """VAE encoder on (N, 3, H, W) in [0, 1] -> the posterior's mean and log-variance (N, 4, H/8, W/8) each,
+        unscaled (the log-variance unclamped), and the features at ``cfw_levels``. A sample of z_c is
+        ``latent_scale * (mean + exp(logvar / 2) eps)`` (``sdatc.pipelines.sampler.posterior_sample``)."""
+        ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        return vae_posterior(self.vae, img * 2 - 1, self.cfg.cfw_levels, checkpoint=ckpt)
+
+    def predict(self, z_t: torch.Tensor, t: torch.Tensor, z_c: torch.Tensor,
+                context: torch.Tensor | None = None) -> torch.Tensor:
         """The UNet output (epsilon or v: ``prediction_type``) for (N, 4, h, w) noisy latents at timesteps
-        t (N,) given the condition latent z_c."""
+        t (N,) given the condition latent z_c. ``context``: the text encoder's states, (1 or N, 77, D), for
+        the UNet's cross-attention; None: the cached empty-prompt embedding."""
         t = torch.as_tensor(t, device=z_t.device).expand(z_t.shape[0])
-        ctx = self.empty_prompt_embeds.to(z_t.dtype).expand(z_t.shape[0], -1, -1)  # (N, 77, D)
+        text = self.empty_prompt_embeds if context is None else context
+        ctx = text.to(z_t.dtype).expand(z_t.shape[0], -1, -1)  # (N, 77, D)
         down_res, mid_res = (None, None)
         if self.guidance is not None:
             down_res, mid_res = self.guidance(z_t, z_c, t)  # 12 x (N, C_i, h_i, w_i), (N, C_mid, h/8, w/8)

@@ -230,10 +230,12 @@ class UltraVSR(TrainedModules, nn.Module):
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         return torch.cat([vae_encode(self.vae, x * 2 - 1, checkpoint=ckpt)[0] for x in parts]) * self.latent_scale
 
-    def predict(self, z: torch.Tensor, t: int | torch.Tensor, num_frames: int, chunk: int | None = None) -> torch.Tensor:
-        """The UNet output (epsilon or v) at timestep t for (N, 4, h, w) latents, N = B * num_frames."""
+    def predict(self, z: torch.Tensor, t: int | torch.Tensor, num_frames: int, chunk: int | None = None,
+                context: torch.Tensor | None = None) -> torch.Tensor:
+        """The UNet output (epsilon or v) at timestep t for (N, 4, h, w) latents, N = B * num_frames.
+        ``context``: the text encoder's states (1 or N, 77, D); None: the cached empty-prompt embedding."""
         t = torch.as_tensor(t, device=z.device).expand(z.shape[0])
-        text = self.empty_prompt_embeds.to(z.dtype).expand(z.shape[0], -1, -1)  # (N, 77, D)
+        text = (self.empty_prompt_embeds if context is None else context).to(z.dtype).expand(z.shape[0], -1, -1)
         return unet_forward(self.unet, z, t, text, Ctx(num_frames=num_frames, chunk=chunk))
 
     def decode(self, z: torch.Tensor, num_frames: int, chunk: int | None = None) -> torch.Tensor:

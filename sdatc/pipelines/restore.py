@@ -34,7 +34,8 @@ from sdatc.errors import SdatcError
 from sdatc.pipelines.colour import colour_correct
 from sdatc.pipelines.flow import FlowConfig, FlowGuidance, load_raft, pair_flows
 from sdatc.pipelines.memory import StagePlan, StagePlanner
-from sdatc.pipelines.sampler import Sampler, SamplerConfig
+from sdatc.pipelines.prompt import ClipContext, clip_context
+from sdatc.pipelines.sampler import Z_C_STEP, Sampler, SamplerConfig, posterior_sample
 from sdatc.pipelines.speed import speed_up
 from sdatc.pipelines.tiled_vae import decode_tiled, encode_tiled
 from sdatc.pipelines.tiling import tiled_batched
@@ -169,37 +170,49 @@ class RestorePipeline:
             out = tiled_batched(self.model.upscale, (lq,), t.dcm_tile if p.tiled else None, t.dcm_overlap, p.batch)
         return out.float().clamp(0, 1)
 
-    def _encode(self, img: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """(T, 3, H, W) -> z_c (T, 4, H/8, W/8), CFW features."""
+    def _encode(self, img: torch.Tensor, frames: list[int]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """(T, 3, H, W) of clip frames ``frames`` -> z_c (T, 4, H/8, W/8), CFW features. z_c is the posterior's
+        mode, or with ``sampler.z_c: sample`` a draw with each frame's seeded noise (the same in every window)."""
         t, levels = self.cfg.tiling, sorted(self.model.cfg.cfw_levels)
         p = self._plan("encode", img, t.encoder_tile)  # frames split first (nothing in the encoder mixes them)
+        sample = self.cfg.sampler.z_c == "sample"
 
         def enc(x):
             if p.tiled:  # computed by tiles, whole-frame statistics (tiled_vae.py)
-                z, feats = encode_tiled(self.model, x, levels, p.tile)
+                z, *logvar, feats = encode_tiled(self.model, x, levels, p.tile, posterior=sample)
+            elif sample:
+                z, *logvar, feats = self.model.encode_posterior(x)
             else:
-                z, feats = self.model.encode(x)
-            return (z, *(feats[lv] for lv in levels))
+                z, *logvar, feats = self.model.encode(x)
+            return (z, *logvar, *(feats[lv] for lv in levels))
 
         with self._autocast():
             out = tiled_batched(enc, (img,), None, 0, p.batch)
-        return out[0].float(), {lv: f for lv, f in zip(levels, out[1:])}
+        z, out = out[0].float(), out[1:]
+        if sample:  # latent_scale (mean + std eps): the peers' get_first_stage_encoding(posterior.sample())
+            logvar, out = out[0].float(), out[1:]
+            eps = torch.stack([frame_noise(self.cfg.sampler.seed, i, Z_C_STEP, tuple(z.shape[1:]), z.device)
+                               for i in frames])
+            z = self.model.latent_scale * posterior_sample(z, logvar, eps)  # z: the unscaled mean here
+        return z, {lv: f for lv, f in zip(levels, out)}
 
-    def _predict(self, z: torch.Tensor, t: int, z_c: torch.Tensor) -> torch.Tensor:
+    def _predict(self, z: torch.Tensor, t: int, z_c: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """(T, 4, h, w) -> the UNet output (epsilon or v): whole frames, or latent tiles x frames in batches
-        with Gaussian blending, as memory allows."""
+        with Gaussian blending, as memory allows. ``context``: (T, 77, D) text states; None: the empty prompt."""
         cfg = self.cfg.tiling
         p = self._plan("predict", z, cfg.latent_tile)
         tt = torch.full((p.batch,), t, device=z.device, dtype=torch.long)
 
-        def fn(zt, zct):
+        def fn(zt, zct, *text):
             self.unet_calls += 1
             self.unet_evals[tuple(zt.shape[-2:])] += zt.shape[0]
+            if text:  # the frames' text states, cut with them (tiled_batched's per_frame)
+                return self.denoiser(zt, tt[: zt.shape[0]], zct, context=text[0])
             return self.denoiser(zt, tt[: zt.shape[0]], zct)
 
         with self._autocast():
             out = tiled_batched(fn, (z, z_c), cfg.latent_tile if p.tiled else None, cfg.latent_overlap, p.batch,
-                                align=self.unet_factor)
+                                align=self.unet_factor, per_frame=() if context is None else (context,))
         return out.float()
 
     def _decode(self, z: torch.Tensor, feats: dict[int, torch.Tensor], num_frames: int) -> torch.Tensor:
@@ -218,10 +231,14 @@ class RestorePipeline:
     # ------------------------------------------------------------------ the clip loop
 
     @torch.no_grad()
-    def restore(self, frames: Iterable[np.ndarray], num_frames: int) -> Iterator[np.ndarray]:
-        """Stream restored frames (4h, 4w, 3) uint8, in order, for ``num_frames`` input frames."""
+    def restore(self, frames: Iterable[np.ndarray], num_frames: int,
+                prompt: str | list[str] | None = None) -> Iterator[np.ndarray]:
+        """Stream restored frames (4h, 4w, 3) uint8, in order, for ``num_frames`` input frames. ``prompt``: the
+        UNet's text condition, one for the clip or one per frame (``sdatc/pipelines/prompt.py``); None or
+        ``""``: the cached empty-prompt embedding."""
         cfg, dev, up = self.cfg, self.device, self.model.cfg.upscale
         feed = FrameFeed(frames, num_frames)  # an error for an empty clip
+        text = clip_context(self.model, prompt, num_frames, dev)  # encoded once per clip; None: the empty prompt
         windows = plan_windows(num_frames, cfg.window.length, min(cfg.window.stride, cfg.window.length))
         blender = WindowBlender(num_frames, windows)
         cond_cache: dict[int, tuple] = {}  # per frame: (z_c, {level: feature}) still needed
@@ -236,12 +253,12 @@ class RestorePipeline:
             new = [i for i in idx if i not in cond_cache]
             if new:
                 sel = torch.tensor([idx.index(i) for i in new])
-                z_new, f_new = self._encode(self._dcm(lq_p[sel]))
+                z_new, f_new = self._encode(self._dcm(lq_p[sel]), new)
                 for j, i in enumerate(new):
                     cond_cache[i] = (z_new[j], {lv: f[j] for lv, f in f_new.items()})
             z_c = torch.stack([cond_cache[i][0] for i in idx])  # (T, 4, H/8, W/8)
             feats = {lv: torch.stack([cond_cache[i][1][lv] for i in idx]) for lv in cond_cache[idx[0]][1]}
-            z = self._sample(idx, z_c, lq_p, temporal_weights(start, end, windows), shared, windows, k, flows)
+            z = self._sample(idx, z_c, lq_p, temporal_weights(start, end, windows), shared, windows, k, flows, text)
             out = self._decode(z, feats, num_frames=len(idx))[..., : up * h, : up * w]  # (T, 3, 4h, 4w)
             out = colour_correct(out, lq, cfg.colour).clamp(0, 1)  # fix, then clamp (the peers' order)
             for _, frame in blender.add(k, out.cpu()):
@@ -265,10 +282,12 @@ class RestorePipeline:
         bwd = torch.stack([flows[i][1] for i in idx[:-1]])
         return FlowGuidance.from_flows(fwd, bwd, latent_size, self.cfg.flow)
 
-    def _sample(self, idx, z_c, lq_p, weights, shared, windows, k, flows) -> torch.Tensor:
+    def _sample(self, idx, z_c, lq_p, weights, shared, windows, k, flows,
+                text: ClipContext | None = None) -> torch.Tensor:
         """The reverse chain for one window; frames shared with the previous window follow its
         trajectory in proportion to their blending weights. Nothing here waits for the device."""
         cfg, s, dev = self.cfg, self.sampler, z_c.device
+        context = text.window(idx) if text is not None else None  # (T, 77, D) or the empty prompt
         shape = tuple(z_c.shape[1:])
         noise0 = torch.stack([frame_noise(cfg.sampler.seed, i, -1, shape, dev) for i in idx]).to(z_c)
         z = s.start(z_c, noise0)
@@ -279,7 +298,7 @@ class RestorePipeline:
         trajectory = {idx[j]: [] for j in keep}
         bar = tqdm(range(len(s)), desc="steps", unit="step", leave=False, disable=not self.progress)
         for step in bar:
-            out = self._predict(z, s.timesteps[step], z_c)  # epsilon or v (model.prediction_type)
+            out = self._predict(z, s.timesteps[step], z_c, context)  # epsilon or v (model.prediction_type)
             noise = torch.stack([frame_noise(cfg.sampler.seed, i, step, shape, dev) for i in idx]).to(z)
             z = s.step(step, z, out, noise)
             if guide is not None:
@@ -305,7 +324,7 @@ class RestorePipeline:
         t = lq.shape[0]
         idx = list(range(first_frame, first_frame + t))
         lq_p = self._pad(lq.to(self.device).float())
-        z_c, _ = self._encode(self._dcm(lq_p))
+        z_c, _ = self._encode(self._dcm(lq_p), idx)
         return self._sample(idx, z_c, lq_p, torch.ones(t), {}, [(idx[0], idx[-1] + 1)], 0, {})
 
     def _check_size(self, h: int, w: int) -> None:

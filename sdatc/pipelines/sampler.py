@@ -38,6 +38,10 @@ class SamplerConfig:
     # "ldm" clips it at 1e-20 as LDM's / MGLD-VSR's posterior_log_variance_clipped (eta_0 = 10 |log 1e-20|);
     # "previous" takes the step before's value, as guided-diffusion's clipped log-variance
     last_variance: Literal["ldm", "previous"] = "ldm"
+    # the condition latent z_c: "mode" the VAE posterior's mean (as training encodes it); "sample" a draw
+    # mean + exp(logvar / 2) eps, logvar clamped to [-30, 20], as StableSR's / MGLD-VSR's encode_first_stage
+    # + get_first_stage_encoding; eps seeded per frame (frame_noise step Z_C_STEP)
+    z_c: Literal["mode", "sample"] = "mode"
 
     def __post_init__(self):
         if self.steps < 1:
@@ -46,6 +50,17 @@ class SamplerConfig:
             raise ValueError(f"start_t must be >= 0, got {self.start_t}")
         if self.last_variance not in ("ldm", "previous"):
             raise ValueError(f"last_variance must be 'ldm' or 'previous', got {self.last_variance!r}")
+        if self.z_c not in ("mode", "sample"):
+            raise ValueError(f"z_c must be 'mode' or 'sample', got {self.z_c!r}")
+
+
+Z_C_STEP = -2  # frame_noise's step id of the posterior sample's eps (-1: the start, 0..: the steps)
+
+
+def posterior_sample(mean: torch.Tensor, logvar: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """A draw of the VAE posterior: mean + exp(logvar / 2) * noise, logvar clamped to [-30, 20] as in LDM's
+    ``DiagonalGaussianDistribution`` (shapes alike; any latent scale applies to the result)."""
+    return mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise
 
 
 def respaced_timesteps(start_t: int, steps: int) -> list[int]:

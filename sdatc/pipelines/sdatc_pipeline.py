@@ -204,11 +204,11 @@ class _VSRPipeline:
 
     def restore_file(self, in_path: str | Path, out_path: str | Path, crf: int = 15, preset: str = "medium",
                      copy_audio: bool = True, fps: float = 25.0, overwrite: bool = False,
-                     pix_fmt: str = "auto") -> Path:
+                     pix_fmt: str = "auto", prompt: str | list[str] | None = None) -> Path:
         """Restore a video file (or a folder of frames, at ``fps``) to ``out_path`` (an mp4, written under a
         temporary name, audio copied; frame times, aspect ratio, rotation and colour tags kept; ``pix_fmt``:
-        auto (10-bit for >8-bit input), yuv420p or yuv420p10le). Returns ``out_path``; an existing output is
-        an error unless ``overwrite``."""
+        auto (10-bit for >8-bit input), yuv420p or yuv420p10le; ``prompt``: as for ``__call__``). Returns
+        ``out_path``; an existing output is an error unless ``overwrite``."""
         from sdatc.inference import write_restored
 
         src, dst = Path(in_path), Path(out_path)
@@ -220,6 +220,8 @@ class _VSRPipeline:
             raise SdatcError(f"{dst} exists (overwrite=True replaces it)")
         dst.parent.mkdir(parents=True, exist_ok=True)
         kw = {"source": src} if self.mode == "ultravsr" else {}
+        if prompt:
+            kw["prompt"] = prompt
         write_restored(lambda reader, n: self.stream(reader, n, **kw), src, dst, crf=crf, preset=preset,
                        copy_audio=copy_audio, fps=fps, progress=self.progress, pix_fmt=pix_fmt, overwrite=overwrite)
         return dst
@@ -236,11 +238,14 @@ class SDATCPipeline(_VSRPipeline):
                                compile=self.compile)
 
     def __call__(self, frames, num_inference_steps: int | None = None, generator: torch.Generator | None = None,
-                 cfw_weight: float | None = None, colour_fix: str | None = None, output_type: str = "np"):
+                 cfw_weight: float | None = None, colour_fix: str | None = None, output_type: str = "np",
+                 prompt: str | list[str] | None = None):
         """Restore a clip: (T, H, W, 3) uint8 or a list of PIL images -> (T, 4H, 4W, 3) uint8 (``"np"``) or
         PIL images (``"pil"``). ``num_inference_steps`` (default: the config's), ``generator``: its initial
         seed seeds each frame's noise (results do not depend on the window plan), ``cfw_weight`` in [0, 1]
-        (1: fidelity, 0: realism), ``colour_fix``: adain | wavelet | none."""
+        (1: fidelity, 0: realism), ``colour_fix``: adain | wavelet | none. ``prompt``: the UNet's text
+        condition, one string or one per frame, encoded by SD's text encoder (loaded at the first non-empty
+        prompt); None or ``""``: the cached empty prompt, as trained."""
         seed = generator.initial_seed() if generator is not None else None
         config = None
         if any(v is not None for v in (num_inference_steps, seed, cfw_weight, colour_fix)):
@@ -249,7 +254,7 @@ class SDATCPipeline(_VSRPipeline):
             sampler = dataclasses.replace(s, steps=num_inference_steps or s.steps, seed=s.seed if seed is None else seed)
             extra = {k: v for k, v in (("cfw_weight", cfw_weight), ("colour", colour_fix)) if v is not None}
             config = dataclasses.replace(self.config, sampler=sampler, **extra)
-        return self._run(frames, config, output_type)
+        return self._run(frames, config, output_type, prompt=prompt)
 
 
 class UltraVSRPipeline(_VSRPipeline):
@@ -261,10 +266,12 @@ class UltraVSRPipeline(_VSRPipeline):
         return UltraVSRRunner(self.model, config, self.device, self.dtype, progress=self.progress, compile=self.compile)
 
     def __call__(self, frames, d: float | None = None, chunk_frames: int | None = None, colour_fix: str | None = None,
-                 output_type: str = "np"):
+                 output_type: str = "np", prompt: str | list[str] | None = None):
         """Restore a clip in one step: (T, H, W, 3) uint8 or PIL images -> (T, 4H, 4W, 3) uint8 or PIL. ``d``: the
         degradation score in (0, 1] (1: clean; it sets the timestep); None: the configured DRS estimator on the
-        frames. ``chunk_frames``: TAI chunk (memory), ``colour_fix``: wavelet | adain | none."""
+        frames. ``chunk_frames``: TAI chunk (memory), ``colour_fix``: wavelet | adain | none. ``prompt``: the
+        UNet's text condition, one string or one per frame (the release: RAM tags per frame); None or ``""``:
+        the cached empty prompt."""
         extra = {k: v for k, v in (("chunk_frames", chunk_frames), ("colour", colour_fix)) if v is not None}
         config = dataclasses.replace(self.config, **extra) if extra else None
-        return self._run(frames, config, output_type, d=d)
+        return self._run(frames, config, output_type, d=d, prompt=prompt)

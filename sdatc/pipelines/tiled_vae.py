@@ -399,22 +399,27 @@ def decode_tiled(model, z: Tensor, feats: dict[int, Tensor] | None, num_frames: 
         return model.decode(z, feats, num_frames=num_frames, w=w)
 
 
-def encode_tiled(model, img: Tensor, levels, tile: int) -> tuple[Tensor, dict[int, Tensor]]:
-    """``model.encode`` computed by tiles of ``tile`` image pixels.
+def encode_tiled(model, img: Tensor, levels, tile: int, posterior: bool = False):
+    """``model.encode`` (``posterior``: ``model.encode_posterior``) computed by tiles of ``tile`` image pixels.
 
     Args:
         model: an ``sdatc.models.sdatc.SDATC``.
         img: (T, 3, H, W) in [0, 1], H and W multiples of the VAE factor (8).
         levels: encoder levels whose features to return (a subset of ``model.cfg.cfw_levels``).
+        posterior: also return the posterior's log-variance.
 
     Returns:
-        z (T, 4, H/8, W/8) scaled latents and {level: (T, C_l, H / 2^l, W / 2^l)}: ``model.encode(img)`` up to
-        float rounding; exactly it when one tile covers the image.
+        z (T, 4, H/8, W/8) scaled latents (with ``posterior``: the unscaled mean and log-variance, as
+        ``model.encode_posterior``) and {level: (T, C_l, H / 2^l, W / 2^l)}: ``model.encode(img)`` up to float
+        rounding; exactly it when one tile covers the image.
     """
     levels = list(levels)
     ctx = (tiled_layers(model.vae.encoder, tuple(img.shape[-2:]), tile)
            if not _covers(tile, *img.shape[-2:]) else contextlib.nullcontext())
     with ctx:
+        if posterior:
+            z, logvar, feats = model.encode_posterior(img)
+            return z, logvar, {lv: feats[lv] for lv in levels}
         z, feats = model.encode(img)
     return z, {lv: feats[lv] for lv in levels}
 

@@ -197,7 +197,7 @@ def tiled_apply(fn: TileFn, x: Tensor, tile: int, overlap: int, kind: str = "gau
 
 def tiled_batched(fn: Callable[..., Tensor | tuple[Tensor, ...]], xs: tuple[Tensor, ...], tile: int | None,
                   overlap: int, batch: int, kind: str = "gaussian", align: int = 1,
-                  group: int = 1) -> Tensor | tuple[Tensor, ...]:
+                  group: int = 1, per_frame: tuple[Tensor, ...] = ()) -> Tensor | tuple[Tensor, ...]:
     """Like :func:`tiled_apply`, with tiles and frames stacked on the batch axis, ``batch`` items per call.
 
     Args:
@@ -210,6 +210,8 @@ def tiled_batched(fn: Callable[..., Tensor | tuple[Tensor, ...]], xs: tuple[Tens
             group). Items are tile-major: tile 0's N frames, then tile 1's, ... so a group of frames that must
             be seen together (``group`` = frames per window) stays in one call.
         group: frames that must share a call; N must be a multiple of it.
+        per_frame: inputs (N, ...) that are not cut into tiles (e.g. text states (N, 77, D)): each call gets
+            the rows of its items' frames, after the tiled inputs.
 
     Returns:
         Blended outputs (N, ..., H * s_k, W * s_k). With one box and ``batch >= N``: ``fn(*xs)`` as is.
@@ -228,14 +230,17 @@ def tiled_batched(fn: Callable[..., Tensor | tuple[Tensor, ...]], xs: tuple[Tens
         ys, xs_ = tile_starts(H, tile, overlap, align), tile_starts(W, tile, overlap, align)
         th, tw = min(tile // align * align, H), min(tile // align * align, W)
     boxes = [(y0, y0 + th, x0, x0 + tw) for y0 in ys for x0 in xs_]
+    if any(e.shape[0] != n for e in per_frame):
+        raise ValueError(f"per_frame inputs need {n} rows, got {[tuple(e.shape) for e in per_frame]}")
     if len(boxes) == 1 and batch >= n:
-        return fn(*xs)
+        return fn(*xs, *per_frame)
     items = [(b, i) for b in range(len(boxes)) for i in range(n)]  # tile-major
     scales: list[Fraction] = []  # per output; with dtypes, acc (sum of w * out), norm (sum of w), weights
     single = True
     for c in range(0, len(items), batch):
         chunk = items[c:c + batch]
         cut = [torch.stack([y[i, :, boxes[b][0]:boxes[b][1], boxes[b][2]:boxes[b][3]] for b, i in chunk]) for y in xs]
+        cut += [e[[i for _, i in chunk]] for e in per_frame]
         raw = fn(*cut)
         outs = _as_tuple(raw)
         if not scales:  # first call: read each output's scale, allocate the accumulators

@@ -28,6 +28,7 @@ from sdatc.models.ultravsr import UltraVSR, bicubic_x4, drs_step, one_step_x0
 from sdatc.pipelines.colour import colour_correct
 from sdatc.pipelines.drs import DRSConfig, DRSEstimator
 from sdatc.pipelines.memory import StagePlan, StagePlanner
+from sdatc.pipelines.prompt import clip_context
 from sdatc.pipelines.restore import TilingConfig, WindowConfig, autocast, pad_to_multiple
 from sdatc.pipelines.speed import speed_up
 from sdatc.pipelines.tiled_vae import tiled_shared
@@ -70,9 +71,10 @@ class UltraVSRRunner:
     def _pad(self, lq: torch.Tensor) -> torch.Tensor:
         return pad_to_multiple(lq, self.model.pad_multiple)
 
-    def window_x0(self, lq: torch.Tensor, t: int, big_d: float) -> torch.Tensor:
+    def window_x0(self, lq: torch.Tensor, t: int, big_d: float, context: torch.Tensor | None = None) -> torch.Tensor:
         """One window, (T, 3, h, w) LR in [0, 1] (padded) -> z_HR (T, 4, 4h/8, 4w/8). Whole frames, or tiles
-        (x the window's frames: RTS mixes them) as memory allows."""
+        (x the window's frames: RTS mixes them) as memory allows. ``context``: the frames' text states
+        (T, 77, D); None: the empty prompt."""
         cfg, tc, n = self.cfg, self.cfg.tiling, lq.shape[0]
         chunk = cfg.chunk_frames or None
         up = bicubic_x4(lq, self.model.cfg.input_resize)  # (T, 3, 4h, 4w), the release's PIL bicubic by default
@@ -84,14 +86,16 @@ class UltraVSRRunner:
             else:
                 z = self.model.encode(up, enc_chunk)
 
-            def unet(zt):
+            def unet(zt, *text):
                 self.unet_calls += 1
                 self.unet_evals[tuple(zt.shape[-2:])] += zt.shape[0]
+                if text:  # the frames' text states, cut with them (tiled_batched's per_frame)
+                    return self.denoiser(zt, t, n, chunk, context=text[0])
                 return self.denoiser(zt, t, n, chunk)
 
             p = self._plan("predict", z, tc.latent_tile, group=n)
             out = tiled_batched(unet, (z,), tc.latent_tile if p.tiled else None, tc.latent_overlap, p.batch,
-                                align=self.unet_factor, group=n)
+                                align=self.unet_factor, group=n, per_frame=() if context is None else (context,))
         return one_step_x0(out.float(), z.float(), big_d, self.model.prediction_type)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -121,11 +125,13 @@ class UltraVSRRunner:
 
     @torch.no_grad()
     def restore(self, frames: Iterable[np.ndarray], num_frames: int, source: str | Path | None = None,
-                d: float | None = None) -> Iterator[np.ndarray]:
+                d: float | None = None, prompt: str | list[str] | None = None) -> Iterator[np.ndarray]:
         """Stream restored frames (4h, 4w, 3) uint8, in order. ``source``: the clip's file, for DRS's
-        ``bitstream`` estimator; ``d``: skip the estimator."""
+        ``bitstream`` estimator; ``d``: skip the estimator; ``prompt``: the UNet's text condition, one for the
+        clip or one per frame (the release: RAM tags per frame); None or ``""``: the cached empty prompt."""
         cfg, dev = self.cfg, self.device
         feed = FrameFeed(frames, num_frames)
+        text = clip_context(self.model, prompt, num_frames, dev)  # encoded once per clip; None: the empty prompt
         windows = plan_windows(num_frames, cfg.window.length, min(cfg.window.stride, cfg.window.length))
         blender = WindowBlender(num_frames, windows)
         t_rec = big_d = None
@@ -138,7 +144,7 @@ class UltraVSRRunner:
                     t_rec, big_d = drs_step(self.model.scheduler.alphas_cumprod, d)
                     self.last_drs = (d, t_rec, "given")
             h, w = lq.shape[-2:]
-            z = self.window_x0(self._pad(lq), t_rec, big_d)
+            z = self.window_x0(self._pad(lq), t_rec, big_d, None if text is None else text.window(range(start, end)))
             out = self.decode(z)[..., : 4 * h, : 4 * w]  # (T, 3, 4h, 4w)
             out = colour_correct(out, lq, cfg.colour).clamp(0, 1)
             for _, frame in blender.add(k, out.cpu()):

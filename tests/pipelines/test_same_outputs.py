@@ -15,6 +15,7 @@ else stays pinned to the fixture.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from sdatc.config import load_config
@@ -34,7 +35,8 @@ def _former_adain(x, ref, mode):
     return (x - mean_x) / torch.sqrt(var_x + 1e-5) * torch.sqrt(var_r) + mean_r
 
 
-def test_restored_frames_match_the_previous_release(carphone_frames, monkeypatch):
+@pytest.mark.parametrize("prompt", [None, ""])  # "": the empty prompt given explicitly (issue 24 item 12)
+def test_restored_frames_match_the_previous_release(carphone_frames, monkeypatch, prompt):
     import sdatc.pipelines.restore as restore_mod
 
     monkeypatch.setattr(restore_mod, "colour_correct", _former_adain)
@@ -48,7 +50,7 @@ def test_restored_frames_match_the_previous_release(carphone_frames, monkeypatch
     frames = np.ascontiguousarray(carphone_frames[:7, 40:56, 60:84])  # (7, 16, 24, 3)
     cfg = PipelineConfig(sampler=SamplerConfig(steps=2), window=WindowConfig(5, 3), tiling=TilingConfig(mode="off"))
     cfg.flow.enabled = False
-    out = np.stack(list(RestorePipeline(model, cfg, progress=False).restore(iter(frames), 7)))
+    out = np.stack(list(RestorePipeline(model, cfg, progress=False).restore(iter(frames), 7, prompt=prompt)))
     ref = np.load(FIXTURE)["frames"]
     assert out.shape == ref.shape == (7, 64, 96, 3)
     diff = np.abs(out.astype(int) - ref.astype(int))
