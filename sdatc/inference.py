@@ -23,7 +23,6 @@ from typing import Literal
 
 import torch
 from safetensors.torch import load_file
-from tqdm import tqdm
 
 from sdatc.config import load_config, resolve_config_path
 from sdatc.data.video import (
@@ -46,7 +45,7 @@ from sdatc.pipelines.restore import PipelineConfig, RestorePipeline, cast_weight
 from sdatc.pipelines.sampler import respaced_timesteps
 from sdatc.pipelines.sdatc_pipeline import SDATCPipeline
 from sdatc.pipelines.ultravsr import UltraVSRPipelineConfig, UltraVSRRunner
-from sdatc.utils import ClipClaim, natural_key, process_state, shared_run_id
+from sdatc.utils import ClipClaim, natural_key, process_state, shared_run_id, tqdm
 
 
 @dataclasses.dataclass

@@ -1,4 +1,4 @@
-"""Small helpers: atomic writes, natural sort, hashing, clip locks."""
+"""Small helpers: progress bars, atomic writes, natural sort, hashing, clip locks."""
 
 from __future__ import annotations
 
@@ -15,6 +15,14 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+
+
+def tqdm(*args, disable: bool = False, **kwargs):
+    """``tqdm.tqdm`` that draws only on a terminal: with stderr redirected (a log file, a pipe) the bars,
+    whose redraws and nested positions are carriage returns and cursor-up escape codes, are off."""
+    from tqdm import tqdm as bar
+
+    return bar(*args, disable=True if disable else None, **kwargs)  # None: off unless the output is a TTY
 
 
 def natural_key(name: str) -> list:

@@ -290,7 +290,7 @@ def fetch_missing(root: Path, mirror: str | None = None, progress: bool = True) 
 
 def _download(f: WeightFile, url: str, path: Path, progress: bool) -> str:
     """Stream ``url`` to a temporary sibling of ``path``; rename it there only if it is whole and its hash matches."""
-    from tqdm import tqdm
+    from sdatc.utils import tqdm
 
     path.parent.mkdir(parents=True, exist_ok=True)
     request = urllib.request.Request(url, headers={"User-Agent": "sdatc-check-weights"})

@@ -18,8 +18,6 @@ import datetime
 import json
 from pathlib import Path
 
-from tqdm import tqdm
-
 from sdatc.config import dump_config
 from sdatc.data.testsets import TestSetConfig, build_testsets, load_clip_list
 from sdatc.data.video import list_clips
@@ -30,7 +28,7 @@ from sdatc.tables import report
 from sdatc.tables.config import SETS, TablesConfig
 from sdatc.tables.methods import MethodSkipped, prepare, restore
 from sdatc.tables.units import gt_digest, score_unit, unit_path
-from sdatc.utils import atomic_write_text
+from sdatc.utils import atomic_write_text, tqdm
 from sdatc.weights import resolve_root
 
 PAPER_CRFS = (15, 25, 35)
