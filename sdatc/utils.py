@@ -182,15 +182,14 @@ def read_state_dict(path: str | Path, what: str) -> dict:
         raise SdatcError(f"cannot read {what} {path}: {e}") from e
 
 
-def report_json(result: dict, path: str | Path | None = None) -> str:
-    """Print a benchmark result as indented JSON and write it (atomically) to ``path`` when given."""
+def report_json(result: dict, path: str | Path, line: str) -> Path:
+    """Write a benchmark result as indented JSON to ``path`` (atomically) and print the one-line summary
+    ``line`` with where the JSON went."""
     import json
 
-    text = json.dumps(result, indent=1)
-    print(text)
-    if path:
-        atomic_write_text(path, text + "\n")
-    return text
+    atomic_write_text(path, json.dumps(result, indent=1) + "\n")
+    print(f"{line} (every field: {path})")
+    return Path(path)
 
 
 def temp_siblings(path: str | Path) -> list[Path]:
