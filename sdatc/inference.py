@@ -92,7 +92,7 @@ def default_config() -> str:
     return SDATC_CONFIG if os.environ.get(ENV_SD21) else PREVIEW_CONFIG
 
 
-NO_PUBLISHED_WEIGHTS = ("no trained SDATC or UltraVSR weights are published: train them (README, Training) or use "
+NO_PUBLISHED_WEIGHTS = ("no trained SDATC or UltraVSR weights are published: train them (docs/training.md) or use "
                         "the preview model (infer.py without --config)")
 RANDOM_WEIGHTS_HINT = ("allow_random_weights=true runs random weights, for smoke tests; with --config "
                        "configs/infer/tiny.yaml it takes seconds on a CPU (the full-size model takes hours per clip)")
