@@ -369,9 +369,10 @@ def resolve_config_path(path: str | Path) -> Path:
     return path
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, default: str | None) -> None:
-    """``--config FILE`` plus positional ``key.sub=value`` overrides, for every script."""
-    parser.add_argument("--config", default=default, help=f"YAML config (default: {default})")
+def add_config_arguments(parser: argparse.ArgumentParser, default: str | None, none: str = "") -> None:
+    """``--config FILE`` plus positional ``key.sub=value`` overrides, for every script; ``none`` says what
+    a script does without ``--config`` when ``default`` is None."""
+    parser.add_argument("--config", default=default, help=f"YAML config (default: {default or none})")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
 
 
@@ -411,9 +412,9 @@ def config_from_args(cls: type[T], args: argparse.Namespace, flags: dict[str, st
     return apply_overrides(cfg, args.overrides)
 
 
-def run_config_script(cls: type[T], default: str, doc: str | None, fn, argv=None) -> int:
+def run_config_script(cls: type[T], default: str, doc: str | None, fn, argv=None, line=None) -> int:
     """The body of a script that takes ``--config FILE key=value ...``: ``fn(cfg)`` returns a summary
-    dict, printed as JSON by the main process."""
+    dict, which the main process prints as ``line(summary)`` (one line), or as JSON without ``line``."""
     import json
 
     from sdatc.utils import process_state
@@ -422,5 +423,5 @@ def run_config_script(cls: type[T], default: str, doc: str | None, fn, argv=None
     add_config_arguments(p, default)
     summary = fn(config_from_args(cls, p.parse_args(argv)))
     if process_state().is_main_process:
-        print(json.dumps(summary, indent=1))
+        print(line(summary) if line else json.dumps(summary, indent=1))
     return 0

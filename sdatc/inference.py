@@ -23,7 +23,6 @@ from typing import Literal
 
 import torch
 from safetensors.torch import load_file
-from tqdm import tqdm
 
 from sdatc.config import load_config, resolve_config_path
 from sdatc.data.video import (
@@ -47,7 +46,7 @@ from sdatc.pipelines.restore import PipelineConfig, RestorePipeline, cast_weight
 from sdatc.pipelines.sampler import respaced_timesteps
 from sdatc.pipelines.sdatc_pipeline import SDATCPipeline
 from sdatc.pipelines.ultravsr import UltraVSRPipelineConfig, UltraVSRRunner
-from sdatc.utils import ClipClaim, natural_key, process_state, shared_run_id
+from sdatc.utils import ClipClaim, natural_key, process_state, shared_run_id, tqdm
 
 
 @dataclasses.dataclass
@@ -98,7 +97,7 @@ def default_config() -> str:
     return SDATC_CONFIG if os.environ.get(ENV_SD21) else PREVIEW_CONFIG
 
 
-NO_PUBLISHED_WEIGHTS = ("no trained SDATC or UltraVSR weights are published: train them (README, Training) or use "
+NO_PUBLISHED_WEIGHTS = ("no trained SDATC or UltraVSR weights are published: train them (docs/training.md) or use "
                         "the preview model (infer.py without --config)")
 RANDOM_WEIGHTS_HINT = ("allow_random_weights=true runs random weights, for smoke tests; with --config "
                        "configs/infer/tiny.yaml it takes seconds on a CPU (the full-size model takes hours per clip)")

@@ -148,6 +148,14 @@ def test_unknown_names_and_missing_gt_roots(tmp_path, gt):
     assert re.fullmatch(r"error: .*unknown set 'Vid5' \(known: REDS4, Vid4, UDM10\)", p.stderr.strip().splitlines()[-1])
 
 
+def test_own_clips_without_official_clips_false_say_so(tmp_path, gt):
+    """README's quick look on one's own clips (official_clips left at true): the error names the switch."""
+    with pytest.raises(SdatcError, match=r"set REDS4: .*GT lacks the paper's REDS4 clips \(000, 011, 015, 020; "
+                                         r"it has bunnyA, bunnyB\): for your own clips set official_clips=false"):
+        reproduce(_cfg(tmp_path, gt, official_clips=True, crf=[25]), log=lambda *_: None)
+    assert not (tmp_path / "ts" / "REDS4").exists()  # refused before building anything
+
+
 def test_size_not_divisible_by_4_names_the_clip_and_resumes(tmp_path, gt, bunny_frames):
     write_frames(gt / "odd", bunny_frames[:4, :130, :192])  # 130 rows: not divisible by 4
     cfg = _cfg(tmp_path, gt, crf=[25])

@@ -7,7 +7,7 @@
 * ``bitstream`` (ours): the stream's own compression level: x264's SEI options string (``crf=`` when
   the encoder ran in CRF mode, else ``qp=``) when present, else bits per pixel, mapped to d by
   piecewise-linear, monotone tables in the config. The tables are a hand-set prior, not calibrated
-  (README, "UltraVSR").
+  (docs/usage.md, "UltraVSR").
 
 d is clipped to ``[d_min, d_max]``: by default [0.01, 1], where the release has no clip (D = d^2 straight into
 ``argmin |abar_t - D|``; 0.01 only keeps ``z / sqrt(D)`` finite). [0.2, 0.95] was ours before issue 24.

@@ -28,7 +28,6 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from sdatc.errors import SdatcError
 from sdatc.pipelines.colour import colour_correct
@@ -40,6 +39,7 @@ from sdatc.pipelines.speed import speed_up
 from sdatc.pipelines.tiled_vae import decode_tiled, encode_tiled
 from sdatc.pipelines.tiling import tiled_batched
 from sdatc.pipelines.windows import FrameFeed, WindowBlender, plan_windows, temporal_weights
+from sdatc.utils import tqdm
 
 
 @dataclasses.dataclass

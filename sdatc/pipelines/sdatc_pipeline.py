@@ -4,7 +4,7 @@
     pipe = sdatc.SDATCPipeline.from_sd21("stabilityai/stable-diffusion-2-1-base", checkpoint="weights/sdatc")
     pipe = pipe.to("cuda", torch_dtype=torch.bfloat16)
     out = pipe(frames, num_inference_steps=50, generator=torch.Generator().manual_seed(0))  # (T, 4H, 4W, 3) uint8
-    pipe.restore_file("clip.mp4", "clip_x4.mp4")                                           # a video file
+    pipe.restore_file("clip.mp4", "clip_x4.mp4", num_inference_steps=50)   # a video file, __call__'s settings
     pipe.save_pretrained("sdatc-pipeline")                # one folder: SD parts + SDATC modules + settings
     pipe = sdatc.SDATCPipeline.from_pretrained("sdatc-pipeline")                          # or a Hub id
 
@@ -202,15 +202,21 @@ class _VSRPipeline:
         stays flat in the clip's length (what ``restore_file`` and ``scripts/infer.py`` use)."""
         return self._pipeline().restore(frames, num_frames, **restore_kw)
 
+    def _settings(self, **settings):
+        """(config or None, restore() keywords) for ``__call__``'s settings; None: the pipeline's config."""
+        raise NotImplementedError
+
     def restore_file(self, in_path: str | Path, out_path: str | Path, crf: int = 15, preset: str = "medium",
                      copy_audio: bool = True, fps: float = 25.0, overwrite: bool = False,
-                     pix_fmt: str = "auto", prompt: str | list[str] | None = None) -> Path:
+                     pix_fmt: str = "auto", **settings) -> Path:
         """Restore a video file (or a folder of frames, at ``fps``) to ``out_path`` (an mp4, written under a
         temporary name, audio copied; frame times, aspect ratio, rotation and colour tags kept; ``pix_fmt``:
-        auto (10-bit for >8-bit input), yuv420p or yuv420p10le; ``prompt``: as for ``__call__``). Returns
-        ``out_path``; an existing output is an error unless ``overwrite``."""
+        auto (10-bit for >8-bit input), yuv420p or yuv420p10le). ``settings``: the keywords of ``__call__``
+        (``num_inference_steps``, ``generator``, ``prompt``, ...), with the same meaning. Returns ``out_path``; an
+        existing output is an error unless ``overwrite``."""
         from sdatc.inference import write_restored
 
+        config, kw = self._settings(**settings)
         src, dst = Path(in_path), Path(out_path)
         if not src.exists():
             raise SdatcError(f"input not found: {src}")
@@ -219,10 +225,10 @@ class _VSRPipeline:
         if dst.exists() and not overwrite:
             raise SdatcError(f"{dst} exists (overwrite=True replaces it)")
         dst.parent.mkdir(parents=True, exist_ok=True)
-        kw = {"source": src} if self.mode == "ultravsr" else {}
-        if prompt:
-            kw["prompt"] = prompt
-        write_restored(lambda reader, n: self.stream(reader, n, **kw), src, dst, crf=crf, preset=preset,
+        if self.mode == "ultravsr":
+            kw["source"] = src
+        runner = self._pipeline(config)
+        write_restored(lambda reader, n: runner.restore(reader, n, **kw), src, dst, crf=crf, preset=preset,
                        copy_audio=copy_audio, fps=fps, progress=self.progress, pix_fmt=pix_fmt, overwrite=overwrite)
         return dst
 
@@ -246,15 +252,21 @@ class SDATCPipeline(_VSRPipeline):
         (1: fidelity, 0: realism), ``colour_fix``: adain | wavelet | none. ``prompt``: the UNet's text
         condition, one string or one per frame, encoded by SD's text encoder (loaded at the first non-empty
         prompt); None or ``""``: the cached empty prompt, as trained."""
+        config, kw = self._settings(num_inference_steps, generator, cfw_weight, colour_fix, prompt)
+        return self._run(frames, config, output_type, **kw)
+
+    def _settings(self, num_inference_steps: int | None = None, generator: torch.Generator | None = None,
+                  cfw_weight: float | None = None, colour_fix: str | None = None,
+                  prompt: str | list[str] | None = None):
         seed = generator.initial_seed() if generator is not None else None
-        config = None
-        if any(v is not None for v in (num_inference_steps, seed, cfw_weight, colour_fix)):
-            self._pipeline()  # RAFT loads once, with the default runner
-            s = self.config.sampler
-            sampler = dataclasses.replace(s, steps=num_inference_steps or s.steps, seed=s.seed if seed is None else seed)
-            extra = {k: v for k, v in (("cfw_weight", cfw_weight), ("colour", colour_fix)) if v is not None}
-            config = dataclasses.replace(self.config, sampler=sampler, **extra)
-        return self._run(frames, config, output_type, prompt=prompt)
+        kw = {"prompt": prompt} if prompt else {}
+        if all(v is None for v in (num_inference_steps, seed, cfw_weight, colour_fix)):
+            return None, kw
+        self._pipeline()  # RAFT loads once, with the default runner
+        s = self.config.sampler
+        sampler = dataclasses.replace(s, steps=num_inference_steps or s.steps, seed=s.seed if seed is None else seed)
+        extra = {k: v for k, v in (("cfw_weight", cfw_weight), ("colour", colour_fix)) if v is not None}
+        return dataclasses.replace(self.config, sampler=sampler, **extra), kw
 
 
 class UltraVSRPipeline(_VSRPipeline):
@@ -272,6 +284,11 @@ class UltraVSRPipeline(_VSRPipeline):
         frames. ``chunk_frames``: TAI chunk (memory), ``colour_fix``: wavelet | adain | none. ``prompt``: the
         UNet's text condition, one string or one per frame (the release: RAM tags per frame); None or ``""``:
         the cached empty prompt."""
+        config, kw = self._settings(d, chunk_frames, colour_fix, prompt)
+        return self._run(frames, config, output_type, **kw)
+
+    def _settings(self, d: float | None = None, chunk_frames: int | None = None, colour_fix: str | None = None,
+                  prompt: str | list[str] | None = None):
         extra = {k: v for k, v in (("chunk_frames", chunk_frames), ("colour", colour_fix)) if v is not None}
-        config = dataclasses.replace(self.config, **extra) if extra else None
-        return self._run(frames, config, output_type, d=d, prompt=prompt)
+        kw = {"d": d, **({"prompt": prompt} if prompt else {})}
+        return (dataclasses.replace(self.config, **extra) if extra else None), kw

@@ -21,7 +21,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from sdatc.errors import SdatcError
 from sdatc.models.ultravsr import UltraVSR, bicubic_x4, drs_step, one_step_x0
@@ -34,6 +33,7 @@ from sdatc.pipelines.speed import speed_up
 from sdatc.pipelines.tiled_vae import tiled_shared
 from sdatc.pipelines.tiling import tiled_batched
 from sdatc.pipelines.windows import FrameFeed, WindowBlender, plan_windows
+from sdatc.utils import tqdm
 
 
 @dataclasses.dataclass

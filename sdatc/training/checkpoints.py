@@ -76,7 +76,7 @@ def check_init(cfg: TrainConfig) -> None:
         if not file.is_file():
             where = f"{path} has no {name}" if path.is_dir() else f"{path} does not exist"
             raise SdatcError(f"init checkpoint not found: {where} (init= takes checkpoint-<step> folders with {name}, "
-                             "or the files; train the previous stage first, see README)")
+                             "or the files; train the previous stage first, see docs/training.md)")
         verify_weights(file)
 
 

@@ -23,11 +23,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from sdatc.config import to_dict
 from sdatc.errors import SdatcError
-from sdatc.utils import ClipClaim, atomic_path, atomic_write_text, sha256_file, shared_run_id
+from sdatc.utils import ClipClaim, atomic_path, atomic_write_text, sha256_file, shared_run_id, tqdm
 
 FORMAT = "sdatc-stage2-latents/1"
 MANIFEST = "manifest.json"

@@ -34,7 +34,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from tqdm import tqdm
 
 from sdatc.config import dump_config
 from sdatc.data.datasets import VideoClipDataset, make_loader, scan_clips
@@ -65,7 +64,7 @@ from sdatc.training.precision import (
 )
 from sdatc.training.stages import DCMStage, LatentStage, PixelStage
 from sdatc.training.validation import Validator, dcm_restorer, pipeline_restorer, ultravsr_restorer
-from sdatc.utils import atomic_write_text
+from sdatc.utils import atomic_write_text, tqdm
 
 # --------------------------------------------------------------------------- model construction
 

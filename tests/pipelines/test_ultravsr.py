@@ -161,7 +161,7 @@ def test_identity_at_init_through_infer(lq_clip, tmp_path, write_sd_folder):
                          .clamp(0, 1) * 255).round().permute(0, 2, 3, 1).detach().numpy().astype(int)).mean() > 1
 
 
-def test_python_api_call_save_load_and_file(tiny_uvsr, tmp_path, lq_clip):
+def test_python_api_call_save_load_and_file(tiny_uvsr, tmp_path, lq_clip, monkeypatch):
     import sdatc
     from sdatc.pipelines.ultravsr import UltraVSRPipelineConfig
 
@@ -187,6 +187,14 @@ def test_python_api_call_save_load_and_file(tiny_uvsr, tmp_path, lq_clip):
     assert np.abs(again - out).max() <= 1 and (again != out).mean() < 1e-3
     dst = pipe.restore_file(lq_clip, tmp_path / "x4.mp4")
     assert read_video(dst).shape == (5, 128, 192, 3)
+    # restore_file takes __call__'s settings: d reaches the timestep (the frames before x264, compared exactly)
+    import sdatc.inference
+
+    seen = []
+    monkeypatch.setattr(sdatc.inference, "write_restored", lambda stream, src, dst, **kw: seen.append(
+        np.stack(list(stream(iter(frames), len(frames))))))
+    pipe.restore_file(lq_clip, tmp_path / "d.mp4", d=0.9)
+    assert np.array_equal(seen[0], pipe(frames, d=0.9)) and not np.array_equal(seen[0], pipe(frames))
 
 
 def test_tiled_runner_is_close_to_untiled(tiny_uvsr, bunny_frames):
