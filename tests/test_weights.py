@@ -34,7 +34,7 @@ def test_layout_matches_the_protocol():
         "RN50.pt": "hub/clip"}
     from sdatc.models.saving import CONFIG_NAME
     from sdatc.models.sdatc import WEIGHTS_NAME
-    from sdatc.pipelines.flow import RAFT_WEIGHTS_NAME
+    from sdatc.models.flow import RAFT_WEIGHTS_NAME
 
     assert SDATC_FILES == (WEIGHTS_NAME, CONFIG_NAME) and RAFT_WEIGHTS_NAME in where
 

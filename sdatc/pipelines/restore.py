@@ -32,8 +32,9 @@ from tqdm import tqdm
 
 from sdatc.errors import SdatcError
 from sdatc.models.dcm_fast import dcm_inference
+from sdatc.models.flow import FlowConfig, load_raft, pair_flows
 from sdatc.pipelines.colour import colour_correct
-from sdatc.pipelines.flow import FlowConfig, FlowGuidance, load_raft, pair_flows
+from sdatc.pipelines.flow_guidance import FlowGuidance
 from sdatc.pipelines.memory import StagePlan, StagePlanner
 from sdatc.pipelines.sampler import Sampler, SamplerConfig
 from sdatc.pipelines.speed import speed_up

@@ -122,7 +122,7 @@ def test_old_model_config_with_cfw_weight_loads_with_a_note(tmp_path, capsys, ti
 def test_pipeline_cfw_weight_reaches_decode(tiny_model, monkeypatch):
     import numpy as np
 
-    from sdatc.pipelines.flow import FlowConfig
+    from sdatc.models.flow import FlowConfig
     from sdatc.pipelines.restore import PipelineConfig, RestorePipeline, WindowConfig
     from sdatc.pipelines.sampler import SamplerConfig
 
