@@ -96,7 +96,6 @@ def _upsampler(scale: int, num_feat: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-
 class PatchEmbed(nn.Module):
     """SwinIR ``PatchEmbed`` with patch size 1: (B, C, H, W) map -> LayerNorm-ed tokens.
 
