@@ -58,7 +58,8 @@ class FID(Metric):
     name = "fid"
 
     def __init__(self, ctx: MetricContext):
-        self.net = create_pyiqa("fid", pick_device(ctx.device), ctx.weights).net.model  # pyiqa's FID Inception-V3 (pool3 output)
+        fid = create_pyiqa("fid", pick_device(ctx.device), ctx.weights)
+        self.net = fid.net.model  # pyiqa's FID Inception-V3 (pool3 output)
         self.device = next(self.net.parameters()).device
         self.batch_size = ctx.batch_size
 

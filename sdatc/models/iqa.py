@@ -34,7 +34,8 @@ from sdatc.errors import MetricUnavailable
 from sdatc.weights import WeightsMissing, require, resolve_root
 
 # pyiqa metric name behind each of our names.
-PYIQA_NAMES = {"lpips": "lpips", "dists": "dists", "niqe": "niqe", "maniqa": "maniqa", "clipiqa": "clipiqa", "fid": "fid"}
+PYIQA_NAMES = {"lpips": "lpips", "dists": "dists", "niqe": "niqe", "maniqa": "maniqa", "clipiqa": "clipiqa",
+               "fid": "fid"}
 
 
 def _no_download(url, dst=None, *args, **kwargs):
@@ -83,7 +84,10 @@ def offline_loading(root: Path, timm_pretrained: bool = True, quiet: bool = True
             import timm
 
             real_create = timm.create_model
-            stack.enter_context(_patched(timm, "create_model", lambda name, *a, pretrained=False, **kw: real_create(name, *a, pretrained=False, **kw)))
+            def create(name, *a, pretrained=False, **kw):
+                return real_create(name, *a, pretrained=False, **kw)
+
+            stack.enter_context(_patched(timm, "create_model", create))
         if quiet:  # pyiqa prints "Loading pretrained model ..." and logs "Metric [...] is created"
             stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
             logger = logging.getLogger("pyiqa")

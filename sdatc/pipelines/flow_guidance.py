@@ -97,7 +97,8 @@ class FlowGuidance:
             return z.new_zeros((), dtype=torch.float32)
         n = self.fwd.shape[0]
         if z.ndim != 4 or z.shape[0] != n + 1 or tuple(z.shape[-2:]) != self.latent_size:
-            raise ValueError(f"z must be ({n + 1}, C, {self.latent_size[0]}, {self.latent_size[1]}), got {tuple(z.shape)}")
+            h, w = self.latent_size
+            raise ValueError(f"z must be ({n + 1}, C, {h}, {w}), got {tuple(z.shape)}")
         z = z.float()
         grid_f, grid_b, occ_f, occ_b = (
             t.to(z.device).clone() if t.is_inference() else t.to(z.device)

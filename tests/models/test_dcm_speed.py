@@ -1,7 +1,8 @@
 """The DCM's inference path (``dcm_inference``) against its reference path (``dcm(x)``: timm's blocks as they are).
 
 The inference path runs the same function with fewer memory passes (sdatc/models/dcm_fast.py,
-called explicitly by the pipelines; ``dcm(x)`` is the reference with or without grad): window-ordered tokens between Swin blocks, chunked blocks with
+called explicitly by the pipelines; ``dcm(x)`` is the reference with or without grad): window-ordered
+tokens between Swin blocks, chunked blocks with
 ``scaled_dot_product_attention``, the shifted-window mask only on the windows where it is not zero,
 channels-last maps, the upsampler folded into one LR convolution with exact border strips. Here both
 paths run on the same weights (strong random ones, so that attention, the bias and the mask all
