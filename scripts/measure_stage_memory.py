@@ -51,6 +51,7 @@ def child(config: str, stage: str, size: int, frames: int, chunk: int, tile: int
     import torch
 
     from sdatc.config import load_config
+    from sdatc.models.dcm_fast import dcm_inference
     from sdatc.models.ultravsr import UltraVSR, UltraVSRConfig, is_ultravsr_config
     from sdatc.pipelines.tiled_vae import decode_tiled, encode_tiled, tiled_shared
     from sdatc.pipelines.tiling import tiled_batched
@@ -77,8 +78,8 @@ def child(config: str, stage: str, size: int, frames: int, chunk: int, tile: int
 
     def run():
         with torch.no_grad():
-            if stage == "dcm":
-                model.upscale(x)
+            if stage == "dcm":  # as the pipelines run it
+                dcm_inference(model.dcm, x)
             elif stage == "predict":
                 model.predict(x, torch.tensor([500]), x)
             elif uvsr and stage == "encode":

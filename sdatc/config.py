@@ -9,8 +9,7 @@ field is taken verbatim (so ``clip=000`` stays ``"000"``); any other value is pa
 
 YAML is read with YAML 1.2 core booleans (only ``true``/``false``): ``tiling.mode: off`` reaches a
 string field as ``"off"`` (PyYAML's YAML 1.1 would make it False); bool fields also accept
-``yes``/``no``/``on``/``off`` (any case). A class may retire keys: its ``_legacy_keys`` (key -> note)
-are dropped from old files with one printed note (and are errors as overrides).
+``yes``/``no``/``on``/``off`` (any case).
 
 Inheritance: a file may name ``base: other.yaml`` (relative to the file; chains allowed). Its keys
 override the base's recursively: mappings merge key by key, lists and scalars replace. A missing base
@@ -175,19 +174,9 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _drop_legacy_keys(cls: type, data: dict, where: str) -> dict:
-    """Drop the keys a config class retired (its ``_legacy_keys``: key -> note), one note each."""
-    legacy = getattr(cls, "_legacy_keys", {})
-    for key in [k for k in data if k in legacy]:
-        print(f"note: {where}: ignoring {key}: {data[key]!r} ({legacy[key]})")
-        data = {k: v for k, v in data.items() if k != key}
-    return data
-
-
 def _from_dict(cls: type[T], data: dict, where: str) -> T:
     hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    data = _drop_legacy_keys(cls, data, where)
     unknown = [k for k in data if k not in fields]
     if unknown:
         raise ConfigError(
@@ -266,8 +255,6 @@ def apply_overrides(cfg: T, overrides: Sequence[str]) -> T:
         parts = key.split(".")
         for i, part in enumerate(parts):
             if not (dataclasses.is_dataclass(tp) and part in _hints(tp)):
-                if part in getattr(tp, "_legacy_keys", {}):
-                    raise ConfigError(f"command line: {'.'.join(parts[: i + 1])} is gone ({tp._legacy_keys[part]})")
                 raise ConfigError(f"command line: unknown key {'.'.join(parts[: i + 1])!r} in override {item!r}")
             ftp = _hints(tp)[part]
             if i < len(parts) - 1:

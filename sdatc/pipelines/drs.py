@@ -23,7 +23,7 @@ from typing import Literal
 
 import numpy as np
 
-from sdatc.errors import SdatcError
+from sdatc.errors import MetricUnavailable, SdatcError
 
 
 @dataclasses.dataclass
@@ -134,11 +134,10 @@ class DRSEstimator:
         if cfg.estimator not in ("clipiqa", "bitstream", "fixed"):
             raise SdatcError(f"drs.estimator must be clipiqa, bitstream or fixed, got {cfg.estimator!r}")
         if cfg.estimator == "clipiqa":
-            from sdatc.metrics.learned import create_pyiqa
-            from sdatc.metrics.registry import MetricContext, MetricUnavailable
+            from sdatc.models.iqa import create_pyiqa
 
             try:
-                self.net = create_pyiqa("clipiqa", MetricContext(device=device, weights=Path(weights) if weights else None))
+                self.net = create_pyiqa("clipiqa", device, Path(weights) if weights else None)
             except MetricUnavailable as e:
                 warnings.warn(f"DRS: CLIP-IQA unavailable ({e}); d comes from the bitstream instead", stacklevel=2)
                 self.kind = "bitstream"

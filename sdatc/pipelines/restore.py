@@ -30,8 +30,10 @@ import torch
 import torch.nn.functional as F
 
 from sdatc.errors import SdatcError
+from sdatc.models.dcm_fast import dcm_inference
+from sdatc.models.flow import FlowConfig, load_raft, pair_flows
 from sdatc.pipelines.colour import colour_correct
-from sdatc.pipelines.flow import FlowConfig, FlowGuidance, load_raft, pair_flows
+from sdatc.pipelines.flow_guidance import FlowGuidance
 from sdatc.pipelines.memory import StagePlan, StagePlanner
 from sdatc.pipelines.prompt import ClipContext, clip_context
 from sdatc.pipelines.sampler import Z_C_STEP, Sampler, SamplerConfig, posterior_sample
@@ -166,8 +168,10 @@ class RestorePipeline:
         """(T, 3, h, w) -> (T, 3, 4h, 4w)."""
         t = self.cfg.tiling
         p = self._plan("dcm", lq, t.dcm_tile)
+        dcm = self.model.dcm
+        up = self.model.upscale if dcm is None else lambda x: dcm_inference(dcm, x)  # the DCM's inference path
         with self._autocast():
-            out = tiled_batched(self.model.upscale, (lq,), t.dcm_tile if p.tiled else None, t.dcm_overlap, p.batch)
+            out = tiled_batched(up, (lq,), t.dcm_tile if p.tiled else None, t.dcm_overlap, p.batch)
         return out.float().clamp(0, 1)
 
     def _encode(self, img: torch.Tensor, frames: list[int]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:

@@ -6,7 +6,7 @@ import dataclasses
 from typing import Literal
 
 from sdatc.data.datasets import TrainDataConfig
-from sdatc.pipelines.flow import FlowConfig
+from sdatc.models.flow import FlowConfig
 from sdatc.training.latents import LatentsConfig
 
 # The new modules each stage trains (docs/architecture.md section 5); the rest stays frozen.

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sdatc.models.dcm import DCM
+from sdatc.models.flow import compute_flows, occlusion_mask
 from sdatc.models.prediction import split_prediction, training_target
-from sdatc.pipelines.flow import compute_flows, occlusion_mask
 from sdatc.training.config import TrainConfig
 from sdatc.training.losses import LPIPSLoss, flow_warp_l1, frame_difference_l1, hinge_g_loss
 from sdatc.training.precision import keep_frozen_in_eval

@@ -40,10 +40,10 @@ from sdatc.data.datasets import VideoClipDataset, make_loader, scan_clips
 from sdatc.errors import SdatcError
 from sdatc.models.backbone import ENV_SD21, SD21_HELP, resolve_pretrained
 from sdatc.models.dcm import DCM, init_as_interpolation, load_swinir_checkpoint
+from sdatc.models.flow import RAFT_WEIGHTS_NAME, load_raft
 from sdatc.models.sdatc import SDATC, WEIGHTS_NAME
 from sdatc.models.ultravsr import WEIGHTS_NAME as ULTRAVSR_WEIGHTS
 from sdatc.models.ultravsr import UltraVSR
-from sdatc.pipelines.flow import RAFT_WEIGHTS_NAME, load_raft
 from sdatc.pipelines.speed import speed_up_undone
 from sdatc.training.checkpoints import (
     TrainState,

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 import sdatc.pipelines.restore as restore_mod
-from sdatc.pipelines.flow import FlowConfig, FlowGuidance, load_raft
+from sdatc.models.flow import FlowConfig, load_raft
+from sdatc.pipelines.flow_guidance import FlowGuidance
 from sdatc.pipelines.restore import PipelineConfig, RestorePipeline, TilingConfig, WindowConfig
 from sdatc.pipelines.sampler import SamplerConfig
 from sdatc.pipelines.tiling import tile_starts

@@ -57,6 +57,8 @@ def test_call_on_arrays_and_pil_equals_the_restore_pipeline(pipe, frames):
 def test_bad_frames_are_clear_errors(pipe):
     with pytest.raises(SdatcError, match=r"\(T, H, W, 3\)"):
         pipe(np.zeros((24, 32, 3), np.uint8))
+    with pytest.raises(SdatcError, match=r"\(T, H, W, 3\)"):  # one channel: refused here, not inside the DCM
+        pipe(np.zeros((2, 24, 32, 1), np.uint8))
     with pytest.raises(SdatcError, match="uint8"):
         pipe(np.zeros((2, 24, 32, 3), np.float32))
     with pytest.raises(SdatcError, match="no frames"):

@@ -15,6 +15,7 @@ from diffusers import DDPMScheduler
 from sdatc.config import REPO_ROOT, load_config
 from sdatc.data.imresize import bicubic_down
 from sdatc.data.video import read_video, write_video
+from sdatc.errors import SdatcError
 from sdatc.inference import InferConfig, run
 from sdatc.models.sites import sites
 from sdatc.models.ultravsr import UltraVSR, UltraVSRConfig, drs_step, one_step_x0
@@ -32,6 +33,12 @@ def tiny_uvsr():
         for p in m.trainable_parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
     return m
+
+
+def test_decode_refuses_a_batch_that_does_not_split_into_windows(tiny_uvsr):
+    """The frame count reaches RTS through the model's decode, which checks it (RTS itself does not)."""
+    with pytest.raises(SdatcError, match="cannot split a batch of 4 frames into windows of 3"):
+        tiny_uvsr.decode(torch.randn(4, 4, 2, 2), num_frames=3)
 
 
 @pytest.fixture(scope="module")
