@@ -1,0 +1,170 @@
+"""scripts/app.py: the app served from a subprocess on a free loopback port, driven by gradio_client and by
+a real browser (Debian's chromium through Playwright).
+
+The clip is the demo clip cut to 6 frames of its centre (160x96), so that each restore with the preview
+model takes seconds on a CPU; the app is started with it as its demo clip. The browser test saves its
+screenshot in the test's folder; with SDATC_APP_SCREENSHOT=docs/app.png it also writes README's picture.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from sdatc.config import REPO_ROOT
+
+pytest.importorskip("gradio", reason="the app's optional extra is not installed (pip install -e '.[app]')")
+gradio_client = pytest.importorskip("gradio_client")
+
+CHROMIUM = "/usr/bin/chromium"
+FRAMES, W, H = 6, 160, 96
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def short_demo(tmp_path_factory) -> Path:
+    """The demo clip's first 6 frames, its centre 160x96."""
+    from sdatc.data.video import VideoWriter, read_video
+
+    frames = read_video(REPO_ROOT / "assets/demo.mp4", max_frames=FRAMES)[:, 42:42 + H, 80:80 + W]
+    path = tmp_path_factory.mktemp("clips") / "demo_short.mp4"
+    with VideoWriter(path, fps=25, crf=30) as w:
+        for f in frames:
+            w.write(f)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, short_demo):
+    """(url, the server's TMPDIR, its log file): the app in a subprocess, stopped at the end."""
+    root = tmp_path_factory.mktemp("app")
+    tmp, log = root / "tmp", root / "server.log"
+    tmp.mkdir()
+    port = free_port()
+    env = {**os.environ, "TMPDIR": str(tmp), "GRADIO_TEMP_DIR": str(root / "gradio"), "PYTHONPATH": str(REPO_ROOT),
+           "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    cmd = [sys.executable, str(REPO_ROOT / "scripts/app.py"), "--port", str(port), "--demo-clip", str(short_demo),
+           "--output-preset", "ultrafast", "--max-frames", "100"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=root)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the app did not start: {log.read_text()[-3000:]}")
+        time.sleep(0.5)
+    yield url, tmp, log
+    proc.terminate()
+    try:
+        proc.wait(timeout=3)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def job_folders(tmp: Path) -> list[Path]:
+    return sorted(tmp.glob("sdatc-app-*"))
+
+
+def predict(client, clip, model="preview"):
+    from gradio_client import handle_file
+
+    return client.predict(handle_file(str(clip)), model, 50, 0.75, "adain", 0, "clipiqa", 0.5, api_name="/restore")
+
+
+def test_app_restores_the_demo_clip(server, short_demo):
+    """gradio_client: the demo clip -> an mp4 of 4x size with its frame count and frame times; the job's
+    temporary folder is gone afterwards."""
+    from sdatc.data.video import VideoReader
+
+    url, tmp, _ = server
+    client = gradio_client.Client(url, verbose=False)
+    video, compare, zoom, download, note = predict(client, short_demo)
+    assert Path(video).name == "demo_short_x4.mp4" and Path(download).name == "demo_short_x4.mp4"
+    with VideoReader(video) as out, VideoReader(short_demo) as inp:
+        assert (out.meta.width, out.meta.height) == (4 * W, 4 * H)
+        assert len(out) == len(inp) == FRAMES
+        frames, _ = out.read_all(), inp.read_all()
+        assert out.timestamps == inp.timestamps and len(inp.timestamps) == FRAMES
+    assert frames.shape == (FRAMES, 4 * H, 4 * W, 3) and frames.std() > 5  # a picture, not a blank
+    assert len(compare) == 2 and all(Path(p).is_file() for p in [*compare, zoom])
+    assert f"Restored {FRAMES} frames, {W}x{H} -> {4 * W}x{4 * H}" in note and "DCM" in note
+    assert job_folders(tmp) == []
+
+
+def test_app_bad_input_is_a_message_and_the_server_keeps_serving(server, short_demo, tmp_path):
+    """A broken file, a non-video, an unconfigured model: one readable line each on the page (no traceback,
+    no cache path; a server-side traceback of gradio's own refusal stays in its log); the server answers the
+    next job; no temporary folder is left behind."""
+    from gradio_client.exceptions import AppError
+
+    url, tmp, _ = server
+    client = gradio_client.Client(url, verbose=False)
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(os.urandom(4000))
+    text = tmp_path / "notes.txt"
+    text.write_text("not a video")
+    for clip, model, expected in ((broken, "preview", "broken.mp4: not a readable video"),
+                                  (text, "preview", "Invalid file type"),  # gradio refuses it itself
+                                  (short_demo, "sdatc", "--sd21 PATH")):
+        with pytest.raises(AppError) as e:
+            predict(client, clip, model)
+        message = str(e.value)
+        assert expected in message, message
+        assert "Traceback" not in message and "gradio" not in message and "\n" not in message
+    video, *_ = predict(client, short_demo, "bicubic")  # still serving
+    assert Path(video).stat().st_size > 0
+    assert job_folders(tmp) == []
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no {CHROMIUM} (CI's .ci/run installs Debian's chromium)")
+def test_app_in_a_browser(server, short_demo, tmp_path):
+    """Chromium: open the page, upload the demo clip, press Restore, wait for the restored video; screenshot."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    url, _, _ = server
+    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch_persistent_context(str(tmp_path / "profile"), executable_path=CHROMIUM,
+                                                       args=args, headless=True,
+                                                       viewport={"width": 1280, "height": 1000})
+        try:
+            page = browser.new_page()
+            page.goto(url, timeout=60_000)
+            page.locator("#clip input[type=file]").set_input_files(str(short_demo))
+            page.get_by_text("demo_short.mp4").first.wait_for(timeout=30_000)
+            page.locator("#restore").click()
+            page.locator("#result-note").get_by_text("Restored 6 frames").wait_for(timeout=90_000)
+            video = page.locator("#restored video")
+            video.wait_for(timeout=30_000)
+            assert "demo_short_x4.mp4" in (video.get_attribute("src") or "")
+            page.wait_for_function("document.querySelector('#restored video').readyState >= 1", timeout=30_000)
+            assert page.evaluate("document.querySelector('#restored video').videoWidth") == 4 * W  # decodable
+            shot = tmp_path / "app.png"
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    assert shot.stat().st_size > 10_000
+    target = os.environ.get("SDATC_APP_SCREENSHOT")
+    if target:  # README's picture, as a 256-colour PNG (small enough to commit)
+        from PIL import Image
+
+        Image.open(shot).convert("RGB").quantize(256).save(REPO_ROOT / target, optimize=True)
