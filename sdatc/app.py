@@ -272,7 +272,8 @@ def build_app(cfg: AppConfig):
     restorer = Restorer(cfg)
     choices = restorer.choices
 
-    def restore_job(clip, key, steps, cfw_weight, colour, seed, estimator, d, progress=gr.Progress()):
+    def restore_job(clip, key, steps, cfw_weight, colour, seed, estimator, d,
+                    progress=gr.Progress()):  # noqa: B008 (gradio injects the progress tracker this way)
         """The Restore button: one generator so the job's folder is removed after gradio has copied the outputs."""
         workdir = Path(tempfile.mkdtemp(prefix="sdatc-app-"))
         try:
