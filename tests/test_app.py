@@ -135,11 +135,41 @@ def test_app_bad_input_is_a_message_and_the_server_keeps_serving(server, short_d
     assert job_folders(tmp) == []
 
 
+def shows(page, selector: str, text: str, timeout: float = 30_000) -> None:
+    """Wait until the element's text, spaces and line breaks removed, holds ``text`` (file names are split)."""
+    page.wait_for_function("([sel, text]) => (document.querySelector(sel)?.innerText || '').replace(/\\s/g, '')"
+                           ".includes(text)", arg=[selector, text], timeout=timeout)
+
+
+def test_app_runs_one_job_at_a_time(server, short_demo):
+    """Two jobs at once: the second waits in the queue (its place is reported) and both finish."""
+    url, _, _ = server
+    client = gradio_client.Client(url, verbose=False)
+    from gradio_client import handle_file
+
+    args = ("preview", 50, 0.75, "adain", 0, "clipiqa", 0.5)
+    first = client.submit(handle_file(str(short_demo)), *args, api_name="/restore")
+    second = client.submit(handle_file(str(short_demo)), *args, api_name="/restore")
+    places = set()
+    while not second.done():
+        status = second.status()
+        if status.code.name == "IN_QUEUE" and status.rank is not None:
+            places.add(status.rank)
+        time.sleep(0.05)
+    assert Path(first.result(timeout=60)[0]).is_file() and Path(second.result()[0]).is_file()
+    assert places and min(places) >= 0, places
+
+
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no {CHROMIUM} (CI's .ci/run installs Debian's chromium)")
 def test_app_in_a_browser(server, short_demo, tmp_path):
-    """Chromium: open the page, upload the demo clip, press Restore, wait for the restored video; screenshot."""
+    """Chromium: open the page, upload the demo clip, press Restore, wait for the restored video (decodable by
+    the browser: its width known); screenshot; then 'Use the demo clip' puts the bundled clip in place."""
+    import shutil
+
     sync_api = pytest.importorskip("playwright.sync_api")
     url, _, _ = server
+    upload = tmp_path / "my_upload.mp4"
+    shutil.copyfile(short_demo, upload)
     args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync"]
     with sync_api.sync_playwright() as p:
@@ -149,22 +179,26 @@ def test_app_in_a_browser(server, short_demo, tmp_path):
         try:
             page = browser.new_page()
             page.goto(url, timeout=60_000)
-            page.locator("#clip input[type=file]").set_input_files(str(short_demo))
-            page.get_by_text("demo_short.mp4").first.wait_for(timeout=30_000)
+            page.locator("#clip input[type=file]").set_input_files(str(upload))
+            shows(page, "#clip", "my_upload.mp4")
             page.locator("#restore").click()
             page.locator("#result-note").get_by_text("Restored 6 frames").wait_for(timeout=90_000)
             video = page.locator("#restored video")
             video.wait_for(timeout=30_000)
-            assert "demo_short_x4.mp4" in (video.get_attribute("src") or "")
+            assert "my_upload_x4.mp4" in (video.get_attribute("src") or "")
             page.wait_for_function("document.querySelector('#restored video').readyState >= 1", timeout=30_000)
             assert page.evaluate("document.querySelector('#restored video').videoWidth") == 4 * W  # decodable
             shot = tmp_path / "app.png"
             page.screenshot(path=str(shot), full_page=True)
+            page.locator("#use-demo").click()  # the bundled demo clip replaces the upload
+            shows(page, "#clip", "demo_short.mp4")
         finally:
             browser.close()
     assert shot.stat().st_size > 10_000
     target = os.environ.get("SDATC_APP_SCREENSHOT")
-    if target:  # README's picture, as a 256-colour PNG (small enough to commit)
+    if target:  # README's picture, 960 wide, 256 colours (small enough to commit)
         from PIL import Image
 
-        Image.open(shot).convert("RGB").quantize(256).save(REPO_ROOT / target, optimize=True)
+        im = Image.open(shot).convert("RGB")
+        im = im.resize((960, im.height * 960 // im.width), Image.Resampling.LANCZOS)
+        im.quantize(256).save(REPO_ROOT / target, optimize=True)
