@@ -50,6 +50,25 @@ class AppConfig:
     dtype: str = "auto"
     output_preset: str = "medium"  # x264 preset of the restored mp4 (infer.py's default)
 
+    def __post_init__(self):  # a bad flag is an error at start, not at the first job
+        from sdatc.checks import check_device
+        from sdatc.data.video import X264_PRESETS
+
+        try:
+            check_device(self.device, "--device")
+        except ValueError as e:
+            raise SdatcError(str(e)) from None
+        if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
+            raise SdatcError(f"--dtype {self.dtype!r}: auto, fp32, bf16 or fp16")
+        if self.output_preset not in X264_PRESETS:
+            raise SdatcError(f"--output-preset {self.output_preset!r} is not an x264 preset ({', '.join(X264_PRESETS)})")
+        if not 0 <= self.port <= 65535:
+            raise SdatcError(f"--port {self.port}: a port number 0..65535")
+        if self.max_frames < 1 or self.max_upload_mb <= 0 or self.queue_size < 1:
+            raise SdatcError("--max-frames, --max-upload-mb and --queue-size must be > 0")
+        if not Path(self.demo_clip).is_file():
+            raise SdatcError(f"--demo-clip {self.demo_clip}: no such file")
+
 
 @dataclasses.dataclass
 class Settings:

@@ -152,3 +152,12 @@ def test_workflow_json_matches_the_nodes():
                 assert src.RETURN_TYPES[value[1]] == required[name][0], (name, value)
             elif cls and name in required and isinstance(required[name][0], list):
                 assert value in required[name][0], (name, value)
+
+
+def test_ultravsr_restore_with_a_given_d(carphone_frames):
+    """UltraVSR (tiny, random weights) through the node: d given skips the estimator; x4, in [0, 1]."""
+    pipe = cn.SDATCLoadPipeline().load("ultravsr-tiny (random weights)", "fp32", "cpu")[0]
+    images = as_image(np.ascontiguousarray(carphone_frames[:3, :16, :16]))
+    out = cn.SDATCRestoreFrames().restore(pipe, images, 50, 0.75, "wavelet", 0, 0.4, 0, 0)[0]
+    assert out.shape == (3, 64, 64, 3) and 0 <= out.min() and out.max() <= 1
+    assert pipe.infer.mode == "ultravsr"
