@@ -318,7 +318,7 @@ def build_app(cfg: AppConfig):
             print(f"[app] failed: {message}", flush=True)
             if not isinstance(e, SdatcError):
                 traceback.print_exc()
-            raise gr.Error(message, print_exception=False) from None
+            raise gr.Error(message, duration=None, print_exception=False) from None  # stays until closed
         yield str(r.video), (r.bicubic, r.restored), zoom, str(r.video), note
 
     with gr.Blocks(title="sdatc: compressed video x4", delete_cache=(900, 3600)) as demo:

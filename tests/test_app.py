@@ -3,7 +3,7 @@ a real browser (Debian's chromium through Playwright).
 
 The clip is the demo clip cut to 6 frames of its centre (160x96), so that each restore with the preview
 model takes seconds on a CPU; the app is started with it as its demo clip. The browser test saves its
-screenshot in the test's folder; with SDATC_APP_SCREENSHOT=docs/app.png it also writes README's picture.
+screenshots in the test's folder; with SDATC_APP_SCREENSHOTS=docs it also writes README's pictures there.
 """
 
 from __future__ import annotations
@@ -163,13 +163,15 @@ def test_app_runs_one_job_at_a_time(server, short_demo):
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no {CHROMIUM} (CI's .ci/run installs Debian's chromium)")
 def test_app_in_a_browser(server, short_demo, tmp_path):
     """Chromium: open the page, upload the demo clip, press Restore, wait for the restored video (decodable by
-    the browser: its width known); screenshot; then 'Use the demo clip' puts the bundled clip in place."""
+    the browser: its width known); screenshot; then 'Use the demo clip' puts the bundled clip in place; a
+    broken file is one line on the page (screenshot)."""
     import shutil
 
     sync_api = pytest.importorskip("playwright.sync_api")
     url, _, _ = server
-    upload = tmp_path / "my_upload.mp4"
+    upload, broken = tmp_path / "my_upload.mp4", tmp_path / "broken.mp4"
     shutil.copyfile(short_demo, upload)
+    broken.write_bytes(os.urandom(4000))
     args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync"]
     with sync_api.sync_playwright() as p:
@@ -192,13 +194,22 @@ def test_app_in_a_browser(server, short_demo, tmp_path):
             page.screenshot(path=str(shot), full_page=True)
             page.locator("#use-demo").click()  # the bundled demo clip replaces the upload
             shows(page, "#clip", "demo_short.mp4")
+            page.locator("#clip button[aria-label=Clear]").click()  # a broken file: one line on the page
+            page.locator("#clip input[type=file]").set_input_files(str(broken))
+            shows(page, "#clip", "broken.mp4")
+            page.locator("#restore").click()
+            shows(page, "body", "broken.mp4:notareadablevideo")
+            assert "Traceback" not in page.locator("body").inner_text()
+            error_shot = tmp_path / "app_error.png"
+            page.screenshot(path=str(error_shot))
         finally:
             browser.close()
     assert shot.stat().st_size > 10_000
-    target = os.environ.get("SDATC_APP_SCREENSHOT")
-    if target:  # README's picture, 960 wide, 256 colours (small enough to commit)
+    folder = os.environ.get("SDATC_APP_SCREENSHOTS")
+    if folder:  # README's pictures (docs/app.png, docs/app_error.png), 960 wide, 256 colours: small enough to commit
         from PIL import Image
 
-        im = Image.open(shot).convert("RGB")
-        im = im.resize((960, im.height * 960 // im.width), Image.Resampling.LANCZOS)
-        im.quantize(256).save(REPO_ROOT / target, optimize=True)
+        for png in (shot, error_shot):
+            im = Image.open(png).convert("RGB")
+            im = im.resize((960, im.height * 960 // im.width), Image.Resampling.LANCZOS)
+            im.quantize(256).save(REPO_ROOT / folder / png.name, optimize=True)
