@@ -302,6 +302,7 @@ def build_app(cfg: AppConfig):
             shutil.rmtree(workdir, ignore_errors=True)
 
     def _job(clip, key, settings, workdir, progress):
+        yield None, None, None, None, ""  # the last job's results go, so a failure is not shown beside them
         try:
             if not clip:
                 raise SdatcError("no clip: upload one (mp4, mkv, mov, webm) or press 'Use the demo clip'")

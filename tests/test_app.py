@@ -198,7 +198,9 @@ def test_app_in_a_browser(server, short_demo, tmp_path):
             page.locator("#clip input[type=file]").set_input_files(str(broken))
             shows(page, "#clip", "broken.mp4")
             page.locator("#restore").click()
-            shows(page, "body", "broken.mp4:notareadablevideo")
+            page.get_by_text("broken.mp4: not a readable video").first.wait_for(state="visible", timeout=30_000)
+            page.wait_for_timeout(500)  # the message's slide-in
+            assert "Restored" not in page.locator("#result-note").inner_text()  # the last job's results are gone
             assert "Traceback" not in page.locator("body").inner_text()
             error_shot = tmp_path / "app_error.png"
             page.screenshot(path=str(error_shot))
