@@ -9,6 +9,7 @@ screenshots in the test's folder; with SDATC_APP_SCREENSHOTS=docs it also writes
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from sdatc.config import REPO_ROOT
@@ -215,3 +217,25 @@ def test_app_in_a_browser(server, short_demo, tmp_path):
             im = Image.open(png).convert("RGB")
             im = im.resize((960, im.height * 960 // im.width), Image.Resampling.LANCZOS)
             im.quantize(256).save(REPO_ROOT / folder / png.name, optimize=True)
+
+
+def test_app_limits_are_one_line_errors(short_demo, tmp_path, monkeypatch):
+    """--max-frames, --max-upload-mb, a clip too small, a missing model: refused before any work, in words."""
+    monkeypatch.delenv("SDATC_SD21_PATH", raising=False)
+    from sdatc.app import AppConfig, Restorer, Settings
+    from sdatc.data.video import VideoWriter
+    from sdatc.errors import SdatcError
+
+    tiny = tmp_path / "tiny.mp4"
+    with VideoWriter(tiny, fps=25, crf=30) as w:
+        for _ in range(2):
+            w.write(np.zeros((8, 8, 3), np.uint8))
+    cases = ((AppConfig(max_frames=5), short_demo, "has 6 frames; this app takes at most 5 (--max-frames)"),
+             (AppConfig(max_upload_mb=0.001), short_demo, "this app takes at most 0.001 MB (--max-upload-mb)"),
+             (AppConfig(), tiny, "tiny.mp4 is 8x8: too small"))
+    for cfg, clip, message in cases:
+        with pytest.raises(SdatcError, match=re.escape(message)):
+            Restorer(cfg).restore(clip, "preview", Settings(), tmp_path)
+    with pytest.raises(SdatcError, match=r"UltraVSR .* is not configured: it needs SD 2\.1-base weights"):
+        Restorer(AppConfig()).restore(short_demo, "ultravsr", Settings(), tmp_path)
+    assert list(tmp_path.glob("*.mp4")) == [tiny]  # nothing written
