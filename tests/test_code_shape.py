@@ -21,9 +21,6 @@ PACKAGE = ROOT / "sdatc"
 KNOWN_CYCLES: dict[tuple[str, str], str] = {
     # the library API needs model loading and the writer loop, which live in the CLI's module
     ("sdatc.pipelines.sdatc_pipeline", "sdatc.inference"): "issue 25 item 3",
-    # latents.py holds a config dataclass (imported by training/config.py), a Dataset and a model-building job
-    ("sdatc.training.latents", "sdatc.training.trainer"): "issue 25 item 1",
-    ("sdatc.training.latents", "sdatc.training.checkpoints"): "issue 25 item 1",
 }
 
 
