@@ -10,7 +10,7 @@
 # that fails or runs out of time gets a JSON with "error" and the others go on. The whole run keeps to
 # SDATC_BENCH_BUDGET seconds (default 540) from its start: each configuration's timeout is its cap or what
 # is left, whichever is less. Writes <name>.json per configuration, summary.json and bench_gpu.log into
-# $SDATC_BENCH_OUT, else $OUT (the device tool's output folder), else benchmarks/<gpu-name-slug>/.
+# $SDATC_BENCH_OUT, else benchmarks/<gpu-name-slug>/.
 #
 #   bash scripts/bench_gpu.sh                       # on the GPU machine: wheels from .whl/ (scripts/fetch_gpu_wheels.sh)
 #   SDATC_BENCH_TINY=1 bash scripts/bench_gpu.sh    # the same flow on the CPU: configs/infer/tiny.yaml, 2 frames,
@@ -18,7 +18,6 @@
 #   bash scripts/bench_gpu.sh eager-s50:50:false:300 compile-s50:50:true   # chosen configurations,
 #                                                   # NAME:STEPS:COMPILE[:TIMEOUT_S]
 #
-# Device tool: run(command="bash scripts/bench_gpu.sh", carry=[".whl"], timeout_s=600).
 # Environment: SDATC_BENCH_SIZE=HxW (LR input), SDATC_BENCH_FRAMES, SDATC_BENCH_DTYPE, SDATC_BENCH_RAFT
 # (random: flow guidance with a seeded random RAFT-large, the GPU default; off: the tiny default),
 # SDATC_BENCH_SET (extra KEY=VALUE overrides, space-separated), SDATC_BENCH_BUDGET, SDATC_BENCH_OUT, PYTHON,
@@ -66,8 +65,6 @@ RUNS=${*:-$DEFAULT_RUNS}
 # Where results go; the GPU's name gives the folder when neither variable is set.
 if [ -n "${SDATC_BENCH_OUT:-}" ]; then
   DEST=$SDATC_BENCH_OUT
-elif [ -n "${OUT:-}" ]; then
-  DEST=$OUT
 else
   if [ "$TINY" = 1 ]; then NAME=cpu-tiny; else
     NAME=$("$PY" -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')" 2>/dev/null)

@@ -1,4 +1,4 @@
-"""Benchmark inference: seconds per output frame, peak memory, denoiser evaluations and FLOPs per
+r"""Benchmark inference: seconds per output frame, peak memory, denoiser evaluations and FLOPs per
 frame (useful, and as executed with tiles and window overlaps), achieved TFLOP/s, MFU on a GPU.
 
     python scripts/bench_infer.py --config configs/infer/tiny.yaml --json bench_tiny.json
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
                    help="sampler steps of the warm-up window (default: the configured steps; 0: no warm-up)")
     p.add_argument("--random-raft", action="store_true",
                    help="flow guidance with a seeded random RAFT-large (timing without RAFT weights; nothing downloaded)")
-    p.add_argument("--json", help="write the result here")
+    p.add_argument("--json", default="bench_infer.json", help="write the result here (default bench_infer.json)")
     p.add_argument("--no-memory-ratio", action="store_true", help="skip the 64/16-frame memory ratio")
     p.add_argument("--versus", help="a second infer config to benchmark at the same size (ratios reported)")
     p.add_argument("--versus-set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides of --versus")
@@ -81,7 +81,11 @@ def main(argv=None) -> int:
         result["versus"] = {"config": args.versus, "overrides": args.versus_set, **other}
         result["speedup_vs"] = other["seconds_per_frame"] / result["seconds_per_frame"]
         result["unet_calls_ratio_vs"] = other["unet_calls_per_frame"] / max(result["unet_calls_per_frame"], 1e-9)
-    report_json(result, args.json)
+    ratio = next((f", {k.removeprefix('memory_ratio_').replace('_', '/')}-frame memory ratio {v:.2f}"
+                  for k, v in result.items() if k.startswith("memory_ratio_")), "")
+    versus = f", {result['speedup_vs']:.1f}x faster than {args.versus}" if args.versus else ""
+    report_json(result, args.json, f"{args.config}: {result['seconds_per_frame']:.2f} s per output frame "
+                f"({result['device']}, {result['dtype']}), peak {result['peak_memory_mb']:.0f} MB{ratio}{versus}")
     return 0
 
 

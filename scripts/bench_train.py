@@ -1,4 +1,4 @@
-"""Benchmark training: seconds per step and peak memory of a few steps of a training config.
+r"""Benchmark training: seconds per step and peak memory of a few steps of a training config.
 
     python scripts/bench_train.py --config configs/train/tiny_stage1.yaml --steps 5 --json bench_train_tiny.json
     python scripts/bench_train.py --config configs/train/stage1.yaml --steps 3 allow_random_weights=true \
@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(p, "configs/train/tiny_stage1.yaml")
     p.add_argument("--steps", type=int, default=5, help="training steps (default 5)")
-    p.add_argument("--json", help="write the result here")
+    p.add_argument("--json", default="bench_train.json", help="write the result here (default bench_train.json)")
     args = p.parse_args(argv)
     cfg = config_from_args(TrainConfig, args)
     with tempfile.TemporaryDirectory(prefix="sdatc_bench_train_") as tmp:
@@ -37,7 +37,8 @@ def main(argv=None) -> int:
         data["val"]["clip"] = None
         result = bench_train(from_dict(TrainConfig, data, "bench"), args.steps)
     result.update(config=args.config, overrides=args.overrides)
-    report_json(result, args.json)
+    report_json(result, args.json, f"{args.config}: {result['seconds_per_step']:.2f} s per step ({result['device']}), "
+                f"peak {result['peak_memory_mb']:.0f} MB")
     return 0
 
 

@@ -1,6 +1,6 @@
-"""List every weight file sdatc can use, where it is expected, and whether it is there; --fetch gets the missing ones.
+"""List every weight file sdatc can use, where it goes, and whether it is there; --fetch gets the missing ones.
 
-    python scripts/check_weights.py                    # weights folder: $SDATC_WEIGHTS, else $TORCH_HOME, else ~/.cache/torch
+    python scripts/check_weights.py          # weights folder: $SDATC_WEIGHTS, else $TORCH_HOME, else ~/.cache/torch
     python scripts/check_weights.py --weights weights/ --hash-all --json weights.json
     python scripts/check_weights.py --weights weights/ --fetch [--mirror https://mirror.example/prefix]
 

@@ -18,7 +18,7 @@ def main(argv=None) -> int:
     from sdatc.demo import DemoConfig, run_demo
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(p, None)
+    add_config_arguments(p, None, "the infer.py default, see above")
     cfg = config_from_args(DemoConfig, p.parse_args(argv))
     r = run_demo(cfg)
     print(f"\nrestored {r['frames']} frames in {r['seconds']:.1f} s ({r['seconds_per_frame']:.2f} s per output frame, "

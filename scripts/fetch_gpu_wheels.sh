@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Download into .whl/ the wheels that scripts/bench_gpu.sh installs on the GPU machine (no network there;
-# its python3 3.12 has torch, torchvision, transformers, huggingface_hub 1.33, safetensors, timm, peft,
-# einops, accelerate, opencv, numpy, pillow, regex, requests, filelock, zipp, but not these):
+# Download into .whl/ the wheels that scripts/bench_gpu.sh and gpu_check.sh install on a GPU machine without
+# network whose python3 3.12 has torch, torchvision, transformers, huggingface_hub 1.33, safetensors, timm, peft,
+# einops, accelerate, opencv, numpy, pillow, regex, requests, filelock, zipp, but not these:
 #
 #   diffusers            (Requires-Dist: importlib_metadata, filelock, huggingface-hub>=1.32,<3, numpy,
 #                         regex, requests, safetensors>=0.8, Pillow: all there but importlib_metadata)
@@ -13,7 +13,7 @@
 # Versions are those of this checkout's .venv (pip freeze), for Python 3.12, manylinux x86_64.
 # .whl/ is ignored through .git/info/exclude (added here); the wheels are never committed.
 #
-#   bash scripts/fetch_gpu_wheels.sh        # then: device run with carry=[".whl"]
+#   bash scripts/fetch_gpu_wheels.sh        # then copy the checkout with .whl/ to the GPU machine
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}

@@ -1,4 +1,4 @@
-"""Restore compressed clips x4: a video file, a frame folder, or a folder of clips.
+r"""Restore compressed clips x4: a video file, a frame folder, or a folder of clips.
 
     python scripts/infer.py --input clips/ --output out/     # built-in preview model (light DCM), no weights to get
     python scripts/infer.py --config configs/infer/sdatc.yaml --input clips/ --output out/ \
@@ -9,9 +9,9 @@
 
 Without --config: configs/infer/sdatc.yaml when $SDATC_SD21_PATH is set, else configs/infer/preview.yaml.
 Writes OUT/<name>.mp4 (the same frames at the same times, 4x size; audio, aspect ratio, rotation,
-colour tags and bit depth kept) and, with save_frames=true, OUT/<name>/%08d.png. Existing outputs are skipped unless overwrite=true.
-Processes take clips one at a time (lock files OUT/.<name>.lock). Exit status 1 if a clip failed or was
-left to another run's lock.
+colour tags and bit depth kept) and, with save_frames=true, OUT/<name>/%08d.png. Existing outputs are
+skipped unless overwrite=true. Processes take clips one at a time (lock files OUT/.<name>.lock). Exit
+status 1 if a clip failed or was left to another run's lock. Settings: docs/usage.md.
 """
 
 import argparse
@@ -25,7 +25,7 @@ from sdatc.utils import process_report, process_state
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(p, None)
+    add_config_arguments(p, None, "sdatc.yaml with $SDATC_SD21_PATH, else preview.yaml")
     p.add_argument("--input", help="video file, frame folder, or folder of clips")
     p.add_argument("--output", help="output folder")
     args = p.parse_args(argv)

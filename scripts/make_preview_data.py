@@ -18,7 +18,7 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="datasets/preview", help="output folder (default datasets/preview)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic camera motion (default 0)")
     p.add_argument("--demo", help="also write the demo clip here (assets/demo.mp4)")
     args = p.parse_args(argv)
     if args.demo:

@@ -21,7 +21,7 @@ def main(argv=None) -> int:
     p.add_argument("--gt-root", help="GT clips: folder of frame folders, a video file or a folder of videos")
     p.add_argument("--out", help="output root")
     p.add_argument("--crf", type=int, nargs="+", help="x264 CRFs (default 15 25 35)")
-    p.add_argument("--pix-fmt", choices=["yuv420p", "yuv444p"])
+    p.add_argument("--pix-fmt", choices=["yuv420p", "yuv444p"], help="chroma of the x264 encode (default yuv420p)")
     p.add_argument("--fps", type=float, help="declared frame rate of the encode (default 10)")
     p.add_argument("--max-frames", type=int, help="only the first N frames of each clip")
     args = p.parse_args(argv)

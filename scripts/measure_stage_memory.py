@@ -51,6 +51,7 @@ def child(config: str, stage: str, size: int, frames: int, chunk: int, tile: int
     import torch
 
     from sdatc.config import load_config
+    from sdatc.models.dcm_fast import dcm_inference
     from sdatc.models.ultravsr import UltraVSR, UltraVSRConfig, is_ultravsr_config
     from sdatc.pipelines.tiled_vae import decode_tiled, encode_tiled, tiled_shared
     from sdatc.pipelines.tiling import tiled_batched
@@ -77,8 +78,8 @@ def child(config: str, stage: str, size: int, frames: int, chunk: int, tile: int
 
     def run():
         with torch.no_grad():
-            if stage == "dcm":
-                model.upscale(x)
+            if stage == "dcm":  # as the pipelines run it
+                dcm_inference(model.dcm, x)
             elif stage == "predict":
                 model.predict(x, torch.tensor([500]), x)
             elif uvsr and stage == "encode":
@@ -193,15 +194,16 @@ def measure(config: str, stage: str, size: int, frames: int = 1, chunk: int = 0,
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_kb"] * 1024
 
 
-def main() -> None:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/model/sdatc_sd21.yaml")
-    p.add_argument("--stages", nargs="*", default=list(STAGES))
-    p.add_argument("--json")
+    p.add_argument("--config", default="configs/model/sdatc_sd21.yaml",
+                   help="model config (default: configs/model/sdatc_sd21.yaml)")
+    p.add_argument("--stages", nargs="*", default=list(STAGES), help=f"stages to measure (default: {' '.join(STAGES)})")
+    p.add_argument("--json", help="also write the measurements here")
     p.add_argument("--vae", action="store_true", help="the VAE stages' live / temp / tiled coefficients")
     p.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     p.add_argument("--vae-child", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.child:
         child(args.config, args.child[0], *(int(v) for v in args.child[1:]))
         return

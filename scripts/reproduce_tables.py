@@ -1,4 +1,4 @@
-"""Reproduce the paper's tables: build the compressed test sets, restore, score, compare with the paper.
+r"""Reproduce the paper's tables: build the compressed test sets, restore, score, compare with the paper.
 
     python scripts/reproduce_tables.py --config configs/eval/tables.yaml \
         gt_roots.REDS4=datasets/REDS/train_sharp gt_roots.Vid4=datasets/Vid4/GT gt_roots.UDM10=datasets/UDM10/GT

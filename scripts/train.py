@@ -1,8 +1,8 @@
-"""Train SDATC (any stage) with accelerate: one process, several GPUs, or several machines.
+r"""Train SDATC (any stage) with accelerate: one process, several GPUs, or several machines.
 
     python scripts/train.py --config configs/train/tiny_stage1.yaml data.root=DIR output_dir=runs/tiny max_steps=100
     accelerate launch --num_processes 8 scripts/train.py --config configs/train/stage1.yaml \
-        data.root=datasets/REDS/train_sharp pretrained=weights/stable-diffusion-2-1-base output_dir=runs/stage1
+        data.root=datasets/REDS/train_sharp_all pretrained=weights/stable-diffusion-2-1-base output_dir=runs/stage1
     accelerate launch --num_machines 2 --machine_rank R --main_process_ip IP --num_processes 16 scripts/train.py ...
 
 Processes are data-parallel (DDP); FSDP and DeepSpeed are not supported (never tested). Stage 2

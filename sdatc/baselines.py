@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tqdm import tqdm
-
 from sdatc.data.imresize import bicubic_up
 from sdatc.data.video import FrameWriter, VideoReader
+from sdatc.utils import tqdm
 
 
 def bicubic_upscale_clip(src: str | Path, out_dir: str | Path, scale: int = 4, overwrite: bool = True) -> Path:

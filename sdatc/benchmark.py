@@ -22,7 +22,13 @@ import torch
 
 from sdatc.config import to_dict
 from sdatc.inference import InferConfig, build_model, make_pipeline, pick_device
-from sdatc.models.report import count_flops, count_flops_ultravsr, denoise_step_flops
+from sdatc.models.dcm_fast import dcm_inference
+from sdatc.models.report import (
+    count_flops,
+    count_flops_ultravsr,
+    denoise_step_flops,
+    flop_counter_mode,
+)
 from sdatc.pipelines.windows import plan_windows
 from sdatc.utils import process_state
 
@@ -58,15 +64,13 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def dcm_flops(dcm, height: int, width: int) -> int:
-    """FLOPs of the DCM on one (height, width) LR frame."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+    """FLOPs of the DCM on one (height, width) LR frame, as the pipelines run it (``dcm_inference``)."""
     param = next(dcm.parameters())
     x = torch.zeros(1, 3, height, width, device=param.device, dtype=param.dtype)
     with torch.no_grad():
-        dcm(x)  # the DCM folds its upsampler on the first call (A45): not counted per frame
-        with FlopCounterMode(display=False) as fc:
-            dcm(x)
+        dcm_inference(dcm, x)  # the DCM folds its upsampler on the first call (A45): not counted per frame
+        with flop_counter_mode() as fc:
+            dcm_inference(dcm, x)
     return int(fc.get_total_flops())
 
 

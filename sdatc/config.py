@@ -9,8 +9,7 @@ field is taken verbatim (so ``clip=000`` stays ``"000"``); any other value is pa
 
 YAML is read with YAML 1.2 core booleans (only ``true``/``false``): ``tiling.mode: off`` reaches a
 string field as ``"off"`` (PyYAML's YAML 1.1 would make it False); bool fields also accept
-``yes``/``no``/``on``/``off`` (any case). A class may retire keys: its ``_legacy_keys`` (key -> note)
-are dropped from old files with one printed note (and are errors as overrides).
+``yes``/``no``/``on``/``off`` (any case).
 
 Inheritance: a file may name ``base: other.yaml`` (relative to the file; chains allowed). Its keys
 override the base's recursively: mappings merge key by key, lists and scalars replace. A missing base
@@ -175,19 +174,9 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _drop_legacy_keys(cls: type, data: dict, where: str) -> dict:
-    """Drop the keys a config class retired (its ``_legacy_keys``: key -> note), one note each."""
-    legacy = getattr(cls, "_legacy_keys", {})
-    for key in [k for k in data if k in legacy]:
-        print(f"note: {where}: ignoring {key}: {data[key]!r} ({legacy[key]})")
-        data = {k: v for k, v in data.items() if k != key}
-    return data
-
-
 def _from_dict(cls: type[T], data: dict, where: str) -> T:
     hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    data = _drop_legacy_keys(cls, data, where)
     unknown = [k for k in data if k not in fields]
     if unknown:
         raise ConfigError(
@@ -266,8 +255,6 @@ def apply_overrides(cfg: T, overrides: Sequence[str]) -> T:
         parts = key.split(".")
         for i, part in enumerate(parts):
             if not (dataclasses.is_dataclass(tp) and part in _hints(tp)):
-                if part in getattr(tp, "_legacy_keys", {}):
-                    raise ConfigError(f"command line: {'.'.join(parts[: i + 1])} is gone ({tp._legacy_keys[part]})")
                 raise ConfigError(f"command line: unknown key {'.'.join(parts[: i + 1])!r} in override {item!r}")
             ftp = _hints(tp)[part]
             if i < len(parts) - 1:
@@ -369,9 +356,10 @@ def resolve_config_path(path: str | Path) -> Path:
     return path
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, default: str | None) -> None:
-    """``--config FILE`` plus positional ``key.sub=value`` overrides, for every script."""
-    parser.add_argument("--config", default=default, help=f"YAML config (default: {default})")
+def add_config_arguments(parser: argparse.ArgumentParser, default: str | None, none: str = "") -> None:
+    """``--config FILE`` plus positional ``key.sub=value`` overrides, for every script; ``none`` says what
+    a script does without ``--config`` when ``default`` is None."""
+    parser.add_argument("--config", default=default, help=f"YAML config (default: {default or none})")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
 
 
@@ -411,9 +399,9 @@ def config_from_args(cls: type[T], args: argparse.Namespace, flags: dict[str, st
     return apply_overrides(cfg, args.overrides)
 
 
-def run_config_script(cls: type[T], default: str, doc: str | None, fn, argv=None) -> int:
+def run_config_script(cls: type[T], default: str, doc: str | None, fn, argv=None, line=None) -> int:
     """The body of a script that takes ``--config FILE key=value ...``: ``fn(cfg)`` returns a summary
-    dict, printed as JSON by the main process."""
+    dict, which the main process prints as ``line(summary)`` (one line), or as JSON without ``line``."""
     import json
 
     from sdatc.utils import process_state
@@ -422,5 +410,5 @@ def run_config_script(cls: type[T], default: str, doc: str | None, fn, argv=None
     add_config_arguments(p, default)
     summary = fn(config_from_args(cls, p.parse_args(argv)))
     if process_state().is_main_process:
-        print(json.dumps(summary, indent=1))
+        print(line(summary) if line else json.dumps(summary, indent=1))
     return 0

@@ -11,6 +11,11 @@ class SdatcError(Exception):
     """An error caused by input, configuration or environment; shown to the user without a traceback."""
 
 
+class MetricUnavailable(SdatcError):
+    """A metric, or a metric's network (pyiqa, RAFT), that cannot run here (e.g. its weights are missing); the
+    message says what to get. Callers mark the metric missing and go on."""
+
+
 _OS_REASONS = {
     errno.ENOSPC: "the disk is full (no space left on device)",
     errno.EDQUOT: "the disk quota is exceeded",

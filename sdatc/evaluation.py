@@ -19,13 +19,12 @@ import math
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from sdatc.data.video import VideoReader, list_clips
 from sdatc.errors import SdatcError
 from sdatc.metrics import MetricContext, MetricUnavailable, build_metric, get_metric
 from sdatc.metrics.base import Metric
-from sdatc.utils import atomic_write_text, natural_key
+from sdatc.utils import atomic_write_text, natural_key, tqdm
 from sdatc.weights import resolve_root
 
 

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from tqdm import tqdm
 
 from sdatc.data.video import X264_PRESETS, VideoReader, contains_path, list_clips, write_restored
 from sdatc.errors import SdatcError, os_error, os_reason
@@ -33,7 +32,7 @@ from sdatc.pipelines.prompt import PromptConfig, clip_prompt, load_captioner, si
 from sdatc.pipelines.sampler import respaced_timesteps
 from sdatc.pipelines.sdatc_pipeline import SDATCPipeline
 from sdatc.pipelines.ultravsr import UltraVSRPipeline
-from sdatc.utils import ClipClaim, natural_key, process_state, shared_run_id
+from sdatc.utils import ClipClaim, natural_key, process_state, shared_run_id, tqdm
 
 
 @dataclasses.dataclass

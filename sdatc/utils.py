@@ -1,4 +1,4 @@
-"""Small helpers: atomic writes, natural sort, hashing, clip locks."""
+"""Small helpers: progress bars, atomic writes, natural sort, hashing, clip locks."""
 
 from __future__ import annotations
 
@@ -15,6 +15,14 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+
+
+def tqdm(*args, disable: bool = False, **kwargs):
+    """``tqdm.tqdm`` that draws only on a terminal: with stderr redirected (a log file, a pipe) the bars,
+    whose redraws and nested positions are carriage returns and cursor-up escape codes, are off."""
+    from tqdm import tqdm as bar
+
+    return bar(*args, disable=True if disable else None, **kwargs)  # None: off unless the output is a TTY
 
 
 def natural_key(name: str) -> list:
@@ -174,15 +182,14 @@ def read_state_dict(path: str | Path, what: str) -> dict:
         raise SdatcError(f"cannot read {what} {path}: {e}") from e
 
 
-def report_json(result: dict, path: str | Path | None = None) -> str:
-    """Print a benchmark result as indented JSON and write it (atomically) to ``path`` when given."""
+def report_json(result: dict, path: str | Path, line: str) -> Path:
+    """Write a benchmark result as indented JSON to ``path`` (atomically) and print the one-line summary
+    ``line`` with where the JSON went."""
     import json
 
-    text = json.dumps(result, indent=1)
-    print(text)
-    if path:
-        atomic_write_text(path, text + "\n")
-    return text
+    atomic_write_text(path, json.dumps(result, indent=1) + "\n")
+    print(f"{line} (every field: {path})")
+    return Path(path)
 
 
 def temp_siblings(path: str | Path) -> list[Path]:

@@ -118,7 +118,7 @@ SD21_FILES = ("unet/config.json", "unet/diffusion_pytorch_model.safetensors", "v
               "tokenizer/merges.txt")
 SDATC_FILES = ("sdatc_modules.safetensors", "config.yaml")  # sdatc.models.sdatc WEIGHTS_NAME, CONFIG_NAME
 SDATC_COMPONENT = "SDATC trained modules"
-NO_TRAINED_WEIGHTS = ("trained SDATC / UltraVSR modules: none are published; train them (README, Training: "
+NO_TRAINED_WEIGHTS = ("trained SDATC / UltraVSR modules: none are published; train them (docs/training.md: "
                       "scripts/train.py writes them) or use the preview model (assets/preview, infer.py's default)")
 
 
@@ -290,7 +290,7 @@ def fetch_missing(root: Path, mirror: str | None = None, progress: bool = True) 
 
 def _download(f: WeightFile, url: str, path: Path, progress: bool) -> str:
     """Stream ``url`` to a temporary sibling of ``path``; rename it there only if it is whole and its hash matches."""
-    from tqdm import tqdm
+    from sdatc.utils import tqdm
 
     path.parent.mkdir(parents=True, exist_ok=True)
     request = urllib.request.Request(url, headers={"User-Agent": "sdatc-check-weights"})

@@ -137,3 +137,45 @@ def write_sd_folder():
         return unet.eval(), vae.eval(), embeds
 
     return make
+
+
+@pytest.fixture
+def run_script(capsys):
+    """``run_script("infer.py", *args)`` runs ``scripts/<name>``'s ``main`` in this process through
+    ``sdatc.errors.run_cli`` (what ``python scripts/<name>`` does), and returns a ``subprocess.CompletedProcess``
+    with its exit status and captured stdout / stderr. It saves a new process's ~10 s of imports per run; tests
+    whose point is a new process (signals, several processes, the shell's view of an exit status) keep one.
+    Exceptions other than the ones run_cli turns into a message propagate (a traceback fails the test)."""
+    import importlib.util
+    import signal
+    import subprocess
+
+    from sdatc.errors import run_cli
+
+    root = Path(__file__).resolve().parents[1]
+
+    def run(name: str, *args) -> subprocess.CompletedProcess:
+        if name not in _SCRIPTS:
+            spec = importlib.util.spec_from_file_location(f"script_{Path(name).stem}", root / "scripts" / name)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            _SCRIPTS[name] = module.main
+        argv = [str(a) for a in args]
+        capsys.readouterr()
+        on_term = signal.getsignal(signal.SIGTERM)
+        message = ""
+        try:
+            run_cli(_SCRIPTS[name], argv)
+            code = 0
+        except SystemExit as e:  # what the interpreter does with it: an int, None (0) or a message (1)
+            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+            message = "" if e.code is None or isinstance(e.code, int) else f"{e.code}\n"
+        finally:
+            signal.signal(signal.SIGTERM, on_term)  # run_cli's handler stays with the script
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess([name, *argv], code, out, err + message)
+
+    return run
+
+
+_SCRIPTS: dict = {}

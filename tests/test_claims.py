@@ -290,7 +290,11 @@ def test_stage2_latents_claim_shards_and_exit_1_for_those_left_to_other_runs(tmp
     argv = ["--config", str(ROOT / "configs" / "train" / "tiny_stage2.yaml"), f"data.root={gt_root}",
             f"latents.dir={lat}", "latents.num_samples=3", "latents.shard_size=1", "latents.steps=1"]
     assert script.main(argv) == 1  # shard 1 left to the other run's lock: said, and status 1
-    assert "shard 1: left to another process (host render node 7 pid 1 holds its lock)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "shard 1: left to another process (host render node 7 pid 1 holds its lock)" in out
+    # the last line says where the shards went, in one line
+    assert out.strip().splitlines()[-1] == (f"stage-2 latents: 3 shards in {lat} (2 written by this process, "
+                                            "0 there already, 1 left to other runs' locks)")
     assert [(lat / shard_name(k)).is_file() for k in range(3)] == [True, False, True]
     assert _leftovers(lat) == [f".{shard_name(1)}.lock"]  # only the other run's lock: ours are released
 

@@ -62,6 +62,7 @@ def test_the_json_has_every_step_and_field(tiny_check):
     assert r["gpu_check"] == 1 and r["mode"] == "tiny" and r["complete"] is True
     assert [s["name"] for s in r["steps"]] == STEPS and list(r["outcomes"]) == STEPS
     assert r["device"] == "cpu" and r["torch"] and r["packages"]["diffusers"] and r["wall_s"] > 0
+    assert r["launch"] == "fork" and r["preload_s"] > 0 and any("launch fork" in n for n in r["notes"])
     assert "bigbuckbunny" in r["data"]["source"] and r["data"]["infer_input_size"] == [5, 48, 80]
     assert any("ema=true" in n for n in r["notes"]) and any("gt_noise" in n for n in r["notes"])
     for s in r["steps"]:
@@ -130,20 +131,23 @@ def test_inference_untiled_and_forced_tiles_write_4x(tiny_check, mode):
         assert untiled["checkpoint"] is None and "checkpoint=" not in untiled["command"]
 
 
-def test_a_failing_and_a_hanging_step_are_recorded(tmp_path):
+@pytest.mark.parametrize("launch", ["exec", "fork"])
+def test_a_failing_and_a_hanging_step_are_recorded(tmp_path, launch):
     """The driver's own handling, without the models: a script that raises gives outcome error with its
-    error line; one that hangs is killed (with its process group) at the timeout."""
+    error line; one that hangs is killed (with its process group) at the timeout. Both ways of starting a
+    step: a new interpreter (the GPU run's) and a fork of the driver (the tiny mode's)."""
     (tmp_path / "boom.py").write_text("import sys\nprint('working', file=sys.stderr)\nraise RuntimeError('boom 42')\n")
     (tmp_path / "hang.py").write_text("import subprocess, sys, time\n"
                                       "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
                                       "time.sleep(60)\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     boom = gpu_check.run_step(gpu_check.Step("boom", "infer", str(tmp_path / "boom.py"), ["a=1"], 60), 60,
-                              tmp_path, env)
+                              tmp_path, env, launch)
     assert boom["outcome"] == "error" and boom["rc"] == 1 and boom["error"] == "RuntimeError: boom 42"
     assert boom["command"] == f"python {tmp_path / 'boom.py'} a=1" and boom["memory_kind"] == "peak_rss"
     assert boom["peak_rss_mb"] > 0 and "working" in boom["stderr_tail"]
-    hang = gpu_check.run_step(gpu_check.Step("hang", "infer", str(tmp_path / "hang.py"), [], 3), 3, tmp_path, env)
+    hang = gpu_check.run_step(gpu_check.Step("hang", "infer", str(tmp_path / "hang.py"), [], 3), 3, tmp_path, env,
+                              launch)
     assert hang["outcome"] == "timeout" and hang["rc"] == 124 and hang["error"] == "timed out after 3 s"
     assert hang["seconds"] < 30
 

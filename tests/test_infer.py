@@ -18,8 +18,15 @@ TINY = ROOT / "configs" / "infer" / "tiny.yaml"
 
 
 def infer(*args, env=None, launcher=None):
+    """infer.py with the tiny config in a new process (as a shell runs it)."""
     cmd = [*(launcher or [sys.executable]), str(INFER), "--config", str(TINY), *map(str, args), "overwrite=false"]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture
+def infer_here(run_script):
+    """infer.py with the tiny config, its main run in this process (tests/conftest.py::run_script)."""
+    return lambda *args: run_script("infer.py", "--config", TINY, *args, "overwrite=false")
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +40,9 @@ def lq_clip(tmp_path_factory, sample_video_path):
     return path
 
 
-def test_infer_clip_rerun_and_overwrite(lq_clip, tmp_path):
+def test_infer_clip_rerun_and_overwrite(lq_clip, tmp_path, infer_here, run_script):
     out = tmp_path / "out"
-    p = infer("--input", lq_clip, "--output", out, "save_frames=true")
+    p = infer_here("--input", lq_clip, "--output", out, "save_frames=true")
     assert p.returncode == 0, p.stderr[-2000:]
     assert "1 done, 0 skipped" in p.stdout
     m = VideoReader(out / "bunny.mp4").meta
@@ -46,23 +53,23 @@ def test_infer_clip_rerun_and_overwrite(lq_clip, tmp_path):
     assert read_video(out / "bunny", max_frames=1).shape == (1, 360, 640, 3)
     assert not [p for p in out.rglob(".*")], "temporary files left"
     mtime = (out / "bunny.mp4").stat().st_mtime_ns
-    p = infer("--input", lq_clip, "--output", out, "save_frames=true")
+    p = infer_here("--input", lq_clip, "--output", out, "save_frames=true")
     assert p.returncode == 0 and "0 done, 1 skipped" in p.stdout
     assert (out / "bunny.mp4").stat().st_mtime_ns == mtime
-    p = subprocess.run([sys.executable, str(INFER), "--config", str(TINY), "--input", str(lq_clip), "--output", str(out),
-                        "overwrite=true", "copy_audio=false"], capture_output=True, text=True, timeout=900)
+    p = run_script("infer.py", "--config", TINY, "--input", lq_clip, "--output", out, "overwrite=true",
+                   "copy_audio=false")
     assert p.returncode == 0 and "1 done" in p.stdout
     assert (out / "bunny.mp4").stat().st_mtime_ns != mtime and not VideoReader(out / "bunny.mp4").meta.has_audio
 
 
-def test_folder_with_bad_clip_and_stray_files(lq_clip, tmp_path, carphone_frames):
+def test_folder_with_bad_clip_and_stray_files(lq_clip, tmp_path, carphone_frames, infer_here):
     clips = tmp_path / "clips"
     clips.mkdir()
     write_video(clips / "car.mp4", carphone_frames[:3, :48, :64], fps=10, crf=25)  # short clip, < window
     (clips / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 64)
     (clips / "notes.txt").write_text("not a clip")
     out = tmp_path / "out"
-    p = infer("--input", clips, "--output", out)
+    p = infer_here("--input", clips, "--output", out)
     assert p.returncode == 1, p.stderr[-2000:]
     assert "skipped 1 entries" in p.stdout and "notes.txt" in p.stdout
     assert re.search(r"1 done, 0 skipped .*1 failed", p.stdout)
@@ -71,18 +78,20 @@ def test_folder_with_bad_clip_and_stray_files(lq_clip, tmp_path, carphone_frames
     assert not [p for p in out.rglob(".*")]
 
 
-def test_bad_inputs(tmp_path, lq_clip):
+def test_bad_inputs(tmp_path, lq_clip, infer_here, run_script, monkeypatch):
+    """Each a one-line error and exit 2 (in this process; test_dcm_mode_and_default_config and
+    tests/test_input_safety.py see the exit status of a new process)."""
     (tmp_path / "empty").mkdir()
-    p = infer("--input", tmp_path / "empty", "--output", tmp_path / "o")
+    p = infer_here("--input", tmp_path / "empty", "--output", tmp_path / "o")
     assert p.returncode == 2 and "no clips" in p.stderr and "Traceback" not in p.stderr
-    p = infer("--input", tmp_path, "--output", tmp_path / "inside")
+    assert p.stderr.strip().count("\n") == 0
+    p = infer_here("--input", tmp_path, "--output", tmp_path / "inside")
     assert p.returncode == 2 and "must not be inside the input" in p.stderr
     full = ROOT / "configs" / "infer" / "sdatc.yaml"
-    env = {k: v for k, v in os.environ.items() if k != "SDATC_SD21_PATH"}
-    p = subprocess.run([sys.executable, str(INFER), "--config", str(full), "--input", str(lq_clip), "--output",
-                        str(tmp_path / "o2")], capture_output=True, text=True, timeout=300, env=env)
+    monkeypatch.delenv("SDATC_SD21_PATH", raising=False)
+    p = run_script("infer.py", "--config", full, "--input", lq_clip, "--output", tmp_path / "o2")
     assert p.returncode == 2 and "no SD 2.1 weights: set pretrained=PATH" in p.stderr
-    p = infer("--input", lq_clip, "--output", tmp_path / "o3", f"checkpoint={tmp_path / 'nope'}")
+    p = infer_here("--input", lq_clip, "--output", tmp_path / "o3", f"checkpoint={tmp_path / 'nope'}")
     assert p.returncode == 2 and "checkpoint not found" in p.stderr
     assert not (tmp_path / "o2").exists() and not list((tmp_path / "o3").glob("*.mp4"))
 
@@ -101,26 +110,26 @@ def test_two_processes_shard_clips(tmp_path, carphone_frames):
     assert all(VideoReader(tmp_path / "out" / f"c{i}.mp4").meta.num_frames == 2 for i in range(3))
 
 
-def test_dcm_mode_and_default_config(lq_clip, tmp_path):
+def test_dcm_mode_and_default_config(lq_clip, tmp_path, run_script, monkeypatch):
     """mode=dcm (the preview model's path) with an untrained DCM, and the error without weights."""
     preview = ROOT / "configs" / "infer" / "preview.yaml"
-    cmd = [sys.executable, str(INFER), "--config", str(preview), "--input", str(lq_clip), "--output", str(tmp_path / "o")]
-    p = subprocess.run([*cmd, "checkpoint=null", "allow_random_weights=true", "pipeline.tiling.dcm_tile=64"],
-                       capture_output=True, text=True, timeout=900)
+    args = ["--config", preview, "--input", lq_clip, "--output", tmp_path / "o"]
+    p = run_script("infer.py", *args, "checkpoint=null", "allow_random_weights=true", "pipeline.tiling.dcm_tile=64")
     assert p.returncode == 0, p.stderr[-2000:]
     assert "model: DCM only" in p.stdout and "untrained" in p.stdout
     m = VideoReader(tmp_path / "o" / "bunny.mp4").meta
     assert (m.num_frames, m.width, m.height) == (7, 640, 360)
-    p = subprocess.run([*cmd[:-1], str(tmp_path / "o2"), "checkpoint=null"], capture_output=True, text=True, timeout=300)
+    p = run_script("infer.py", *args[:-1], tmp_path / "o2", "checkpoint=null")
     assert p.returncode == 2 and "no DCM weights: set checkpoint=PATH" in p.stderr
     assert not list((tmp_path / "o2").glob("*.mp4"))
-    env = {k: v for k, v in os.environ.items() if k != "SDATC_SD21_PATH"}
-    p = subprocess.run([sys.executable, str(INFER), "--input", str(lq_clip), "--output", str(tmp_path / "d"),
-                        "checkpoint=null", "allow_random_weights=true"], capture_output=True, text=True, timeout=900, env=env)
+    monkeypatch.delenv("SDATC_SD21_PATH", raising=False)
+    p = run_script("infer.py", "--input", lq_clip, "--output", tmp_path / "d", "checkpoint=null",
+                   "allow_random_weights=true")
     assert p.returncode == 0 and "config: configs/infer/preview.yaml (the default" in p.stdout, p.stderr[-2000:]
 
 
 def test_bicubic_mode_equals_the_baseline(lq_clip, tmp_path):
+    """In a new process, as a user runs it (the exit status a shell sees)."""
     from sdatc.data.imresize import bicubic_up
 
     p = subprocess.run([sys.executable, str(INFER), "--config", str(ROOT / "configs" / "infer" / "bicubic.yaml"),

@@ -65,19 +65,19 @@ def _interrupt(clips: Path, out: Path, sig: int) -> None:
     assert _leftovers(out) == []  # no temporary file, no lock
 
 
-def test_sigterm_and_sigint_mid_clip_clean_up_and_a_rerun_finishes(tmp_path, carphone_frames):
+def test_sigterm_and_sigint_mid_clip_clean_up_and_a_rerun_finishes(tmp_path, carphone_frames, run_script):
     clips = tmp_path / "clips"
     write_video(clips / "a.mp4", carphone_frames[:2, :48, :64], fps=10, crf=25)
     write_video(clips / "b.mp4", np.concatenate([carphone_frames] * 2)[:12, :48, :64], fps=10, crf=25)
     out = tmp_path / "out"
     _interrupt(clips, out, signal.SIGTERM)
     _interrupt(clips, out, signal.SIGINT)  # the rerun skips a, redoes b, and is interrupted again
-    rerun = subprocess.run(_cmd("tiny.yaml", clips, out), capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=900)
+    rerun = run_script("infer.py", *_cmd("tiny.yaml", clips, out)[2:])  # the rerun needs no new process
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert re.search(r"1 done, 1 skipped", rerun.stdout) and VideoReader(out / "b.mp4").meta.num_frames == 12
 
 
-def test_clip_broken_midway_names_clip_and_frame_and_leaves_nothing(tmp_path, carphone_frames):
+def test_clip_broken_midway_names_clip_and_frame_and_leaves_nothing(tmp_path, carphone_frames, run_script):
     clips = tmp_path / "clips"
     write_video(clips / "good.mp4", carphone_frames[:3, :48, :64], fps=10, crf=25)
     bad = clips / "bad.mp4"
@@ -90,7 +90,7 @@ def test_clip_broken_midway_names_clip_and_frame_and_leaves_nothing(tmp_path, ca
     data = bad.read_bytes()
     bad.write_bytes(data[: len(data) * 2 // 3])  # cut: the index promises 20 frames, the last ones are gone
     out = tmp_path / "out"
-    p = subprocess.run(_cmd("bicubic.yaml", clips, out), capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=600)
+    p = run_script("infer.py", *_cmd("bicubic.yaml", clips, out)[2:])
     assert p.returncode == 1
     assert re.search(r"bad: failed .*bad\.mp4.*(decoded \d+ of \d+ frames|after \d+ frames)", p.stdout), p.stdout
     assert (out / "good.mp4").exists() and not (out / "bad.mp4").exists() and _leftovers(out) == []

@@ -1,8 +1,6 @@
 """Messages a person can act on (issue 23, section 6): missing or foreign weights, random-weight hints, paths
 that are never Hub ids, and settings checked when the config loads. Each error is one line."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -70,9 +68,9 @@ def test_random_weights_hint_points_at_the_tiny_config(tmp_path, monkeypatch):
         assert msg.startswith("no SD 2.1 weights") and "configs/infer/tiny.yaml" in msg
 
 
-def test_check_weights_says_no_trained_weights_are_published(tmp_path):
-    p = subprocess.run([sys.executable, "scripts/check_weights.py", "--weights", str(tmp_path)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
+def test_check_weights_says_no_trained_weights_are_published(tmp_path, run_script, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    p = run_script("check_weights.py", "--weights", tmp_path)
     assert p.returncode == 0, p.stderr
     line = next(x for x in p.stdout.splitlines() if "trained SDATC / UltraVSR modules" in x)
     assert "none are published" in line and "train them" in line and "preview model" in line
@@ -104,9 +102,9 @@ def test_settings_are_checked_when_the_config_loads(cls_path, overrides, words):
     assert words in one_line(e)
 
 
-def test_infer_cli_device_banana_is_one_line(tmp_path):
-    p = subprocess.run([sys.executable, "scripts/infer.py", "--input", str(tmp_path), "--output", str(tmp_path / "o"),
-                        "device=banana"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+def test_infer_cli_device_banana_is_one_line(tmp_path, run_script, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    p = run_script("infer.py", "--input", tmp_path, "--output", tmp_path / "o", "device=banana")
     assert p.returncode != 0 and "Traceback" not in p.stderr
     assert "unknown device 'banana'" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
 

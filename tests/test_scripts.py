@@ -30,21 +30,23 @@ def test_make_testsets_then_evaluate(gt_root, tmp_path):
     assert (tmp_path / "r.csv").read_text().startswith("clip,frames,psnr_y,ssim_y")
 
 
-def test_bad_inputs_exit_cleanly(tmp_path, carphone_frames):
-    assert_clean_error(run(ROOT / "scripts/make_testsets.py", "--gt-root", tmp_path / "nope", "--out", tmp_path / "o"), "not found")
+def test_bad_inputs_exit_cleanly(tmp_path, carphone_frames, run_script):
+    """In this process, through run_cli as the scripts run (test_make_testsets_then_evaluate runs both as a
+    shell does)."""
+    make, evaluate = (lambda *a: run_script("make_testsets.py", *a)), (lambda *a: run_script("evaluate.py", *a))
+    assert_clean_error(make("--gt-root", tmp_path / "nope", "--out", tmp_path / "o"), "not found")
     (tmp_path / "empty").mkdir()
-    assert_clean_error(run(ROOT / "scripts/make_testsets.py", "--gt-root", tmp_path / "empty", "--out", tmp_path / "o"), "no clips")
-    assert_clean_error(run(ROOT / "scripts/make_testsets.py", "--gt-root", tmp_path, "--out", tmp_path / "o", "crff=[1]"),
-                       "unknown key 'crff'")
+    assert_clean_error(make("--gt-root", tmp_path / "empty", "--out", tmp_path / "o"), "no clips")
+    assert_clean_error(make("--gt-root", tmp_path, "--out", tmp_path / "o", "crff=[1]"), "unknown key 'crff'")
     bad = tmp_path / "videos"
     bad.mkdir()
     (bad / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 100)
-    p = run(ROOT / "scripts/make_testsets.py", "--gt-root", bad, "--out", tmp_path / "o2")
+    p = make("--gt-root", bad, "--out", tmp_path / "o2")
     assert_clean_error(p, "broken.mp4: not a readable video")
     assert not list((tmp_path / "o2").rglob("*.png")) and not list((tmp_path / "o2").rglob("*.mp4"))
-    assert_clean_error(run(ROOT / "scripts/evaluate.py", "--sr", tmp_path / "nope", "--gt", tmp_path), "not found")
+    assert_clean_error(evaluate("--sr", tmp_path / "nope", "--gt", tmp_path), "not found")
     (tmp_path / "cfg.yaml").write_text("metrics: [psnr]\nbogus: 1\n")
-    assert_clean_error(run(ROOT / "scripts/evaluate.py", "--config", tmp_path / "cfg.yaml"), r"cfg\.yaml.*unknown key 'bogus'")
+    assert_clean_error(evaluate("--config", tmp_path / "cfg.yaml"), r"cfg\.yaml.*unknown key 'bogus'")
 
 
 def _readme_command(heading: str) -> str:

@@ -56,7 +56,7 @@ def _paper_row(dataset: str, crf: int, method: str = "SDATC") -> str:
     return f"| **{method} (paper)** | {crf} | " + " | ".join(cells) + " |"
 
 
-def test_cli_bicubic_every_output_then_resume(tmp_path, gt):
+def test_cli_bicubic_every_output_then_resume(tmp_path, gt, run_script, monkeypatch):
     env = {k: v for k, v in os.environ.items() if k not in ("SDATC_SD21_PATH", "SDATC_WEIGHTS")}
     args = [sys.executable, str(SCRIPT), "--config", str(ROOT / "configs/eval/tables.yaml"), "sets=[REDS4]",
             f"gt_roots.REDS4={gt}", "official_clips=false", f"testsets={tmp_path / 'ts'}", f"results={tmp_path / 'res'}",
@@ -101,7 +101,10 @@ def test_cli_bicubic_every_output_then_resume(tmp_path, gt):
     units = sorted((out / "scores").rglob("*.json"))
     assert len(units) == 6
     stamps = [u.stat().st_mtime_ns for u in units]
-    p = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    monkeypatch.chdir(tmp_path)  # the resume in this process (the first run above is the CLI a shell runs)
+    for k in ("SDATC_SD21_PATH", "SDATC_WEIGHTS"):
+        monkeypatch.delenv(k, raising=False)
+    p = run_script("reproduce_tables.py", *args[2:])
     assert p.returncode == 0, p.stderr[-3000:]
     assert "0 clips built, 2 reused" in p.stdout
     assert [u.stat().st_mtime_ns for u in units] == stamps  # finished units are not recomputed
@@ -130,7 +133,7 @@ def test_method_without_its_config_is_skipped(tmp_path, gt):
         tmp_path / "out" / "tables.md").read_text()
 
 
-def test_unknown_names_and_missing_gt_roots(tmp_path, gt):
+def test_unknown_names_and_missing_gt_roots(tmp_path, gt, run_script):
     with pytest.raises(SdatcError, match="unknown metric 'bogus'"):
         reproduce(_cfg(tmp_path, gt, metrics=["psnr_y", "bogus"]))
     assert not (tmp_path / "out").exists()
@@ -142,10 +145,17 @@ def test_unknown_names_and_missing_gt_roots(tmp_path, gt):
         reproduce(_cfg(tmp_path, gt, gt_roots=GTRoots(REDS4=str(tmp_path / "nope"))))
     with pytest.raises(ConfigError, match="method 'sdatc' is not defined"):
         load_config(TablesConfig, None, ["methods=[sdatc]"])
-    p = subprocess.run([sys.executable, str(SCRIPT), "--config", str(ROOT / "configs/eval/tables.yaml"), "sets=[Vid5]"],
-                       capture_output=True, text=True, timeout=120)
+    p = run_script("reproduce_tables.py", "--config", ROOT / "configs/eval/tables.yaml", "sets=[Vid5]")
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert re.fullmatch(r"error: .*unknown set 'Vid5' \(known: REDS4, Vid4, UDM10\)", p.stderr.strip().splitlines()[-1])
+
+
+def test_own_clips_without_official_clips_false_say_so(tmp_path, gt):
+    """README's quick look on one's own clips (official_clips left at true): the error names the switch."""
+    with pytest.raises(SdatcError, match=r"set REDS4: .*GT lacks the paper's REDS4 clips \(000, 011, 015, 020; "
+                                         r"it has bunnyA, bunnyB\): for your own clips set official_clips=false"):
+        reproduce(_cfg(tmp_path, gt, official_clips=True, crf=[25]), log=lambda *_: None)
+    assert not (tmp_path / "ts" / "REDS4").exists()  # refused before building anything
 
 
 def test_size_not_divisible_by_4_names_the_clip_and_resumes(tmp_path, gt, bunny_frames):

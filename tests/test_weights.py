@@ -32,9 +32,9 @@ def test_layout_matches_the_protocol():
         "ckpt_koniq10k.pt": "hub/pyiqa", "alexnet-owt-7be5be79.pth": "hub/checkpoints",
         "vgg16-397923af.pth": "hub/checkpoints", "raft_large_C_T_SKHT_V2-ff5fadd5.pth": "hub/checkpoints",
         "RN50.pt": "hub/clip"}
+    from sdatc.models.flow import RAFT_WEIGHTS_NAME
     from sdatc.models.saving import CONFIG_NAME
     from sdatc.models.sdatc import WEIGHTS_NAME
-    from sdatc.pipelines.flow import RAFT_WEIGHTS_NAME
 
     assert SDATC_FILES == (WEIGHTS_NAME, CONFIG_NAME) and RAFT_WEIGHTS_NAME in where
 

@@ -25,7 +25,6 @@ from typing import Literal
 import av
 import cv2
 import numpy as np
-from tqdm import tqdm
 
 import sdatc
 from sdatc.config import to_dict
@@ -33,7 +32,7 @@ from sdatc.data.compress import SCALE_FLAGS, x264_compress
 from sdatc.data.imresize import bicubic_down
 from sdatc.data.video import X264_PRESETS, FrameWriter, VideoReader, encoder_version, list_clips
 from sdatc.errors import SdatcError
-from sdatc.utils import atomic_write_bytes, atomic_write_text, sha256_file
+from sdatc.utils import atomic_write_bytes, atomic_write_text, sha256_file, tqdm
 
 MANIFEST_FORMAT = "sdatc-testset/1"
 CLIP_LISTS = ("reds4", "vid4", "udm10", "reds_train")

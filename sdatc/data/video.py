@@ -31,10 +31,9 @@ import av
 import cv2
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from sdatc.errors import SdatcError, os_error
-from sdatc.utils import natural_key, temp_dir_sibling, temp_sibling
+from sdatc.utils import natural_key, temp_dir_sibling, temp_sibling, tqdm
 
 VIDEO_EXTS = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp")

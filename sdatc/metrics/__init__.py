@@ -1,13 +1,7 @@
-"""Image/video quality metrics behind one registry (``get_metric(name)``, ``build_metric(name, ctx)``)."""
+"""Image/video quality metrics in one mapping (``METRICS``; ``get_metric(name)``, ``build_metric(name, ctx)``)."""
 
-from sdatc.metrics.registry import (
-    MetricContext,
-    MetricSpec,
-    MetricUnavailable,
-    build_metric,
-    get_metric,
-    metric_names,
-    register,
-)
+from sdatc.errors import MetricUnavailable
+from sdatc.metrics.base import MetricContext
+from sdatc.metrics.registry import METRICS, MetricSpec, build_metric, get_metric, metric_names
 
-__all__ = ["MetricContext", "MetricSpec", "MetricUnavailable", "build_metric", "get_metric", "metric_names", "register"]
+__all__ = ["METRICS", "MetricContext", "MetricSpec", "MetricUnavailable", "build_metric", "get_metric", "metric_names"]

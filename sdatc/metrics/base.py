@@ -11,10 +11,21 @@ Frame metrics with a ``batch_fn`` score ``batch_size`` frames at once (on the GP
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricContext:
+    """What a metric factory may use: the device, the offline weights folder, the batch size."""
+
+    device: str = "cpu"
+    weights: Path | None = None  # resolved weights root (sdatc.weights.resolve_root)
+    batch_size: int = 4
 
 
 class Scorer:

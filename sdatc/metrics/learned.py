@@ -5,7 +5,7 @@ ensemble): RGB in [0, 1], full frame, ``batch_size`` frames per call. FID: Incep
 features (pyiqa's FID network) of every frame after the clean-fid resize (PIL bicubic per channel in
 float to 299x299), then one Frechet distance per set between all SR and all GT features.
 
-Every network is built with :func:`sdatc.metrics.offline.offline_loading` after checking that its
+Every network is built with :func:`sdatc.models.iqa.create_pyiqa` after checking that its
 files are in the weights folder (sdatc.weights); a missing file makes the metric unavailable.
 """
 
@@ -18,45 +18,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sdatc.metrics.base import FrameMetric, Metric, Scorer, pick_device, to_tensor
-from sdatc.metrics.offline import offline_loading
-from sdatc.metrics.registry import MetricContext, MetricUnavailable
-from sdatc.weights import WeightsMissing, require, resolve_root
+from sdatc.metrics.base import FrameMetric, Metric, MetricContext, Scorer, pick_device, to_tensor
+from sdatc.models.iqa import create_pyiqa
 
-# pyiqa metric name and settings behind each of our names (recorded as the metric's variant).
-PYIQA_NAMES = {"lpips": "lpips", "dists": "dists", "niqe": "niqe", "maniqa": "maniqa", "clipiqa": "clipiqa", "fid": "fid"}
 FULL_REFERENCE = {"lpips", "dists"}
-
-
-def create_pyiqa(name: str, ctx: MetricContext, user: str | None = None):
-    """pyiqa.create_metric(name) built offline from the weights folder, on ``ctx.device``.
-
-    ``user``: the metric that needs this network (named in the message when weights are missing).
-    """
-    root = ctx.weights or resolve_root(None)
-    try:
-        require(name, root)
-    except WeightsMissing as e:
-        raise MetricUnavailable(f"{user} (uses {e})" if user else str(e)) from None
-    try:
-        import pyiqa
-    except ImportError as e:
-        raise MetricUnavailable(f"{user or name}: pyiqa does not import ({e}); run bash scripts/setup.sh") from None
-
-    device = pick_device(ctx.device)
-    with offline_loading(root, timm_pretrained=name != "maniqa"):
-        try:
-            metric = pyiqa.create_metric(PYIQA_NAMES[name], device=device)
-        except MetricUnavailable:
-            raise
-        except Exception as e:  # an unreadable or mismatching file: say which metric and why
-            raise MetricUnavailable(f"{name}: cannot load its weights from {root}: {type(e).__name__}: {e}") from None
-    return metric.eval()
 
 
 def pyiqa_frame_metric(name: str, ctx: MetricContext) -> FrameMetric:
     """A batched frame metric around a pyiqa network (full-reference ones get the GT frame too)."""
-    net = create_pyiqa(name, ctx)
+    net = create_pyiqa(name, pick_device(ctx.device), ctx.weights)
     device = next((p.device for p in net.parameters()), pick_device(ctx.device))
 
     @torch.no_grad()
@@ -88,7 +58,8 @@ class FID(Metric):
     name = "fid"
 
     def __init__(self, ctx: MetricContext):
-        self.net = create_pyiqa("fid", ctx).net.model  # pyiqa's FID Inception-V3 (pool3 output)
+        fid = create_pyiqa("fid", pick_device(ctx.device), ctx.weights)
+        self.net = fid.net.model  # pyiqa's FID Inception-V3 (pool3 output)
         self.device = next(self.net.parameters()).device
         self.batch_size = ctx.batch_size
 

@@ -22,9 +22,9 @@ import cv2
 import numpy as np
 import torch
 
-from sdatc.metrics.base import Metric, Scorer, pick_device, to_tensor
-from sdatc.metrics.registry import MetricContext, MetricUnavailable
-from sdatc.pipelines.flow import FlowConfig, backward_warp, compute_flows, load_raft, occlusion_mask
+from sdatc.errors import MetricUnavailable
+from sdatc.metrics.base import Metric, MetricContext, Scorer, pick_device, to_tensor
+from sdatc.models.flow import FlowConfig, backward_warp, compute_flows, load_raft, occlusion_mask
 from sdatc.weights import WeightsMissing, require, resolve_root
 
 OCC_ALPHA, OCC_BETA = 0.01, 0.5
@@ -76,9 +76,9 @@ class TLP(Metric):
     kind, name = "clip", "tlp"
 
     def __init__(self, ctx: MetricContext):
-        from sdatc.metrics.learned import create_pyiqa
+        from sdatc.models.iqa import create_pyiqa
 
-        self.net = create_pyiqa("lpips", ctx, user="tlp")
+        self.net = create_pyiqa("lpips", pick_device(ctx.device), ctx.weights, user="tlp")
         self.device = next(self.net.parameters()).device
 
     @torch.no_grad()

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from sdatc.errors import MetricUnavailable
 from sdatc.metrics.base import Metric, Scorer
 from sdatc.metrics.psnr_ssim import rgb_to_y
-from sdatc.metrics.registry import MetricUnavailable
 
 VMAF_MODEL = "vmaf_v0.6.1"
 

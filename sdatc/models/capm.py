@@ -124,8 +124,6 @@ class MDTA(nn.Module):
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"MDTA: num_heads {num_heads} does not divide dim {dim}")
         self.num_heads = num_heads
         self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1))
         self.qkv = nn.Conv2d(dim, dim * 3, 1, bias=False)
@@ -233,7 +231,6 @@ class CAPM(nn.Module):
         Returns:
             (N, L) weights; rows sum to 1 with ``weight_norm="softmax"``.
         """
-        self._check_input(x)
         pooled = self.weight_cnn(x)  # (N, h, 1, 1)
         v = self.weight_linear(pooled.flatten(1))  # (N, h) -> (N, L)
         if self.cfg.weight_norm == "softmax":
@@ -262,12 +259,6 @@ class CAPM(nn.Module):
         fused = self.reduce(torch.cat([x, p], dim=1))  # (N, C + C_p, H, W) -> (N, d, H, W)
         fused = self.block(fused)  # (N, d, H, W)
         return x + self.zero_out(fused)  # (N, C, H, W)
-
-    def _check_input(self, x: Tensor) -> None:
-        if x.ndim != 4 or x.shape[1] != self.channels:
-            raise ValueError(
-                f"CAPM expects a (N, {self.channels}, H, W) tensor, got shape {tuple(x.shape)}"
-            )
 
 
 def capm_params(channels: list[int], cfg: CAPMConfig) -> int:

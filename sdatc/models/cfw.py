@@ -21,7 +21,6 @@ the identity, so the block computes theirs (tests/models/test_cfw.py).
 from __future__ import annotations
 
 import dataclasses
-import numbers
 
 import torch
 import torch.nn.functional as F
@@ -123,7 +122,6 @@ class CFW(nn.Module):
             dec_feat: (N, C, H, W) decoder feature F_d.
             enc_feat: (N, C, H, W) encoder feature F_e.
         """
-        self._check_inputs(dec_feat, enc_feat)
         x = torch.cat([enc_feat, dec_feat], dim=1)  # (N, 2C, H, W)
         x = self.res_in(x, None)  # (N, C, H, W)
         x = self.rdbs(x)  # (N, C, H, W)
@@ -135,21 +133,8 @@ class CFW(nn.Module):
         if ctx is not None:
             if ctx.enc_feats is None:
                 return dec_feat
-            enc_feat, w = ctx.enc_feats[self.level], ctx.cfw_weight
-        if isinstance(w, bool) or not isinstance(w, numbers.Real) or not 0.0 <= w <= 1.0:
-            raise ValueError(f"CFW: w must be a number in [0, 1], got {w!r}")
+            enc_feat, w = ctx.enc_feats[self.level], ctx.cfw_weight  # w checked by PipelineConfig.cfw_weight
         return dec_feat + w * self.fuse(dec_feat, enc_feat)
-
-    def _check_inputs(self, dec_feat: Tensor, enc_feat: Tensor) -> None:
-        if dec_feat.ndim != 4 or dec_feat.shape[1] != self.channels:
-            raise ValueError(
-                f"CFW expects (N, {self.channels}, H, W) features, got {tuple(dec_feat.shape)}"
-            )
-        if enc_feat.shape != dec_feat.shape:
-            raise ValueError(
-                f"CFW: encoder feature {tuple(enc_feat.shape)} and decoder feature "
-                f"{tuple(dec_feat.shape)} must have the same shape"
-            )
 
 
 def cfw_state_from_peer(peer: dict[str, Tensor], channels: int) -> dict[str, Tensor]:

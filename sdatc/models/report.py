@@ -3,7 +3,17 @@
 from __future__ import annotations
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils import flop_counter
+
+from sdatc.models.dcm_fast import dcm_inference
+
+
+def flop_counter_mode() -> flop_counter.FlopCounterMode:
+    """torch's FLOP counter, also counting the CPU flash-attention kernel as its CUDA siblings are."""
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is not None and op not in flop_counter.flop_registry:  # sdpa_flop is registered already shape-wrapped
+        flop_counter.register_flop_formula(op, get_raw=True)(flop_counter.sdpa_flop)
+    return flop_counter.FlopCounterMode(display=False)
 
 
 def count_flops(cfg, out_h: int = 720, out_w: int = 1280) -> dict:
@@ -25,14 +35,14 @@ def count_flops(cfg, out_h: int = 720, out_w: int = 1280) -> dict:
     out = {"frame": [out_h, out_w], "lr": [h, w], "lr_padded": [hp, wp]}
 
     def run(fn):
-        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        with torch.no_grad(), flop_counter_mode() as fc:
             fn()
         return int(fc.get_total_flops())
 
     lq = torch.zeros(1, 3, hp, wp, **meta)
-    with torch.no_grad():
-        model.upscale(lq)  # the DCM folds its upsampler on the first call (A45): not counted per frame
-    out["dcm"] = run(lambda: model.upscale(lq))
+    upscale = model.upscale if model.dcm is None else lambda x: dcm_inference(model.dcm, x)  # as the pipelines run
+    upscale(lq)  # the DCM folds its upsampler on the first call (A45): not counted per frame
+    out["dcm"] = run(lambda: upscale(lq))
     i_c = torch.zeros(1, 3, hp * s, wp * s, **meta)
     out["vae_encode"] = run(lambda: model.encode(i_c))
     z = torch.zeros(1, 4, hp * s // lat, wp * s // lat, **meta)
@@ -58,7 +68,7 @@ def count_flops_ultravsr(cfg, out_h: int = 720, out_w: int = 1280) -> dict:
     out = {"frame": [out_h, out_w], "lr": [h, w], "lr_padded": [hp, wp]}
 
     def run(fn):
-        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        with torch.no_grad(), flop_counter_mode() as fc:
             fn()
         return int(fc.get_total_flops())
 
@@ -93,7 +103,7 @@ def denoise_step_flops(cfg, shapes) -> dict[tuple[int, int], int]:
             model = UltraVSR.from_config(cfg) if uv else SDATC.from_config(cfg)
         for h, w in todo:
             z = torch.zeros(1, 4, h, w, device="meta")
-            with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            with torch.no_grad(), flop_counter_mode() as fc:
                 if uv:
                     model.predict(z, 500, num_frames=1)
                 else:

@@ -53,10 +53,9 @@ def neighbour(x: Tensor, num_frames: int, offset: int) -> Tensor:
 
 
 def _frames(ctx, num_frames: int | None) -> int:
-    n = ctx.num_frames if num_frames is None and ctx is not None else num_frames
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"RTS: num_frames must be a positive int, got {n!r}")
-    return n
+    """Frames per clip on the batch axis: the argument, else the Site's ``ctx.num_frames`` (the model's decode
+    checks that it divides the batch)."""
+    return ctx.num_frames if num_frames is None else num_frames
 
 
 class RTSConv(nn.Module):
@@ -120,6 +119,4 @@ class RTS(nn.Module):
     def forward(self, x: Tensor, num_frames: int | None = None, ctx=None) -> Tensor:
         # x: (B*T, C, H, W) -> (B*T, C, H, W)
         t = _frames(ctx, num_frames)
-        if x.ndim != 4 or x.shape[1] != self.channels or x.shape[0] % t:
-            raise ValueError(f"RTS expects (B*{t}, {self.channels}, H, W), got {tuple(x.shape)}")
         return self.attn(self.conv(x, t), t)

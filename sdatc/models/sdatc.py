@@ -35,7 +35,7 @@ from sdatc.models.stam import STAM, STAMConfig
 
 WEIGHTS_NAME = "sdatc_modules.safetensors"
 NEW_MODULES = ("dcm", "guidance", "capm_unet", "capm_vae", "stam", "cfw")
-FORMAT = "sdatc/2"  # keys are module paths (unet.up_blocks.0.mid.capm.*); sdatc/1 keys (capm_unet.0.*) load too
+FORMAT = "sdatc/2"  # keys are module paths (unet.up_blocks.0.mid.capm.*)
 
 
 @dataclasses.dataclass
@@ -61,8 +61,6 @@ class ModelConfig:
     enabled: ModuleSwitches = dataclasses.field(default_factory=ModuleSwitches)
     cfw_levels: list[int] = dataclasses.field(default_factory=lambda: [1, 2])  # VAE encoder levels fused by CFW
     upscale: int = 4
-    # retired keys, dropped from old config.yaml files with a note (sdatc.config)
-    _legacy_keys = {"cfw_weight": "the CFW weight w is now the inference setting pipeline.cfw_weight; training uses 1"}
 
     def __post_init__(self):
         if self.upscale != self.dcm.upscale:
@@ -92,7 +90,7 @@ class SDATC(TrainedModules, nn.Module):
 
         self.dcm = DCM(cfg.dcm) if on.dcm else None
         self.guidance = GuidanceEncoder(cfg.guidance, self.unet.config) if on.guidance else None
-        # groups in the order of the first checkpoint format (sdatc/1): (old key prefix, module, where, slot)
+        # the new modules by group: (index in the group, module, where, slot)
         n_vae, per_level = len(vae_boc), self.vae.config.layers_per_block + 1
         groups: dict[str, list] = {"capm_unet": [], "capm_vae": [], "stam": [], "cfw": []}
         if on.capm_unet:  # at each UNet up level, before its upsampler (PromptIR's placement)
@@ -112,7 +110,7 @@ class SDATC(TrainedModules, nn.Module):
         order = ("cfw", "capm_unet", "capm_vae", "stam")  # in a mid slot CFW acts before CAPM
         insert(self, [Placement(where, slot, kinds[g], m) for g in order for _, m, where, slot in groups[g]])
         path_of = {id(m): name for name, m in self.named_modules()}
-        # old key prefix -> module path, e.g. "stam.1" -> "vae.decoder.up_blocks.0.block.resnets.0.post.stam"
+        # group key -> module path, e.g. "stam.1" -> "vae.decoder.up_blocks.0.block.resnets.0.post.stam"
         self.module_paths = {f"{g}.{k}": path_of[id(m)] for g, items in groups.items() for k, m, _, _ in items}
         self._groups = {g: [k for k, *_ in items] for g, items in groups.items() if items}
         self.gradient_checkpointing = False
@@ -126,7 +124,7 @@ class SDATC(TrainedModules, nn.Module):
 
     def new_modules(self) -> dict[str, nn.Module]:
         """The enabled new (trainable) modules by group: ``dcm``, ``guidance`` and views (ModuleList /
-        ModuleDict by level for ``cfw``) of the Site modules, keyed as in the first checkpoint format."""
+        ModuleDict by level for ``cfw``) of the Site modules."""
         out = {n: getattr(self, n) for n in ("dcm", "guidance") if getattr(self, n) is not None}
         for g, keys in self._groups.items():
             mods = {k: self.get_submodule(self.module_paths[f"{g}.{k}"]) for k in keys}
@@ -242,34 +240,22 @@ class SDATC(TrainedModules, nn.Module):
             out |= {f"{path}.{k}": v for k, v in self.get_submodule(path).state_dict().items()}
         return {k: v.detach().contiguous() for k, v in out.items()}
 
-    def upgrade_keys(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Keys of the first format (``capm_unet.0.x``, ``stam.3.x``, ``cfw.1.x``) as module paths; other keys
-        unchanged. The map comes from this model's config (levels, resnets per level)."""
-        out = {}
-        for k, v in state.items():
-            group, _, rest = k.partition(".")
-            idx, _, tail = rest.partition(".")
-            path = self.module_paths.get(f"{group}.{idx}") if group in ("capm_unet", "capm_vae", "stam", "cfw") else None
-            out[f"{path}.{tail}" if path else k] = v
-        return out
-
     def group_state_dicts(self, state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-        """A checkpoint (either format) split by group, keyed as ``new_modules()[group].state_dict()``;
+        """A checkpoint split by group, keyed as ``new_modules()[group].state_dict()``;
         keys of modules this model does not have are grouped by their first name segment."""
-        old_of = {path: old for old, path in self.module_paths.items()}
+        group_of = {path: key for key, path in self.module_paths.items()}
         out: dict[str, dict] = {}
         for k, v in state.items():
             if k.startswith("_"):
                 continue
-            path = next((p for p in old_of if k.startswith(p + ".")), None)
-            key = f"{old_of[path]}.{k[len(path) + 1:]}" if path else k
+            path = next((p for p in group_of if k.startswith(p + ".")), None)
+            key = f"{group_of[path]}.{k[len(path) + 1:]}" if path else k
             group, _, rest = key.partition(".")
             out.setdefault(group, {})[rest] = v
         return out
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
-        """Strict (either format): any missing/unexpected key or shape mismatch is an error naming the first few."""
-        state = self.upgrade_keys(state)
+        """Strict: any missing/unexpected key or shape mismatch is an error naming the first few."""
         check_state(self.trainable_state_dict(), state, source)
         modules = self.new_modules()
         for name, sd in self.group_state_dicts(state).items():

@@ -68,8 +68,6 @@ class TemporalAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"TemporalAttention: num_heads {num_heads} does not divide dim {dim}")
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
         self.norm = nn.LayerNorm(dim)
@@ -108,10 +106,8 @@ class STAM(nn.Module):
         self.b = nn.Parameter(torch.zeros(()))
 
     def forward(self, x: Tensor, num_frames: int | None = None, ctx=None) -> Tensor:
-        # x: (B*T, C, H, W), T = num_frames (or ctx.num_frames at a Site)
-        num_frames = ctx.num_frames if num_frames is None and ctx is not None else num_frames
-        self._check_input(x, num_frames)
-        t = num_frames
+        # x: (B*T, C, H, W), T = num_frames (or ctx.num_frames at a Site; the model's decode checks it divides B*T)
+        t = ctx.num_frames if num_frames is None else num_frames
         clip = rearrange(x, "(b t) c h w -> b c t h w", t=t)  # (B, C, T, H, W)
         conv = rearrange(self.conv(clip), "b c t h w -> (b t) c h w")  # (B*T, C, H, W)
         f_c = self.a * conv + (1 - self.a) * x  # (B*T, C, H, W)
@@ -127,15 +123,3 @@ class STAM(nn.Module):
         tokens = rearrange(x, "(b t) c h w -> (b h w) t c", t=num_frames)
         out = torch.cat([self.attn(chunk) for chunk in tokens.split(self.cfg.chunk_size)])
         return rearrange(out, "(b h w) t c -> (b t) c h w", h=h, w=w)  # (B*T, C, H, W)
-
-    def _check_input(self, x: Tensor, num_frames: int) -> None:
-        if not isinstance(num_frames, int) or num_frames < 1:
-            raise ValueError(f"STAM: num_frames must be a positive int, got {num_frames!r}")
-        if x.ndim != 4 or x.shape[1] != self.channels:
-            raise ValueError(
-                f"STAM expects a (B*T, {self.channels}, H, W) tensor, got shape {tuple(x.shape)}"
-            )
-        if x.shape[0] % num_frames:
-            raise ValueError(
-                f"STAM: batch {x.shape[0]} is not a multiple of num_frames {num_frames}"
-            )

@@ -8,7 +8,7 @@ and its ``__call__``; the DCM-only and bicubic pipelines (``dcm_pipeline.py``) h
     pipe = sdatc.SDATCPipeline.from_sd21("stabilityai/stable-diffusion-2-1-base", checkpoint="weights/sdatc")
     pipe = pipe.to("cuda", torch_dtype=torch.bfloat16)
     out = pipe(frames, num_inference_steps=50, generator=torch.Generator().manual_seed(0))  # (T, 4H, 4W, 3) uint8
-    pipe.restore_file("clip.mp4", "clip_x4.mp4")                                           # a video file
+    pipe.restore_file("clip.mp4", "clip_x4.mp4", num_inference_steps=50)   # a video file, __call__'s settings
     pipe.save_pretrained("sdatc-pipeline")                # one folder: SD parts + SDATC modules + settings
     pipe = sdatc.SDATCPipeline.from_pretrained("sdatc-pipeline")                          # or a Hub id
 
@@ -73,13 +73,13 @@ class ModelSpec:
     allow_random_weights: bool = False  # run without SD 2.1 / checkpoint weights (tests, smoke runs)
 
 
-NO_PUBLISHED_WEIGHTS = ("no trained SDATC or UltraVSR weights are published: train them (README, Training) or use "
+NO_PUBLISHED_WEIGHTS = ("no trained SDATC or UltraVSR weights are published: train them (docs/training.md) or use "
                         "the preview model (infer.py without --config)")
 RANDOM_WEIGHTS_HINT = ("allow_random_weights=true runs random weights, for smoke tests; with --config "
                        "configs/infer/tiny.yaml it takes seconds on a CPU (the full-size model takes hours per clip)")
 
 
-def _checkpoint_kind(ckpt: Path) -> str | None:
+def checkpoint_kind(ckpt: Path) -> str | None:
     """Which system's modules ``ckpt`` (a folder or a .safetensors file) holds: "sdatc", "ultravsr" or None."""
     from safetensors import safe_open
 
@@ -128,7 +128,7 @@ def check_model(spec: ModelSpec) -> tuple[ModelConfig | UltraVSRConfig | None, P
         raise SdatcError(f"checkpoint not found: {ckpt} (config key checkpoint: a folder holding {weights_name} "
                          f"and {CONFIG_NAME}, as written by train.py, or a .safetensors file); {NO_PUBLISHED_WEIGHTS}")
     if ckpt is not None:
-        kind = _checkpoint_kind(ckpt)
+        kind = checkpoint_kind(ckpt)
         want = "ultravsr" if spec.mode == "ultravsr" else "sdatc"
         if kind is not None and kind != want:
             hint = ("mode=sdatc (configs/infer/sdatc.yaml, or mode=dcm for its DCM)" if kind == "sdatc"
@@ -346,15 +346,22 @@ class VSRPipeline:
         settings instead of the pipeline's."""
         raise NotImplementedError
 
+    def _settings(self, **settings) -> dict:
+        """:meth:`stream`'s keywords (``prompt``, ``config``: None for the pipeline's own, ...) for
+        ``__call__``'s settings."""
+        raise NotImplementedError
+
     def restore_file(self, in_path: str | Path, out_path: str | Path, crf: int = 15, preset: str = "medium",
                      copy_audio: bool = True, fps: float = 25.0, overwrite: bool = False,
-                     pix_fmt: str = "auto", prompt: str | list[str] | None = None) -> Path:
+                     pix_fmt: str = "auto", **settings) -> Path:
         """Restore a video file (or a folder of frames, at ``fps``) to ``out_path`` (an mp4, written under a
         temporary name, audio copied; frame times, aspect ratio, rotation and colour tags kept; ``pix_fmt``:
-        auto (10-bit for >8-bit input), yuv420p or yuv420p10le; ``prompt``: as for ``__call__``). Returns
-        ``out_path``; an existing output is an error unless ``overwrite``."""
+        auto (10-bit for >8-bit input), yuv420p or yuv420p10le). ``settings``: the keywords of ``__call__``
+        (``num_inference_steps``, ``generator``, ``prompt``, ...), with the same meaning. Returns ``out_path``; an
+        existing output is an error unless ``overwrite``."""
         from sdatc.data.video import write_restored
 
+        kw = self._settings(**settings)
         src, dst = Path(in_path), Path(out_path)
         if not src.exists():
             raise SdatcError(f"input not found: {src}")
@@ -363,7 +370,7 @@ class VSRPipeline:
         if dst.exists() and not overwrite:
             raise SdatcError(f"{dst} exists (overwrite=True replaces it)")
         dst.parent.mkdir(parents=True, exist_ok=True)
-        stream = functools.partial(self.stream, prompt=prompt or None, source=src)
+        stream = functools.partial(self.stream, source=src, **kw)
         write_restored(stream, src, dst, crf=crf, preset=preset,
                        copy_audio=copy_audio, fps=fps, progress=self.progress, pix_fmt=pix_fmt, overwrite=overwrite)
         return dst

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from sdatc.errors import SdatcError
-from sdatc.pipelines.flow import FlowConfig
+from sdatc.models.flow import FlowConfig
 from sdatc.pipelines.sampler import SamplerConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 
 from sdatc.errors import SdatcError
+from sdatc.models.dcm import DCM
+from sdatc.models.dcm_fast import dcm_inference
 from sdatc.pipelines.config import PipelineConfig, autocast
 from sdatc.pipelines.memory import StagePlan, StagePlanner
 from sdatc.pipelines.tiling import tiled_batched
@@ -74,12 +76,16 @@ class DCMPipeline:
         self.plans: dict[str, StagePlan] = self._plan.plans
         autocast(self.device, dtype)  # fp16 on the CPU: an error now, not at the first frame
 
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The network on (B, 3, h, w): the DCM's inference path, or the module itself (``Bicubic``)."""
+        return dcm_inference(self.dcm, x) if isinstance(self.dcm, DCM) else self.dcm(x)
+
     def _restore_batch(self, lq: torch.Tensor) -> list[np.ndarray]:
         """(B, 3, h, w) float in [0, 1] -> B frames (4h, 4w, 3) uint8, in the calling thread."""
         t = self.cfg.tiling
         plan = self._plan("dcm", lq, t.dcm_tile)
         with torch.inference_mode(), autocast(self.device, self.dtype):
-            out = tiled_batched(self.dcm, (lq,), t.dcm_tile if plan.tiled else None, t.dcm_overlap, plan.batch)
+            out = tiled_batched(self._forward, (lq,), t.dcm_tile if plan.tiled else None, t.dcm_overlap, plan.batch)
             out = out.float().clamp_(0, 1).mul_(255).round_().to(torch.uint8).cpu()  # (B, 3, 4h, 4w)
         return [y.permute(1, 2, 0).numpy() for y in out]
 

@@ -7,7 +7,7 @@
 * ``bitstream`` (ours): the stream's own compression level: x264's SEI options string (``crf=`` when
   the encoder ran in CRF mode, else ``qp=``) when present, else bits per pixel, mapped to d by
   piecewise-linear, monotone tables in the config. The tables are a hand-set prior, not calibrated
-  (README, "UltraVSR").
+  (docs/usage.md, "UltraVSR").
 
 d is clipped to ``[d_min, d_max]``: by default [0.01, 1], where the release has no clip (D = d^2 straight into
 ``argmin |abar_t - D|``; 0.01 only keeps ``z / sqrt(D)`` finite). [0.2, 0.95] was ours before issue 24.
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sdatc.errors import SdatcError
+from sdatc.errors import MetricUnavailable, SdatcError
 from sdatc.pipelines.config import DRSConfig
 
 X264_OPTION = re.compile(rb"x264 - core \d+.*?options: ([^\x00]*)", re.S)
@@ -107,11 +107,10 @@ class DRSEstimator:
         if cfg.estimator not in ("clipiqa", "bitstream", "fixed"):
             raise SdatcError(f"drs.estimator must be clipiqa, bitstream or fixed, got {cfg.estimator!r}")
         if cfg.estimator == "clipiqa":
-            from sdatc.metrics.learned import create_pyiqa
-            from sdatc.metrics.registry import MetricContext, MetricUnavailable
+            from sdatc.models.iqa import create_pyiqa
 
             try:
-                self.net = create_pyiqa("clipiqa", MetricContext(device=device, weights=Path(weights) if weights else None))
+                self.net = create_pyiqa("clipiqa", device, Path(weights) if weights else None)
             except MetricUnavailable as e:
                 warnings.warn(f"DRS: CLIP-IQA unavailable ({e}); d comes from the bitstream instead", stacklevel=2)
                 self.kind = "bitstream"

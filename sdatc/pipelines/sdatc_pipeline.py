@@ -2,6 +2,7 @@
 
     pipe = SDATCPipeline.from_sd21(None, checkpoint="weights/sdatc")   # loading, saving: ``base.py``
     out = pipe(frames, num_inference_steps=50)                         # (T, H, W, 3) uint8 -> (T, 4H, 4W, 3)
+    pipe.restore_file("clip.mp4", "clip_x4.mp4", num_inference_steps=50)  # a video file, __call__'s settings
     for frame in pipe.stream(reader, num_frames=len(reader)):          # frames streamed in order
         writer.write(frame)
 
@@ -27,14 +28,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from sdatc.errors import SdatcError
+from sdatc.models.dcm_fast import dcm_inference
+from sdatc.models.flow import load_raft, pair_flows
 from sdatc.models.sdatc import SDATC
 from sdatc.pipelines.base import VSRPipeline
 from sdatc.pipelines.colour import colour_correct
 from sdatc.pipelines.config import PipelineConfig, pad_to_multiple
-from sdatc.pipelines.flow import FlowGuidance, load_raft, pair_flows
+from sdatc.pipelines.flow_guidance import FlowGuidance
 from sdatc.pipelines.memory import StagePlan, StagePlanner
 from sdatc.pipelines.prompt import clip_context
 from sdatc.pipelines.sampler import Z_C_STEP, Sampler, frame_noise, posterior_sample
@@ -42,6 +44,7 @@ from sdatc.pipelines.speed import speed_up
 from sdatc.pipelines.tiled_vae import decode_tiled, encode_tiled
 from sdatc.pipelines.tiling import tiled_batched
 from sdatc.pipelines.windows import FrameFeed, WindowBlender, plan_windows, temporal_weights
+from sdatc.utils import tqdm
 
 _NO_RAFT = object()  # RAFT not loaded yet
 
@@ -93,6 +96,12 @@ class SDATCPipeline(VSRPipeline):
         (1: fidelity, 0: realism), ``colour_fix``: adain | wavelet | none. ``prompt``: the UNet's text
         condition, one string or one per frame, encoded by SD's text encoder (loaded at the first non-empty
         prompt); None or ``""``: the cached empty prompt, as trained."""
+        return self._collect(frames, output_type, **self._settings(num_inference_steps, generator, cfw_weight,
+                                                                   colour_fix, prompt))
+
+    def _settings(self, num_inference_steps: int | None = None, generator: torch.Generator | None = None,
+                  cfw_weight: float | None = None, colour_fix: str | None = None,
+                  prompt: str | list[str] | None = None) -> dict:
         seed = generator.initial_seed() if generator is not None else None
         config = None
         if any(v is not None for v in (num_inference_steps, seed, cfw_weight, colour_fix)):
@@ -100,7 +109,7 @@ class SDATCPipeline(VSRPipeline):
             sampler = dataclasses.replace(s, steps=num_inference_steps or s.steps, seed=s.seed if seed is None else seed)
             extra = {k: v for k, v in (("cfw_weight", cfw_weight), ("colour", colour_fix)) if v is not None}
             config = dataclasses.replace(self.config, sampler=sampler, **extra)
-        return self._collect(frames, output_type, prompt=prompt, config=config)
+        return {"prompt": prompt, "config": config}
 
     @torch.no_grad()
     def stream(self, frames: Iterable[np.ndarray], num_frames: int, prompt: str | list[str] | None = None,
@@ -195,11 +204,13 @@ class SDATCPipeline(VSRPipeline):
         """(T, 3, h, w) -> (T, 3, 4h, 4w)."""
         t = (cfg or self.config).tiling
         p = self._plan("dcm", lq, t.dcm_tile)
+        dcm = self.model.dcm
+        up = self.model.upscale if dcm is None else lambda x: dcm_inference(dcm, x)  # the DCM's inference path
         with self._autocast():
             if not p.tiled and p.batch >= len(lq):  # the window's frames in one call
-                out = self.model.upscale(lq)
+                out = up(lq)
             else:
-                out = tiled_batched(self.model.upscale, (lq,), t.dcm_tile if p.tiled else None, t.dcm_overlap, p.batch)
+                out = tiled_batched(up, (lq,), t.dcm_tile if p.tiled else None, t.dcm_overlap, p.batch)
         return out.float().clamp(0, 1)
 
     def _encode(self, img: torch.Tensor, frames: list[int],

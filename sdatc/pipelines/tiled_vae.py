@@ -226,7 +226,6 @@ class TiledCAPM(_Tiled):
 
     def tiled(self, x: Tensor, ctx=None) -> Tensor:
         m = self.inner
-        m._check_input(x)
         h, w = x.shape[-2:]
         boxes = self.grid.boxes(h, w)
         blk, mdta = m.block, m.block.attn

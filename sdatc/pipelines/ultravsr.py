@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from sdatc.errors import SdatcError
 from sdatc.models.ultravsr import UltraVSR, bicubic_x4, drs_step, one_step_x0
@@ -35,6 +34,7 @@ from sdatc.pipelines.speed import speed_up
 from sdatc.pipelines.tiled_vae import tiled_shared
 from sdatc.pipelines.tiling import tiled_batched
 from sdatc.pipelines.windows import FrameFeed, WindowBlender, plan_windows
+from sdatc.utils import tqdm
 
 
 class UltraVSRPipeline(VSRPipeline):
@@ -67,9 +67,12 @@ class UltraVSRPipeline(VSRPipeline):
         frames. ``chunk_frames``: TAI chunk (memory), ``colour_fix``: wavelet | adain | none. ``prompt``: the
         UNet's text condition, one string or one per frame (the release: RAM tags per frame); None or ``""``:
         the cached empty prompt."""
+        return self._collect(frames, output_type, **self._settings(d, chunk_frames, colour_fix, prompt))
+
+    def _settings(self, d: float | None = None, chunk_frames: int | None = None, colour_fix: str | None = None,
+                  prompt: str | list[str] | None = None) -> dict:
         extra = {k: v for k, v in (("chunk_frames", chunk_frames), ("colour", colour_fix)) if v is not None}
-        config = dataclasses.replace(self.config, **extra) if extra else None
-        return self._collect(frames, output_type, d=d, prompt=prompt, config=config)
+        return {"d": d, "prompt": prompt, "config": dataclasses.replace(self.config, **extra) if extra else None}
 
     @torch.no_grad()
     def stream(self, frames: Iterable[np.ndarray], num_frames: int, prompt: str | list[str] | None = None,

@@ -18,8 +18,6 @@ import datetime
 import json
 from pathlib import Path
 
-from tqdm import tqdm
-
 from sdatc.config import dump_config
 from sdatc.data.testsets import TestSetConfig, build_testsets, load_clip_list
 from sdatc.data.video import list_clips
@@ -30,7 +28,7 @@ from sdatc.tables import report
 from sdatc.tables.config import SETS, TablesConfig
 from sdatc.tables.methods import MethodSkipped, prepare, restore
 from sdatc.tables.units import gt_digest, score_unit, unit_path
-from sdatc.utils import atomic_write_text
+from sdatc.utils import atomic_write_text, tqdm
 from sdatc.weights import resolve_root
 
 PAPER_CRFS = (15, 25, 35)
@@ -62,6 +60,13 @@ def build_set(cfg: TablesConfig, name: str, gt_root: Path, log=print) -> SetInfo
     """Build (or reuse) a set's compressed test set; the CRFs built are the paper's plus any asked for,
     so that runs choosing different CRFs share one manifest."""
     key = cfg.set_key(name)
+    if cfg.official_clips:  # own clips under a paper set's name: say which switch takes them
+        have = list_clips(gt_root)
+        missing = [c for c in load_clip_list(SETS[name]) if c not in have]
+        if missing:
+            raise SdatcError(f"{gt_root} lacks the paper's {name} clips ({', '.join(missing[:4])}"
+                             f"{', ...' if len(missing) > 4 else ''}; it has {', '.join(list(have)[:4]) or 'none'}"
+                             f"{', ...' if len(have) > 4 else ''}): for your own clips set official_clips=false")
     crfs = sorted(set(PAPER_CRFS) | set(cfg.crf))
     ts = TestSetConfig(gt_root=str(gt_root), out=str(Path(cfg.testsets) / key), crf=crfs, pix_fmt=cfg.pix_fmt,
                        clip_list=SETS[name] if cfg.official_clips else None, max_frames=cfg.max_frames)

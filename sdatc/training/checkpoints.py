@@ -27,7 +27,8 @@ from sdatc.models.saving import (
     verify_weights,
     write_checksums,
 )
-from sdatc.models.sdatc import FORMAT, WEIGHTS_NAME, ModelConfig
+from sdatc.models.sdatc import FORMAT, WEIGHTS_NAME
+from sdatc.training.build import model_config
 from sdatc.training.config import TrainConfig
 from sdatc.utils import atomic_write_text
 
@@ -76,7 +77,7 @@ def check_init(cfg: TrainConfig) -> None:
         if not file.is_file():
             where = f"{path} has no {name}" if path.is_dir() else f"{path} does not exist"
             raise SdatcError(f"init checkpoint not found: {where} (init= takes checkpoint-<step> folders with {name}, "
-                             "or the files; train the previous stage first, see README)")
+                             "or the files; train the previous stage first, see docs/training.md)")
         verify_weights(file)
 
 
@@ -151,16 +152,6 @@ def _git_revision() -> str | None:
         return None
 
 
-def model_config(cfg: TrainConfig):
-    """The run's model config: a ModelConfig (SDATC) or, with ``system: ultravsr``, an UltraVSRConfig."""
-    overrides = list(cfg.model_overrides) + ([f"backbone.pretrained={cfg.pretrained}"] if cfg.pretrained else [])
-    if cfg.system == "ultravsr":
-        from sdatc.models.ultravsr import UltraVSRConfig
-
-        return load_config(UltraVSRConfig, cfg.model, overrides)
-    return load_config(ModelConfig, cfg.model, overrides)
-
-
 def weights_name(cfg: TrainConfig) -> tuple[str, str]:
     """(file name, format) of the trainable weights a checkpoint of this run holds."""
     if cfg.system == "ultravsr":
@@ -168,7 +159,6 @@ def weights_name(cfg: TrainConfig) -> tuple[str, str]:
 
         return ultravsr.WEIGHTS_NAME, ultravsr.FORMAT
     return WEIGHTS_NAME, FORMAT
-
 
 
 def save_checkpoint(acc, cfg: TrainConfig, mcfg, step: int, out: Path, trainable_state, ema, params) -> Path:

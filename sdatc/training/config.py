@@ -6,11 +6,25 @@ import dataclasses
 from typing import Literal
 
 from sdatc.data.datasets import TrainDataConfig
-from sdatc.pipelines.flow import FlowConfig
-from sdatc.training.latents import LatentsConfig
+from sdatc.models.flow import FlowConfig
 
 # The new modules each stage trains (docs/architecture.md section 5); the rest stays frozen.
 STAGE_MODULES = {0: ("dcm",), 1: ("dcm", "guidance", "capm_unet"), 2: ("cfw", "stam", "capm_vae")}
+
+
+@dataclasses.dataclass
+class LatentsConfig:
+    """Stage-2 latents sampled by the stage-1 model (``scripts/make_stage2_latents.py`` writes them)."""
+
+    dir: str | None = None  # folder of shards + manifest.json
+    num_samples: int = 20000  # 5-frame samples (20k x 5 = 100k frames, StableSR's 100k pairs)
+    steps: int = 50  # respaced sampling steps, as at inference
+    shard_size: int = 16
+    seed: int = 0  # sampling noise
+
+    def __post_init__(self):
+        if self.num_samples < 1 or self.steps < 1 or self.shard_size < 1:
+            raise ValueError("latents.num_samples, latents.steps and latents.shard_size must be >= 1")
 
 
 @dataclasses.dataclass

@@ -23,29 +23,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from sdatc.config import to_dict
 from sdatc.errors import SdatcError
-from sdatc.utils import ClipClaim, atomic_path, atomic_write_text, sha256_file, shared_run_id
+from sdatc.models.sdatc import WEIGHTS_NAME
+from sdatc.training.build import build_model, model_config
+from sdatc.training.checkpoints import check_init
+from sdatc.training.precision import DTYPES, cast_frozen_backbone, resolve_precision
+from sdatc.utils import ClipClaim, atomic_path, atomic_write_text, sha256_file, shared_run_id, tqdm
 
 FORMAT = "sdatc-stage2-latents/1"
 MANIFEST = "manifest.json"
-
-
-@dataclasses.dataclass
-class LatentsConfig:
-    """Stage-2 latents sampled by the stage-1 model (``scripts/make_stage2_latents.py`` writes them)."""
-
-    dir: str | None = None  # folder of shards + manifest.json
-    num_samples: int = 20000  # 5-frame samples (20k x 5 = 100k frames, StableSR's 100k pairs)
-    steps: int = 50  # respaced sampling steps, as at inference
-    shard_size: int = 16
-    seed: int = 0  # sampling noise
-
-    def __post_init__(self):
-        if self.num_samples < 1 or self.steps < 1 or self.shard_size < 1:
-            raise ValueError("latents.num_samples, latents.steps and latents.shard_size must be >= 1")
 
 
 def shard_name(k: int) -> str:
@@ -54,8 +42,6 @@ def shard_name(k: int) -> str:
 
 def plan(cfg) -> dict:
     """What the latents depend on (compared on every rerun and by stage 2): a TrainConfig ``cfg``."""
-    from sdatc.training.checkpoints import model_config
-
     lat = cfg.latents
     init = [{"path": str(p), "sha256": sha256_file(_weights_file(p))} for p in cfg.init]
     return {"format": FORMAT, "num_samples": lat.num_samples, "shard_size": lat.shard_size, "steps": lat.steps,
@@ -64,8 +50,6 @@ def plan(cfg) -> dict:
 
 
 def _weights_file(path) -> Path:
-    from sdatc.models.sdatc import WEIGHTS_NAME
-
     p = Path(path)
     return p / WEIGHTS_NAME if p.is_dir() else p
 
@@ -77,8 +61,6 @@ def generate(cfg, progress: bool = True) -> dict:
     from sdatc.pipelines.config import PipelineConfig, WindowConfig
     from sdatc.pipelines.sampler import SamplerConfig
     from sdatc.pipelines.sdatc_pipeline import SDATCPipeline
-    from sdatc.training.precision import DTYPES, cast_frozen_backbone, resolve_precision
-    from sdatc.training.trainer import build_model
     from sdatc.utils import process_state
 
     lat = cfg.latents
@@ -87,8 +69,6 @@ def generate(cfg, progress: bool = True) -> dict:
     if not cfg.init and not cfg.allow_random_weights:
         raise SdatcError("no stage-1 checkpoint: set init=[runs/stage1/checkpoint-N] (its DCM, guidance encoder "
                          "and UNet CAPM sample the latents)")
-    from sdatc.training.checkpoints import check_init
-
     check_init(cfg)  # each init= checkpoint exists and verifies: one line, before any work
     out = Path(lat.dir)
     state = process_state()
@@ -179,6 +159,16 @@ def _write_shard(out: Path, k: int, ds, pipe, cfg, device, bar) -> None:
 
 def _u8(x: torch.Tensor) -> torch.Tensor:
     return (x * 255).round().clamp(0, 255).to(torch.uint8).contiguous()
+
+
+def generated_latents(cfg, data_cfg) -> GeneratedLatents:
+    """Stage 2's samples with latents of the stage-1 model, checked against this run's model and init."""
+    if not cfg.latents.dir:
+        raise SdatcError("latent_source=generated needs latents.dir: write the stage-1 model's latents first with "
+                         "scripts/make_stage2_latents.py --config <this config> latents.dir=DIR (or set "
+                         "latent_source=gt_noise|stage1_x0, cheaper proxies)")
+    want = plan(cfg)
+    return GeneratedLatents(cfg.latents.dir, {k: want[k] for k in ("stage1", "model")}, data_cfg)
 
 
 class GeneratedLatents(Dataset):

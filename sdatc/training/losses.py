@@ -18,7 +18,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from sdatc.errors import SdatcError
-from sdatc.pipelines.flow import backward_warp
+from sdatc.models.flow import backward_warp
 
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
 

@@ -19,20 +19,38 @@ axis (N = B * T) for the per-frame parts and back to windows of T for STAM and t
 
 Frozen parts stay in eval mode whatever ``train()`` says (:func:`keep_frozen_in_eval`); RAFT and LPIPS
 run in fp32 with autocast off.
+
+Besides its losses, each stage says what the trainer sets up for it (``_Stage``; no other place branches
+on the stage): its samples (``dataset``), whether it trains VSD's fake score (``trains_fake_score``), SD's
+parts it casts to the run's dtype (``parts_to_cast``) and checks unchanged at the end (``frozen_weights``),
+its helpers (``build``: LPIPS, RAFT, a discriminator), the modules it trains with their own optimisers
+(``extra_optimizers``), what a checkpoint saves (``trainable_state``) and how validation runs it
+(``restorer``).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sdatc.data.datasets import VideoClipDataset, scan_clips
 from sdatc.models.dcm import DCM
+from sdatc.models.flow import RAFT_WEIGHTS_NAME, compute_flows, load_raft, occlusion_mask
 from sdatc.models.prediction import split_prediction, training_target
-from sdatc.pipelines.flow import compute_flows, occlusion_mask
 from sdatc.training.config import TrainConfig
-from sdatc.training.losses import LPIPSLoss, flow_warp_l1, frame_difference_l1, hinge_g_loss
-from sdatc.training.precision import keep_frozen_in_eval
+from sdatc.training.latents import generated_latents
+from sdatc.training.losses import (
+    LPIPSLoss,
+    PatchDiscriminator,
+    flow_warp_l1,
+    frame_difference_l1,
+    hinge_g_loss,
+)
+from sdatc.training.precision import DTYPES, FrozenHelper, cast_frozen_backbone, keep_frozen_in_eval
+from sdatc.training.validation import dcm_restorer, pipeline_restorer
 
 
 def _frames(x: Tensor) -> Tensor:
@@ -44,7 +62,63 @@ def clamp_straight_through(x: Tensor) -> Tensor:
     return x.clamp(0, 1).detach() + (x - x.detach())  # exact clamp forward: the added term is exactly 0
 
 
+def lpips_loss(cfg: TrainConfig, device) -> LPIPSLoss | None:
+    """The LPIPS term's network, or None when ``loss.lpips`` is 0."""
+    return LPIPSLoss(cfg.loss.lpips_pretrained_backbone).to(device) if cfg.loss.lpips > 0 else None
+
+
+def disc_optimizer(disc: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The discriminator's AdamW (betas (0.5, 0.9), as pix2pix / taming)."""
+    return torch.optim.AdamW(disc.parameters(), lr=cfg.optim.disc_lr, betas=(0.5, 0.9), weight_decay=0.0)
+
+
 class _Stage(nn.Module):
+    """A training stage: ``forward(lq, gt, step, **extra)`` -> (loss terms, output frames (N, 3, H, W)).
+
+    The defaults below are the SD stages' (SDATC stages 1-2, UltraVSR); a stage overrides where it differs."""
+
+    parts_to_cast: tuple[str, ...] = ("unet", "vae")  # SD's frozen parts in the run's low dtype (A19)
+
+    @staticmethod
+    def dataset(cfg: TrainConfig, data_cfg):
+        """The training samples: clips of ``data_cfg`` (the run's data with the validation clip held out)."""
+        return VideoClipDataset(data_cfg, scan_clips(data_cfg))
+
+    @staticmethod
+    def trains_fake_score(cfg: TrainConfig) -> bool:
+        """Whether the run trains VSD's fake score with a second optimiser (which fp16 cannot serve)."""
+        return False
+
+    @classmethod
+    def prepare_model(cls, model: nn.Module, cfg: TrainConfig, mp: str) -> None:
+        """Cast SD's frozen parts to the run's dtype (once; new modules stay fp32), gradient checkpointing."""
+        cast_frozen_backbone(model, DTYPES[mp], cls.parts_to_cast)
+        if cfg.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+
+    @classmethod
+    def build(cls, model: nn.Module, cfg: TrainConfig, device, mp: str, main: bool = True) -> _Stage:
+        """The stage of ``model`` (on ``device``) with its helpers; ``main``: rank 0 (prints notes)."""
+        cls.prepare_model(model, cfg, mp)
+        return cls(model, cfg)
+
+    def extra_optimizers(self) -> dict[str, tuple[nn.Module, torch.optim.Optimizer]]:
+        """Modules trained beside the stage, each with its own optimiser: ``fake_score`` (stepped with the
+        generator), ``discriminator`` (its own loss, on the last micro-batch)."""
+        return {}
+
+    def frozen_weights(self) -> list[Tensor]:
+        """The frozen weights whose bits the run checks unchanged at the end (on the device)."""
+        return [p for p in self.model.parameters() if not p.requires_grad]
+
+    def trainable_state(self) -> dict[str, Tensor]:
+        """The weights a checkpoint saves (the new modules, the checkpoint's key format)."""
+        return self.model.trainable_state_dict()
+
+    def restorer(self, device, dtype: torch.dtype):
+        """Validation's ``restore(lq)``: the model as inference runs it (here SDATC's pipeline)."""
+        return pipeline_restorer(self.model, self.cfg.val.steps, self.cfg.val.num_frames, device, dtype)
+
     def train(self, mode: bool = True):
         super().train(mode)
         keep_frozen_in_eval(self)  # frozen SD parts, frozen earlier-stage modules, helpers
@@ -52,11 +126,32 @@ class _Stage(nn.Module):
 
 
 class DCMStage(_Stage):
-    """Stage 0: DCM pre-training."""
+    """Stage 0: DCM pre-training (no SD: nothing cast, nothing frozen)."""
+
+    parts_to_cast = ()
 
     def __init__(self, dcm: DCM, cfg: TrainConfig, lpips: LPIPSLoss | None = None):
         super().__init__()
         self.dcm, self.cfg, self.lpips = dcm, cfg, lpips
+
+    @property
+    def model(self) -> DCM:
+        return self.dcm
+
+    @classmethod
+    def build(cls, model: DCM, cfg: TrainConfig, device, mp: str, main: bool = True) -> DCMStage:
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing = True
+        return cls(model, cfg, lpips_loss(cfg, device))
+
+    def frozen_weights(self) -> list[Tensor]:
+        return []
+
+    def trainable_state(self) -> dict[str, Tensor]:
+        return {f"dcm.{k}": v for k, v in self.dcm.state_dict().items()}
+
+    def restorer(self, device, dtype: torch.dtype):
+        return dcm_restorer(self.dcm, device, dtype)
 
     def forward(self, lq: Tensor, gt: Tensor, step: int = 0) -> tuple[dict[str, Tensor], Tensor]:
         lq, gt = _frames(lq), _frames(gt)  # (N, 3, h, w), (N, 3, 4h, 4w)
@@ -104,6 +199,31 @@ class PixelStage(_Stage):
         self.model, self.cfg, self.lpips, self.raft = model, cfg, lpips, raft
         self.decode_fp32 = decode_fp32  # fp16 runs: the frozen VAE decoder stays fp32, autocast off there
         self.disc = [disc]  # a plain list: the discriminator is its own (DDP) module, not a submodule
+
+    @staticmethod
+    def dataset(cfg: TrainConfig, data_cfg):
+        if cfg.latent_source == "generated":  # shards written by scripts/make_stage2_latents.py
+            return generated_latents(cfg, data_cfg)
+        return _Stage.dataset(cfg, data_cfg)
+
+    @classmethod
+    def build(cls, model, cfg: TrainConfig, device, mp: str, main: bool = True) -> PixelStage:
+        """With LPIPS, RAFT for ``flow_warp`` (off, with a note, without RAFT weights), the discriminator."""
+        cls.prepare_model(model, cfg, mp)
+        lpips, raft = lpips_loss(cfg, device), None
+        if cfg.loss.flow_warp > 0:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # load_raft's warning speaks of inference; say it for training
+                raft = load_raft(cfg.flow, device)
+            raft = FrozenHelper(raft) if raft is not None else None
+            if raft is None and main:
+                print(f"note: flow_warp loss off: no RAFT weights (flow.raft_weights=.../{RAFT_WEIGHTS_NAME})")
+        disc = PatchDiscriminator().to(device) if cfg.loss.gan > 0 else None
+        return cls(model, cfg, lpips, raft, disc, decode_fp32=mp == "fp16")
+
+    def extra_optimizers(self) -> dict[str, tuple[nn.Module, torch.optim.Optimizer]]:
+        disc = self.disc[0]
+        return {"discriminator": (disc, disc_optimizer(disc, self.cfg))} if disc is not None else {}
 
     @torch.no_grad()
     def latents(self, lq: Tensor, gt: Tensor, z: Tensor | None = None) -> tuple[Tensor, dict[int, Tensor]]:

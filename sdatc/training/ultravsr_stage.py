@@ -29,12 +29,18 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.nn.utils import spectral_norm
 
+from sdatc.errors import SdatcError
+from sdatc.models.backbone import encode_prompt
 from sdatc.models.drivers import unet_forward
 from sdatc.models.prediction import split_prediction, training_target
 from sdatc.models.sites import Ctx, Placement, insert
 from sdatc.models.ultravsr import UltraVSR, bicubic_x4, drs_step, one_step_x0
+from sdatc.training.build import model_config
+from sdatc.training.latents import GeneratedLatents
 from sdatc.training.losses import LPIPSLoss, frame_difference_l1, hinge_g_loss
-from sdatc.training.stages import _Stage
+from sdatc.training.precision import DTYPES, cast_frozen_backbone
+from sdatc.training.stages import _Stage, disc_optimizer, lpips_loss
+from sdatc.training.validation import ultravsr_restorer
 
 
 class PatchDiscriminator3D(nn.Module):
@@ -124,12 +130,53 @@ class UltraVSRStage(_Stage):
     def __init__(self, model: UltraVSR, cfg, lpips: LPIPSLoss | None = None, negative_embeds: Tensor | None = None):
         super().__init__()
         self.model, self.cfg, self.lpips = model, cfg, lpips
-        self.disc = [None]  # plain lists: their own (DDP) modules, set by the trainer
+        self.disc = [None]  # plain lists: their own (DDP) modules, set by build and, prepared, by the trainer
         self.fake = [None]
         if negative_embeds is not None:
             self.register_buffer("negative", negative_embeds, persistent=False)
         else:
             self.negative = None
+
+    @staticmethod
+    def dataset(cfg, data_cfg):
+        if cfg.ultravsr.teacher == "sdatc":  # the clips with a trained SDATC's latents of them
+            if not cfg.latents.dir:
+                raise SdatcError("teacher sdatc needs latents.dir: a trained SDATC's latents, written by "
+                                 "scripts/make_stage2_latents.py with that SDATC's stage-2 config")
+            return GeneratedLatents(cfg.latents.dir, None, data_cfg)
+        return _Stage.dataset(cfg, data_cfg)
+
+    @staticmethod
+    def trains_fake_score(cfg) -> bool:
+        return cfg.ultravsr.teacher == "vsd" and cfg.loss.distill > 0
+
+    @classmethod
+    def build(cls, model: UltraVSR, cfg, device, mp: str, main: bool = True) -> UltraVSRStage:
+        """With LPIPS, the temporal discriminator and, for VSD, the fake score (a frozen SD copy, cast once)."""
+        cls.prepare_model(model, cfg, mp)
+        lpips, negative, fake = lpips_loss(cfg, device), None, None
+        if cls.trains_fake_score(cfg):
+            negative = encode_prompt(model_config(cfg).backbone, cfg.ultravsr.vsd.negative_prompt).to(device)
+            fake = FakeScore(model, cfg.ultravsr.vsd.fake_lora_rank).to(device)
+            cast_frozen_backbone(fake, DTYPES[mp], parts=("unet",))
+        disc = PatchDiscriminator3D(cfg.data.num_frames).to(device) if cfg.loss.gan > 0 else None
+        stage = cls(model, cfg, lpips, negative)
+        stage.disc[0], stage.fake[0] = disc, fake
+        return stage
+
+    def extra_optimizers(self) -> dict[str, tuple[nn.Module, torch.optim.Optimizer]]:
+        """The fake score's AdamW (its LoRA and RTS, lr ``ultravsr.vsd.fake_lr``) and the discriminator's."""
+        o, fake, disc, out = self.cfg.optim, self.fake[0], self.disc[0], {}
+        if fake is not None:
+            out["fake_score"] = (fake, torch.optim.AdamW([p for p in fake.parameters() if p.requires_grad],
+                                                         lr=self.cfg.ultravsr.vsd.fake_lr, betas=o.betas, eps=o.eps,
+                                                         weight_decay=0.0))
+        if disc is not None:
+            out["discriminator"] = (disc, disc_optimizer(disc, self.cfg))
+        return out
+
+    def restorer(self, device, dtype: torch.dtype):
+        return ultravsr_restorer(self.model, self.cfg.ultravsr.val_d, self.cfg.val.num_frames, device, dtype)
 
     def one_step(self, lq: Tensor, num_frames: int) -> tuple[Tensor, Tensor, Tensor]:
         """(N, 3, h, w) -> z_hr (N, 4, ...), per-frame t (N,), per-frame D (N,)."""

@@ -79,8 +79,8 @@ def dcm_restorer(dcm, device, dtype: torch.dtype = torch.float32):
 def pipeline_restorer(model, steps: int, num_frames: int, device, dtype: torch.dtype = torch.float32):
     """``restore`` for stages 1 and 2: the inference pipeline with ``steps`` steps, one window, in the
     run's dtype (the frozen SD weights were cast to it by the trainer)."""
+    from sdatc.models.flow import FlowConfig
     from sdatc.pipelines.config import PipelineConfig, WindowConfig
-    from sdatc.pipelines.flow import FlowConfig
     from sdatc.pipelines.sampler import SamplerConfig
     from sdatc.pipelines.sdatc_pipeline import SDATCPipeline
 

@@ -15,7 +15,7 @@ import torch
 from sdatc.data.video import write_frames
 from sdatc.evaluation import MISSING, EvalConfig, evaluate
 from sdatc.metrics import MetricContext, MetricUnavailable, build_metric
-from sdatc.metrics.offline import offline_loading
+from sdatc.models.iqa import offline_loading
 from sdatc.weights import METRIC_FILES
 
 PYIQA = ["lpips", "dists", "fid", "niqe", "maniqa", "clipiqa", "tlp"]

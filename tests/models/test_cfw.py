@@ -67,13 +67,7 @@ def test_small_widths_use_fewer_groups():
 
 
 def test_bad_arguments():
-    cfw = tiny_cfw()
-    dec = torch.randn(1, C, 4, 4)
-    for w in (-0.1, 1.5, True):
-        with pytest.raises(ValueError, match="w must be"):
-            cfw(dec, dec, w=w)
-    with pytest.raises(ValueError, match="same shape"):
-        cfw(dec, torch.randn(1, C, 4, 5))
+    # w arrives as pipeline.cfw_weight, checked by PipelineConfig (test_pipeline_cfw_weight_reaches_decode)
     with pytest.raises(ValueError, match="groups"):
         CFW(48, CFWConfig(groups=32))
     with pytest.raises(ValueError, match="num_rdb"):
@@ -88,42 +82,11 @@ def test_full_size_budget():
 # --------------------------------------------------------------------------- the one knob: pipeline.cfw_weight
 
 
-def test_old_model_config_with_cfw_weight_loads_with_a_note(tmp_path, capsys, tiny_model):
-    """Checkpoints written before the knob moved carry ``cfw_weight: 0.75`` in their model config."""
-    from sdatc.config import REPO_ROOT, ConfigError, apply_overrides, load_config
-    from sdatc.models.sdatc import SDATC, ModelConfig
-
-    text = (REPO_ROOT / "configs" / "model" / "sdatc_tiny.yaml").read_text()
-    assert "cfw_weight" not in text
-    text = text.replace("base: sdatc_sd21.yaml", f"base: {REPO_ROOT / 'configs' / 'model' / 'sdatc_sd21.yaml'}")  # moved
-    old = tmp_path / "old.yaml"
-    old.write_text(text + "cfw_weight: 0.75\n")
-    capsys.readouterr()
-    cfg = load_config(ModelConfig, old)
-    note = capsys.readouterr().out
-    assert note.count("\n") == 1 and note.startswith("note: ") and "ignoring cfw_weight: 0.75" in note
-    assert "pipeline.cfw_weight" in note
-    assert cfg == load_config(ModelConfig, REPO_ROOT / "configs" / "model" / "sdatc_tiny.yaml")
-    assert not hasattr(cfg, "cfw_weight")
-    with pytest.raises(ConfigError, match=r"cfw_weight is gone .*pipeline\.cfw_weight"):
-        apply_overrides(cfg, ["cfw_weight=0.5"])
-    old.write_text(text + "cfw_wieght: 0.75\n")  # other unknown keys stay errors
-    with pytest.raises(ConfigError, match="unknown key 'cfw_wieght'"):
-        load_config(ModelConfig, old)
-    # a checkpoint folder written before: config.yaml with the key, loaded by from_pretrained
-    folder = tiny_model.save_pretrained(tmp_path / "ckpt")
-    (folder / "config.yaml").write_text((folder / "config.yaml").read_text() + "cfw_weight: 0.75\n")
-    (folder / "checksums.json").unlink()  # written before checksums existed (edited, it would be damaged)
-    capsys.readouterr()
-    SDATC.from_pretrained(folder)
-    assert "ignoring cfw_weight" in capsys.readouterr().out
-
-
 def test_pipeline_cfw_weight_reaches_decode(tiny_model, monkeypatch):
     import numpy as np
 
+    from sdatc.models.flow import FlowConfig
     from sdatc.pipelines.config import PipelineConfig, WindowConfig
-    from sdatc.pipelines.flow import FlowConfig
     from sdatc.pipelines.sampler import SamplerConfig
     from sdatc.pipelines.sdatc_pipeline import SDATCPipeline
 

@@ -1,7 +1,8 @@
-"""The DCM's inference path (no grad) against its reference path (grad enabled: timm's blocks as they are).
+"""The DCM's inference path (``dcm_inference``) against its reference path (``dcm(x)``: timm's blocks as they are).
 
-Without grad the DCM runs the same function with fewer memory passes (sdatc/models/dcm.py,
-``DCM._forward_inference``): window-ordered tokens between Swin blocks, chunked blocks with
+The inference path runs the same function with fewer memory passes (sdatc/models/dcm_fast.py,
+called explicitly by the pipelines; ``dcm(x)`` is the reference with or without grad): window-ordered
+tokens between Swin blocks, chunked blocks with
 ``scaled_dot_product_attention``, the shifted-window mask only on the windows where it is not zero,
 channels-last maps, the upsampler folded into one LR convolution with exact border strips. Here both
 paths run on the same weights (strong random ones, so that attention, the bias and the mask all
@@ -15,10 +16,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from timm.models.swin_transformer import SwinTransformerBlock
-from torch.utils.flop_counter import FlopCounterMode
 
-from sdatc.models import dcm as dcm_module
-from sdatc.models.dcm import DCM, DCMConfig, _upsampler_chain, _window_layout
+from sdatc.models import dcm_fast
+from sdatc.models.dcm import DCM, DCMConfig
+from sdatc.models.dcm_fast import dcm_inference, folded_tail, upsampler_chain, window_layout
+from sdatc.models.report import flop_counter_mode
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -48,11 +50,8 @@ def strong_dcm(seed: int = 0, **kw) -> DCM:
 
 def both(dcm: DCM, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(reference, inference-path) outputs."""
-    with torch.enable_grad():
-        ref = dcm(x)
     with torch.inference_mode():
-        fast = dcm(x)
-    return ref, fast
+        return dcm(x), dcm_inference(dcm, x)
 
 
 @pytest.mark.parametrize("size", [(16, 24), (37, 45), (9, 13), (3, 5)])
@@ -84,18 +83,18 @@ def test_window_chunks_do_not_matter(monkeypatch):
     dcm = strong_dcm(3)
     x = torch.rand(2, 3, 26, 35)
     with torch.inference_mode():
-        base = dcm(x)
+        base = dcm_inference(dcm, x)
         for chunk in [1, 7, 10**6]:
-            monkeypatch.setattr(dcm_module, "CHUNK_WINDOWS", chunk)
-            torch.testing.assert_close(dcm(x), base, atol=2e-5 * base.abs().max().item(), rtol=0)
+            monkeypatch.setattr(dcm_fast, "CHUNK_WINDOWS", chunk)
+            torch.testing.assert_close(dcm_inference(dcm, x), base, atol=2e-5 * base.abs().max().item(), rtol=0)
 
 
 def test_frames_do_not_depend_on_the_batch():
     dcm = strong_dcm(4)
     x = torch.rand(3, 3, 16, 24)
     with torch.inference_mode():
-        together = dcm(x)
-        alone = torch.cat([dcm(x[i:i + 1]) for i in range(3)])
+        together = dcm_inference(dcm, x)
+        alone = torch.cat([dcm_inference(dcm, x[i:i + 1]) for i in range(3)])
     torch.testing.assert_close(together, alone, atol=2e-5 * alone.abs().max().item(), rtol=0)
 
 
@@ -110,20 +109,22 @@ def chain_flops(h: int, w: int, nf: int, s: int = 4) -> int:
 
 def test_flops_are_the_reference_with_the_upsampler_folded():
     """The body's FLOPs are unchanged; the upsampler's become one 5x5 conv to 48 sub-pixel channels on
-    the LR grid plus the four border strips (2 LR pixels deep, computed from 4-pixel crops)."""
+    the LR grid plus the four border strips (2 LR pixels deep, computed from 4-pixel crops). ``dcm(x)`` is
+    the reference with or without grad: nothing switches paths behind the caller's back."""
     dcm = strong_dcm(5)
     h, w, nf = 24, 40, dcm.cfg.num_feat
     x = torch.rand(1, 3, h, w)
     with torch.inference_mode():
-        dcm._folded_tail()  # folded once, before counting
+        folded_tail(dcm)  # folded once, before counting
     counts = []
-    for grad in (True, False):
-        with torch.set_grad_enabled(grad), FlopCounterMode(display=False) as fc:
-            dcm(x)
+    for grad, fn in ((True, dcm), (False, dcm), (False, lambda x: dcm_inference(dcm, x))):
+        with torch.set_grad_enabled(grad), flop_counter_mode() as fc:
+            fn(x)
         counts.append(fc.get_total_flops())
     strips = 2 * chain_flops(4, w, nf) + 2 * chain_flops(h, 4, nf)
     expected = counts[0] - chain_flops(h, w, nf) + conv_flops(h * w, 48, nf, 5) + strips
-    assert counts[1] == expected < counts[0]
+    assert counts[0] == counts[1]
+    assert counts[2] == expected < counts[0]
 
 
 @pytest.mark.parametrize("upscale", [2, 3, 4, 8])
@@ -131,11 +132,11 @@ def test_folded_upsampler_is_the_chain(upscale):
     """Away from the border the fold is the chain itself (float64); its kernel radius is 2 LR pixels."""
     dcm = strong_dcm(6, upscale=upscale).double()
     with torch.inference_mode():
-        fold = dcm._folded_tail()
+        fold = folded_tail(dcm)
         z = torch.randn(2, dcm.cfg.num_feat, 14, 17, dtype=torch.float64)
         mods = list(dcm.upsample)
         convs = [(c.weight, c.bias, sh.upscale_factor) for c, sh in zip(mods[0::2], mods[1::2])]
-        ref = _upsampler_chain(z, convs, (dcm.conv_last.weight, dcm.conv_last.bias))  # (B, 3, sH, sW)
+        ref = upsampler_chain(z, convs, (dcm.conv_last.weight, dcm.conv_last.bias))  # (B, 3, sH, sW)
         y = F.conv2d(z, fold.weight, fold.bias, padding=fold.radius)  # (B, s*s*3, H, W), channels (i, j, o)
         ours = y.view(2, upscale, upscale, 3, 14, 17).permute(0, 3, 4, 1, 5, 2).reshape(ref.shape)
     assert fold.radius == 2 and fold.weight.shape == (upscale * upscale * 3, dcm.cfg.num_feat, 5, 5)
@@ -148,14 +149,14 @@ def test_fold_follows_weight_changes():
     dcm = strong_dcm(7)
     x = torch.rand(1, 3, 16, 16)
     with torch.inference_mode():
-        dcm(x)
-        first = dcm._folded_tail()
+        dcm_inference(dcm, x)
+        first = folded_tail(dcm)
         with torch.no_grad():
             dcm.conv_last.weight.mul_(2.0)
-        assert dcm._folded_tail() is not first
+        assert folded_tail(dcm) is not first
     ref, fast = both(dcm, x)
     torch.testing.assert_close(fast, ref, atol=2e-5 * ref.abs().max().item(), rtol=0)
-    assert "_fold" not in dcm.state_dict()
+    assert not any("fold" in k for k in dcm.state_dict())
 
 
 @pytest.mark.parametrize("h, w, shift", [(16, 24, 4), (8, 8, 4), (24, 16, 0), (16, 32, 2)])
@@ -163,7 +164,7 @@ def test_window_layout_matches_timm(h, w, shift):
     """The order is a permutation into windows of the rolled grid; the masked windows come last with
     timm's own shifted-window mask, and timm's mask is zero on every other window."""
     b, ws = 2, 8
-    lay = _window_layout(b, h, w, ws, (shift, shift), torch.device("cpu"))
+    lay = window_layout(b, h, w, ws, (shift, shift), torch.device("cpu"))
     n_tok = b * h * w
     assert torch.equal(lay.order.sort().values, torch.arange(n_tok))
     assert torch.equal(lay.order[lay.inverse], torch.arange(n_tok))

@@ -81,8 +81,3 @@ def test_attention_equals_a_loop_over_frames_and_heads():
         torch.testing.assert_close(m(x, t), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_bad_input():
-    with pytest.raises(ValueError, match="positive int"):
-        RTS(64, RTSConfig())(torch.randn(4, 64, 2, 2))
-    with pytest.raises(ValueError, match=r"RTS expects \(B\*3, 64"):
-        RTS(64, RTSConfig())(torch.randn(4, 64, 2, 2), num_frames=3)

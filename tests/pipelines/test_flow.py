@@ -10,16 +10,16 @@ from safetensors.torch import save_file
 from torchvision.models.optical_flow import raft_large
 
 from sdatc.errors import SdatcError
-from sdatc.pipelines.flow import (
+from sdatc.models.flow import (
     RAFT_WEIGHTS_NAME,
     FlowConfig,
-    FlowGuidance,
     backward_warp,
     compute_flows,
     load_raft,
     occlusion_mask,
     resize_flow,
 )
+from sdatc.pipelines.flow_guidance import FlowGuidance
 
 
 def const_flow(n: int, h: int, w: int, dx: float, dy: float) -> torch.Tensor:

@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 
 import sdatc.pipelines.sdatc_pipeline as restore_mod
+from sdatc.models.flow import FlowConfig, load_raft
 from sdatc.pipelines.config import PipelineConfig, TilingConfig, WindowConfig
-from sdatc.pipelines.flow import FlowConfig, FlowGuidance, load_raft
+from sdatc.pipelines.flow_guidance import FlowGuidance
 from sdatc.pipelines.sampler import SamplerConfig
 from sdatc.pipelines.sdatc_pipeline import SDATCPipeline
 from sdatc.pipelines.tiling import tile_starts

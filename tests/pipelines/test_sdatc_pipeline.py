@@ -57,6 +57,8 @@ def test_call_on_arrays_and_pil_equals_the_restore_pipeline(pipe, frames):
 def test_bad_frames_are_clear_errors(pipe):
     with pytest.raises(SdatcError, match=r"\(T, H, W, 3\)"):
         pipe(np.zeros((24, 32, 3), np.uint8))
+    with pytest.raises(SdatcError, match=r"\(T, H, W, 3\)"):  # one channel: refused here, not inside the DCM
+        pipe(np.zeros((2, 24, 32, 1), np.uint8))
     with pytest.raises(SdatcError, match="uint8"):
         pipe(np.zeros((2, 24, 32, 3), np.float32))
     with pytest.raises(SdatcError, match="no frames"):
@@ -110,3 +112,51 @@ def test_restore_file(pipe, frames, tmp_path):
         pipe.restore_file(src, dst)
     with pytest.raises(SdatcError, match="is the input"):
         pipe.restore_file(src, src, overwrite=True)
+
+
+def _restored_by_file(pipe, src, monkeypatch, **settings) -> np.ndarray:
+    """The frames ``restore_file`` hands its writer (before x264), for exact comparison with ``__call__``."""
+    import sdatc.data.video
+
+    seen = {}
+
+    def capture(stream, src, dst, **kw):
+        reader = VideoReader(src)
+        seen["frames"] = np.stack(list(stream(reader, len(reader))))
+
+    monkeypatch.setattr(sdatc.data.video, "write_restored", capture)
+    pipe.restore_file(src, src.parent / "unused.mp4", **settings)
+    return seen["frames"]
+
+
+def test_restore_file_takes_the_settings_of_call(pipe, frames, tmp_path, monkeypatch):
+    """restore_file ran the config's steps whatever one asked; now it takes __call__'s keywords."""
+    src = write_video(tmp_path / "in.mp4", frames, fps=25, crf=20)
+    clip = np.stack(list(VideoReader(src)))  # what restore_file decodes
+    settings = dict(num_inference_steps=1, generator=torch.Generator().manual_seed(7), cfw_weight=0.3, colour_fix="none")
+    by_file = _restored_by_file(pipe, src, monkeypatch, **settings)
+    settings["generator"] = torch.Generator().manual_seed(7)
+    assert np.array_equal(by_file, pipe(clip, **settings))
+    assert not np.array_equal(by_file, pipe(clip))  # the settings changed the result
+    assert np.array_equal(_restored_by_file(pipe, src, monkeypatch), pipe(clip))  # none given: the config's
+    with pytest.raises(TypeError, match="steps"):
+        pipe.restore_file(src, tmp_path / "x.mp4", steps=2)
+
+
+def _readme_python() -> str:
+    """The Python snippet of README.md's "Restore" section."""
+    import re
+
+    from sdatc.config import REPO_ROOT
+
+    text = (REPO_ROOT / "README.md").read_text()
+    return re.search(r"```python\n(.+?)\n```", text.split("### Restore", 1)[1], re.S).group(1)
+
+
+def test_readme_python_snippet_runs_without_weights(tmp_path, monkeypatch):
+    """README's snippet, as written, in a fresh folder: the tiny model with random weights, no download."""
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(_readme_python(), "README.md", "exec"), scope)
+    assert scope["hq"].shape == (5, 144, 256, 3) and scope["hq"].dtype == np.uint8
+    assert VideoReader(tmp_path / "lq_x4.mp4").meta.width == 256

@@ -15,6 +15,7 @@ from diffusers import DDPMScheduler
 from sdatc.config import REPO_ROOT, load_config
 from sdatc.data.imresize import bicubic_down
 from sdatc.data.video import read_video, write_video
+from sdatc.errors import SdatcError
 from sdatc.inference import InferConfig, run
 from sdatc.models.sites import sites
 from sdatc.models.ultravsr import UltraVSR, UltraVSRConfig, drs_step, one_step_x0
@@ -32,6 +33,12 @@ def tiny_uvsr():
         for p in m.trainable_parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
     return m
+
+
+def test_decode_refuses_a_batch_that_does_not_split_into_windows(tiny_uvsr):
+    """The frame count reaches RTS through the model's decode, which checks it (RTS itself does not)."""
+    with pytest.raises(SdatcError, match="cannot split a batch of 4 frames into windows of 3"):
+        tiny_uvsr.decode(torch.randn(4, 4, 2, 2), num_frames=3)
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +168,7 @@ def test_identity_at_init_through_infer(lq_clip, tmp_path, write_sd_folder):
                          .clamp(0, 1) * 255).round().permute(0, 2, 3, 1).detach().numpy().astype(int)).mean() > 1
 
 
-def test_python_api_call_save_load_and_file(tiny_uvsr, tmp_path, lq_clip):
+def test_python_api_call_save_load_and_file(tiny_uvsr, tmp_path, lq_clip, monkeypatch):
     import sdatc
     from sdatc.pipelines.config import UltraVSRPipelineConfig
 
@@ -187,6 +194,14 @@ def test_python_api_call_save_load_and_file(tiny_uvsr, tmp_path, lq_clip):
     assert np.abs(again - out).max() <= 1 and (again != out).mean() < 1e-3
     dst = pipe.restore_file(lq_clip, tmp_path / "x4.mp4")
     assert read_video(dst).shape == (5, 128, 192, 3)
+    # restore_file takes __call__'s settings: d reaches the timestep (the frames before x264, compared exactly)
+    import sdatc.data.video
+
+    seen = []
+    monkeypatch.setattr(sdatc.data.video, "write_restored", lambda stream, src, dst, **kw: seen.append(
+        np.stack(list(stream(iter(frames), len(frames))))))
+    pipe.restore_file(lq_clip, tmp_path / "d.mp4", d=0.9)
+    assert np.array_equal(seen[0], pipe(frames, d=0.9)) and not np.array_equal(seen[0], pipe(frames))
 
 
 def test_tiled_runner_is_close_to_untiled(tiny_uvsr, bunny_frames):

@@ -101,13 +101,13 @@ def test_stage0_bf16(data_root, val_root, tmp_path, monkeypatch, spy_optimizers)
 
 
 class RaftSpy:
-    """Wraps the trainer's load_raft: keeps the RAFT it builds and records how it is called."""
+    """Wraps the stage-2 build's load_raft: keeps the RAFT it builds and records how it is called."""
 
     def __init__(self, monkeypatch):
-        import sdatc.training.trainer as trainer
+        import sdatc.training.stages as stages
 
         self.raft, self.calls = None, []
-        real = trainer.load_raft
+        real = stages.load_raft
 
         def load(cfg, device):
             self.raft = real(cfg, device)
@@ -115,7 +115,7 @@ class RaftSpy:
             self.raft.register_forward_pre_hook(self.record)
             return self.raft
 
-        monkeypatch.setattr(trainer, "load_raft", load)
+        monkeypatch.setattr(stages, "load_raft", load)
 
     def record(self, module, args):
         self.calls.append({"training": module.training, "autocast": torch.is_autocast_enabled("cpu"),

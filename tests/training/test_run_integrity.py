@@ -211,6 +211,7 @@ def test_validation_leaves_the_training_model_and_flags_unchanged(tiny_model, va
 
     import sdatc.pipelines.sdatc_pipeline as restore
     from sdatc.training.precision import keep_frozen_in_eval
+    from sdatc.training.stages import LatentStage
     from sdatc.training.validation import Validator
 
     real_speed_up = restore.speed_up
@@ -233,8 +234,7 @@ def test_validation_leaves_the_training_model_and_flags_unchanged(tiny_model, va
     flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision())
     assert not flags[0]  # the test starts from torch's defaults
     validator = Validator(cfg.val, val_root, tmp_path / "val")
-    trainer._validate(validator, cfg, model.new_modules(), model, torch.device("cpu"), torch.float32, 1, tmp_path,
-                      ema, params)
+    trainer._validate(validator, LatentStage(model, cfg), torch.device("cpu"), torch.float32, 1, tmp_path, ema, params)
     after = dict([*model.named_parameters(), *model.named_buffers()])
     changed = [n for n, (t, stride) in before.items() if after[n].stride() != stride or not torch.equal(after[n], t)]
     assert changed == []

@@ -81,9 +81,17 @@ def test_resume_matches_an_uninterrupted_run(data_root, tmp_path, monkeypatch):
     summary = train(cfg_for(1, data_root, split, "max_steps=4", "checkpoint_every=2", "log_every=1"),
                     progress=False)  # resume=latest
     assert summary["step"] == 4
-    a, b = weights(full / "checkpoint-4"), weights(split / "checkpoint-4")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [r["step"] for r in rows(split)] == [1, 2, 3, 4]
+    # in order, so that a failure says where the runs parted: before the checkpoint (the same steps in one process
+    # gave other numbers) or after it (the resume restored something else)
+    for step in (2, 4):
+        a, b = weights(full / f"checkpoint-{step}"), weights(split / f"checkpoint-{step}")
+        assert a.keys() == b.keys()
+        differ = {k: (a[k].float() - b[k].float()).abs().max().item() for k in a if not torch.equal(a[k], b[k])}
+        assert not differ, (f"checkpoint-{step}: {len(differ)} of {len(a)} tensors differ (max |diff| per tensor, "
+                            f"first 5: {dict(list(differ.items())[:5])}); eps_mse full {[r['eps_mse'] for r in rows(full)]}"
+                            f" split {[r['eps_mse'] for r in rows(split)]}; {torch.backends.cpu.get_cpu_capability()}, "
+                            f"{torch.get_num_threads()} threads")
     assert [r["eps_mse"] for r in rows(split)] == [r["eps_mse"] for r in rows(full)]  # the loss curve continues
 
 

@@ -1,6 +1,10 @@
-"""Build third-party networks (pyiqa, torchvision, CLIP, timm) strictly offline.
+"""Third-party quality networks (pyiqa, torchvision, CLIP, timm) built strictly offline from the weights folder.
 
-pyiqa, torchvision and CLIP fetch their weights on first use. Inside :func:`offline_loading`:
+    net = create_pyiqa("clipiqa", device="cpu", weights=Path("weights"))   # pyiqa.create_metric, offline
+
+Used by the learned metrics (``sdatc/metrics/learned.py``, ``temporal.py``) and by UltraVSR's DRS estimator
+(``sdatc/pipelines/drs.py``). pyiqa, torchvision and CLIP fetch their weights on first use. Inside
+:func:`offline_loading`:
 
 * torch hub's folder is ``<root>/hub`` (torchvision: ``hub/checkpoints``, CLIP: ``hub/clip``) and
   pyiqa's cache is ``<root>/hub/pyiqa``; Hugging Face is in offline mode;
@@ -26,7 +30,12 @@ from pathlib import Path
 import torch
 import torch.hub
 
-from sdatc.metrics.registry import MetricUnavailable
+from sdatc.errors import MetricUnavailable
+from sdatc.weights import WeightsMissing, require, resolve_root
+
+# pyiqa metric name behind each of our names.
+PYIQA_NAMES = {"lpips": "lpips", "dists": "dists", "niqe": "niqe", "maniqa": "maniqa", "clipiqa": "clipiqa",
+               "fid": "fid"}
 
 
 def _no_download(url, dst=None, *args, **kwargs):
@@ -75,7 +84,10 @@ def offline_loading(root: Path, timm_pretrained: bool = True, quiet: bool = True
             import timm
 
             real_create = timm.create_model
-            stack.enter_context(_patched(timm, "create_model", lambda name, *a, pretrained=False, **kw: real_create(name, *a, pretrained=False, **kw)))
+            def create(name, *a, pretrained=False, **kw):
+                return real_create(name, *a, pretrained=False, **kw)
+
+            stack.enter_context(_patched(timm, "create_model", create))
         if quiet:  # pyiqa prints "Loading pretrained model ..." and logs "Metric [...] is created"
             stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
             logger = logging.getLogger("pyiqa")
@@ -95,3 +107,30 @@ def _env(key: str, value: str) -> Iterator[None]:
             os.environ.pop(key, None)
         else:
             os.environ[key] = old
+
+
+def create_pyiqa(name: str, device: torch.device | str = "cpu", weights: Path | None = None, user: str | None = None):
+    """pyiqa.create_metric(name) built offline from the weights folder (``weights``, else the default root), on
+    ``device``, in eval mode. ``user``: the metric that needs this network (named when weights are missing).
+
+    Raises:
+        MetricUnavailable: its files are missing or do not load, or pyiqa does not import.
+    """
+    root = weights or resolve_root(None)
+    try:
+        require(name, root)
+    except WeightsMissing as e:
+        raise MetricUnavailable(f"{user} (uses {e})" if user else str(e)) from None
+    try:
+        import pyiqa
+    except ImportError as e:
+        raise MetricUnavailable(f"{user or name}: pyiqa does not import ({e}); run bash scripts/setup.sh") from None
+
+    with offline_loading(root, timm_pretrained=name != "maniqa"):
+        try:
+            metric = pyiqa.create_metric(PYIQA_NAMES[name], device=torch.device(device))
+        except MetricUnavailable:
+            raise
+        except Exception as e:  # an unreadable or mismatching file: say which metric and why
+            raise MetricUnavailable(f"{name}: cannot load its weights from {root}: {type(e).__name__}: {e}") from None
+    return metric.eval()
