@@ -60,7 +60,9 @@ def test_sample_is_mean_plus_std_times_the_frames_seeded_noise(model, img):
     with torch.no_grad():
         again, _ = _pipe(model, "sample")._encode(img[1:], frames[1:])
         other, _ = _pipe(model, "sample", seed=SEED + 1)._encode(img, frames)
-    assert torch.equal(again, z[1:])
+    # the same draw: equal up to the encoder's convolutions, which with 2+ intra-op threads round per batch size
+    # on the CPU (2 frames vs 3 here: ~1e-7), so within the tolerance of the reference check above
+    torch.testing.assert_close(again, z[1:], atol=2e-5, rtol=1e-5)
     assert not torch.allclose(other, z)
 
 
