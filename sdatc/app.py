@@ -175,12 +175,11 @@ class Restorer:
 
     def _model(self, key: str, infer):
         from sdatc.inference import build_model, describe_model, pick_device
-        from sdatc.pipelines.config import cast_weights
         from sdatc.utils import process_state
 
         if key not in self._models:
             device, dtype = pick_device(infer, process_state())
-            model = cast_weights(build_model(infer), dtype).to(device)
+            model = build_model(infer)  # cast to dtype and moved to device once, by the first job's pipeline
             self._models[key] = (model, device, dtype, describe_model(infer, model, device, dtype))
         return self._models[key]
 

@@ -85,7 +85,6 @@ def load_pipeline(model: str, sd21: str = "", checkpoint: str = "", dtype: str =
     own for ``preview``); ``saved_pipeline``: instead, a folder or Hub id written by ``save_pretrained``."""
     from sdatc.config import load_config
     from sdatc.inference import InferConfig, build_model, describe_model, pick_device
-    from sdatc.pipelines.config import cast_weights
     from sdatc.pipelines.sdatc_pipeline import SDATCPipeline
     from sdatc.pipelines.ultravsr import UltraVSRPipeline
     from sdatc.utils import process_state
@@ -106,7 +105,7 @@ def load_pipeline(model: str, sd21: str = "", checkpoint: str = "", dtype: str =
         key = "pipeline" if infer.mode == "sdatc" else "ultravsr"
         infer = dataclasses.replace(infer, **{key: pipe.config}, checkpoint=saved_pipeline.strip())
     else:
-        net = cast_weights(build_model(infer), dt).to(dev)
+        net = build_model(infer)  # cast to dt and moved to dev once, by the restore node's pipeline
     return LoadedPipeline(infer, net, dev, dt, describe_model(infer, net, dev, dt))
 
 
