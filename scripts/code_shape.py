@@ -1,7 +1,7 @@
 """How far a reader follows one clip's restoration: the sdatc files it runs and the call depth to a CAPM.
 
     python scripts/code_shape.py                     # tiny SDATC (random weights, 2 steps), untiled, 3 frames
-    python scripts/code_shape.py --list              # also the files, one a line
+    python scripts/code_shape.py --list              # also the files, one a line, and the call chain
 
 Runs ``scripts/infer.py``'s ``main()`` on a small clip under a profiler (``sys.setprofile``, every thread)
 and prints one line: the distinct sdatc source files in which a function ran (module bodies, i.e. imports,
@@ -34,6 +34,7 @@ def main(argv=None) -> int:
     spec.loader.exec_module(infer)
     files: set[str] = set()
     depth: dict[str, int] = {}
+    chain_lines: list[str] = []  # CAPM.forward up to main's callee, for --list
 
     def profile(frame, event, arg):
         if event != "call":
@@ -50,7 +51,7 @@ def main(argv=None) -> int:
                 depth.update(all=len(chain), sdatc=sum(c.startswith(PACKAGE) for c in chain))
                 g = frame
                 while g is not f:
-                    print("CHAIN", g.f_code.co_filename.replace(str(ROOT), ""), g.f_code.co_name, file=sys.stderr)
+                    chain_lines.append(f"  {g.f_code.co_filename.replace(str(ROOT) + '/', '')} {g.f_code.co_name}")
                     g = g.f_back
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -72,6 +73,7 @@ def main(argv=None) -> int:
           f"{depth.get('all')} frames in all")
     if args.list:
         print("\n".join(sorted(str(Path(f).relative_to(ROOT)) for f in files)))
+        print("call chain, CAPM.forward first:\n" + "\n".join(chain_lines))
     return 0
 
 
