@@ -57,7 +57,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup-steps", type=int, default=None,
                    help="sampler steps of the warm-up window (default: the configured steps; 0: no warm-up)")
     p.add_argument("--random-raft", action="store_true",
-                   help="flow guidance with a seeded random RAFT-large (timing without RAFT weights; nothing downloaded)")
+                   help="flow guidance with a seeded random RAFT-large "
+                        "(timing without RAFT weights; nothing downloaded)")
     p.add_argument("--json", default="bench_infer.json", help="write the result here (default bench_infer.json)")
     p.add_argument("--no-memory-ratio", action="store_true", help="skip the 64/16-frame memory ratio")
     p.add_argument("--versus", help="a second infer config to benchmark at the same size (ratios reported)")
@@ -74,7 +75,8 @@ def main(argv=None) -> int:
     result["config"] = args.config
     result["overrides"] = args.overrides
     if not args.no_memory_ratio:
-        result.update(memory_ratio(sys.argv[0] if argv is None else __file__, args.config, args.overrides, args.height, args.width))
+        result.update(memory_ratio(sys.argv[0] if argv is None else __file__, args.config, args.overrides,
+                                   args.height, args.width))
     if args.versus:
         other = bench(load_config(InferConfig, args.versus, args.versus_set), args.height, args.width, args.frames,
                       warmup_steps=args.warmup_steps)

@@ -30,8 +30,9 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="sdatc_bench_train_") as tmp:
         data = to_dict(cfg)
         if not cfg.data.root:
-            data["data"].update(root=str(sample_training_root(f"{tmp}/data", max(cfg.data.gt_size, 64), cfg.data.num_frames + 2)),
-                                clip_list=None, exclude=[])
+            data["data"].update(
+                root=str(sample_training_root(f"{tmp}/data", max(cfg.data.gt_size, 64), cfg.data.num_frames + 2)),
+                clip_list=None, exclude=[])
         data.update(output_dir=f"{tmp}/run", max_steps=args.steps, checkpoint_every=args.steps, resume=None,
                     log_every=1)  # a metrics line (seconds per step) for every step
         data["val"]["clip"] = None

@@ -42,8 +42,10 @@ def main(argv=None) -> int:
     p.add_argument("--weights", help="weights folder (default: $SDATC_WEIGHTS, else $TORCH_HOME, else ~/.cache/torch)")
     p.add_argument("--hash-all", action="store_true", help="sha256 of every present file (slow for SD 2.1)")
     p.add_argument("--json", help="also write the rows as JSON here")
-    p.add_argument("--fetch", action="store_true", help="download the missing metric / RAFT files, checking each sha256")
-    p.add_argument("--mirror", help=f"with --fetch: base URL replacing the host of every download (default: ${ENV_MIRROR})")
+    p.add_argument("--fetch", action="store_true",
+                   help="download the missing metric / RAFT files, checking each sha256")
+    p.add_argument("--mirror",
+                   help=f"with --fetch: base URL replacing the host of every download (default: ${ENV_MIRROR})")
     args = p.parse_args(argv)
     if args.mirror and not args.fetch:
         raise SdatcError("--mirror is only used with --fetch")
@@ -61,10 +63,12 @@ def main(argv=None) -> int:
     get = sources(rows)
     missing = {r["component"] for r in rows if r["status"] == "missing"}
     if get or missing:
-        print("\nmissing files come from (--fetch downloads the metric / RAFT ones; or copy each to the location above):")
+        print("\nmissing files come from (--fetch downloads the metric / RAFT ones; "
+              "or copy each to the location above):")
         print("\n".join(f"  {line}" for line in get))
     if "SD 2.1-base" in missing:
-        print(f"  SD 2.1-base: the stabilityai/stable-diffusion-2-1-base repository (diffusers layout) -> {root / SD21_DIR}")
+        print("  SD 2.1-base: the stabilityai/stable-diffusion-2-1-base repository (diffusers layout) "
+              f"-> {root / SD21_DIR}")
     if SDATC_COMPONENT in missing:
         print(f"  {NO_TRAINED_WEIGHTS} -> {root / SDATC_DIR}")
     if args.json:

@@ -34,7 +34,8 @@ def main(argv=None) -> int:
           f"{manifest['versions'].get('x264')}; manifest {cfg.out}/manifest.json")
     for name, e in manifest["clips"].items():
         rates = ", ".join(f"crf{q} {v['kbps']:.1f} kbit/s" for q, v in e["crf"].items())
-        print(f"  {name}: {e['frames']} frames, GT {e['gt_size'][1]}x{e['gt_size'][0]} -> LR {e['lr_size'][1]}x{e['lr_size'][0]}; {rates}")
+        print(f"  {name}: {e['frames']} frames, GT {e['gt_size'][1]}x{e['gt_size'][0]} "
+              f"-> LR {e['lr_size'][1]}x{e['lr_size'][0]}; {rates}")
     return 0
 
 

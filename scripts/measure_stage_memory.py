@@ -152,7 +152,8 @@ def vae_child(config: str, stage: str) -> None:
                 out = tiled_batched((lambda t: (lambda z, f: (z, *f.values()))(*encode_tiled(model, t, levels, tile)))
                                     if tile else enc, (x,), None, 0, chunk or frames)
             else:
-                out = decode_tiled(model, x, feats, frames, 0.75, tile) if tile else model.decode(x, feats, num_frames=frames)
+                out = (decode_tiled(model, x, feats, frames, 0.75, tile) if tile
+                       else model.decode(x, feats, num_frames=frames))
         peaks[name] = (_rss_kb("VmHWM") - before) * 1024
         del out
 

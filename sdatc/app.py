@@ -61,7 +61,8 @@ class AppConfig:
         if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
             raise SdatcError(f"--dtype {self.dtype!r}: auto, fp32, bf16 or fp16")
         if self.output_preset not in X264_PRESETS:
-            raise SdatcError(f"--output-preset {self.output_preset!r} is not an x264 preset ({', '.join(X264_PRESETS)})")
+            raise SdatcError(f"--output-preset {self.output_preset!r} is not an x264 preset "
+                             f"({', '.join(X264_PRESETS)})")
         if not 0 <= self.port <= 65535:
             raise SdatcError(f"--port {self.port}: a port number 0..65535")
         if self.max_frames < 1 or self.max_upload_mb <= 0 or self.queue_size < 1:

@@ -304,7 +304,8 @@ def memory_ratio(script: str, config: str, overrides: list[str], height: int, wi
                "--frames", str(n), "--single", *overrides]
         p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
         if p.returncode != 0:
-            raise RuntimeError(f"benchmark child failed: {p.stderr.strip().splitlines()[-1] if p.stderr else p.returncode}")
+            raise RuntimeError("benchmark child failed: "
+                               f"{p.stderr.strip().splitlines()[-1] if p.stderr else p.returncode}")
         out[n] = json.loads(p.stdout)
     return {
         f"peak_memory_mb_{short}": out[short]["peak_memory_mb"], f"peak_memory_mb_{long}": out[long]["peak_memory_mb"],
@@ -348,7 +349,8 @@ def bench_train(cfg, steps: int) -> dict:
         "peak_memory_mb": (torch.cuda.max_memory_allocated() / 2**20 if cuda
                            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "memory_kind": "cuda_max_allocated" if cuda else "peak_rss_whole_process",
-        "losses_first_last": [{k: v for k, v in r.items() if k not in ("lr", "sec_per_step", "samples_per_s", "effective_batch")}
+        "losses_first_last": [{k: v for k, v in r.items()
+                               if k not in ("lr", "sec_per_step", "samples_per_s", "effective_batch")}
                               for r in (log[0], log[-1])],
         "device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(), "torch": torch.__version__,

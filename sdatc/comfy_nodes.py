@@ -303,7 +303,8 @@ class SDATCLoadVideo:
 
 NODE_CLASS_MAPPINGS = {"SDATCLoadPipeline": SDATCLoadPipeline, "SDATCRestoreFrames": SDATCRestoreFrames,
                        "SDATCDegradationScore": SDATCDegradationScore, "SDATCLoadVideo": SDATCLoadVideo}
-NODE_DISPLAY_NAME_MAPPINGS = {"SDATCLoadPipeline": "sdatc: Load pipeline", "SDATCRestoreFrames": "sdatc: Restore frames x4",
+NODE_DISPLAY_NAME_MAPPINGS = {"SDATCLoadPipeline": "sdatc: Load pipeline",
+                              "SDATCRestoreFrames": "sdatc: Restore frames x4",
                               "SDATCDegradationScore": "sdatc: Degradation score (UltraVSR d)",
                               "SDATCLoadVideo": "sdatc: Load video"}
 

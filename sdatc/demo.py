@@ -80,7 +80,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     k = len(restored) // 2  # the middle frame
     picture = out / "before_after.png"
     with atomic_path(picture) as tmp:
-        Image.fromarray(before_after(bicubic[k], restored[k], ("bicubic x4", f"{infer.mode}: {name}"))).save(tmp, format="PNG")
+        Image.fromarray(before_after(bicubic[k], restored[k],
+                                     ("bicubic x4", f"{infer.mode}: {name}"))).save(tmp, format="PNG")
     result = {"config": config, "output": str(out / f"{name}.mp4"), "frames_dir": str(out / name),
               "picture": str(picture), "frames": row["frames"], "seconds": seconds,
               "seconds_per_frame": row["seconds"] / max(row["frames"], 1)}

@@ -123,7 +123,8 @@ def evaluate(cfg: EvalConfig, log=print) -> list[dict]:
     ctx = MetricContext(device=cfg.device, weights=resolve_root(cfg.weights), batch_size=cfg.batch_size)
     metrics, missing = build_metrics(cfg.metrics, ctx, log)
     names = [get_metric(n).name for n in cfg.metrics]
-    results = [score_clip(n, s, g, metrics, cfg.crop_border) for n, (s, g) in tqdm(pairs.items(), desc="clips", unit="clip")]
+    results = [score_clip(n, s, g, metrics, cfg.crop_border)
+               for n, (s, g) in tqdm(pairs.items(), desc="clips", unit="clip")]
     rows, mean = [], {"clip": "mean", "frames": sum(r["frames"] for r in results)}
     for r in results:
         rows.append({"clip": r["clip"], "frames": r["frames"],

@@ -93,7 +93,8 @@ def build_model(cfg: InferConfig):
     return base.build_model(cfg)
 
 
-def describe_model(cfg: InferConfig, model, device: torch.device | None = None, dtype: torch.dtype | None = None) -> str:
+def describe_model(cfg: InferConfig, model, device: torch.device | None = None,
+                   dtype: torch.dtype | None = None) -> str:
     """One line saying which model runs (printed by infer.py), and in which dtype when given."""
     n = sum(p.numel() for p in model.parameters())
     weights = cfg.checkpoint or "untrained (random weights)"
@@ -379,7 +380,8 @@ def summary(results: list[dict]) -> str:
     lines = [f"{len(done)} done, {sum(r['status'] == 'skipped' for r in results)} skipped (reasons below), "
              f"{len(failed)} failed; {frames} frames, {secs / frames if frames else 0:.2f} s per output frame"]
     for r in results:
-        detail = r.get("error") or f"{r['frames']} frames in {r['seconds']:.1f} s" + (f"; DRS {r['drs']}" if "drs" in r else "")
+        detail = (r.get("error")
+                  or f"{r['frames']} frames in {r['seconds']:.1f} s" + (f"; DRS {r['drs']}" if "drs" in r else ""))
         detail = r.get("reason", "") if r["status"] == "skipped" else detail
         lines.append(f"  {r['clip']}: {r['status']} (rank {r['rank']}) {detail}".rstrip())
     held = [r["clip"] for r in results if r.get("held")]

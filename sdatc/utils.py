@@ -304,8 +304,8 @@ def _link_new(src: Path, dst: Path, data: bytes) -> None:
 
 
 class ClipClaim:
-    """An exclusive claim on one output (``<folder>/.<name>.lock``, hashed for very long names) so that processes sharing an output folder,
-    on one machine or several, never restore the same clip at once.
+    """An exclusive claim on one output (``<folder>/.<name>.lock``, hashed for very long names) so that
+    processes sharing an output folder, on one machine or several, never restore the same clip at once.
 
         claim = ClipClaim(out, name, outputs=[out / f"{name}.mp4"], run=run_id)
         if claim.acquire():
@@ -350,7 +350,8 @@ class ClipClaim:
             return holder, None  # this very process holds it (another claim object)
         boot = _read("/proc/sys/kernel/random/boot_id")
         same_kernel = boot is not None and holder.get("boot") == boot
-        if (same_kernel and holder.get("pidns") == _pid_ns()) or (boot is None and holder.get("host") == socket.gethostname()):
+        if ((same_kernel and holder.get("pidns") == _pid_ns())
+                or (boot is None and holder.get("host") == socket.gethostname())):
             if pid == os.getpid() or not _alive(pid):
                 return holder, 0.0  # gone, or an earlier process that had our PID (a rerun in a container)
             start = _start_time(pid)

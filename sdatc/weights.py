@@ -96,7 +96,8 @@ METRIC_FILES: dict[str, tuple[WeightFile, ...]] = {
               _torchvision("alexnet-owt-7be5be79.pth", ("lpips", "tlp"), "7be5be79")),
     "dists": (_pyiqa("DISTS_weights-f5e65c96.pth", ("dists",), "f5e65c96",
                      "f5e65c96230b7f6ca995691647d482237e4cab8a50c5c4a5784f219ef0748218",
-                     "full: the published sha256 of DISTS' official weights.pt (this file renamed; name prefix agrees)"),
+                     "full: the published sha256 of DISTS' official weights.pt "
+                     "(this file renamed; name prefix agrees)"),
               _torchvision("vgg16-397923af.pth", ("dists",), "397923af")),
     "fid": (_pyiqa("pt_inception-2015-12-05-6726825d.pth", ("fid",), "6726825d",
                    "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2",

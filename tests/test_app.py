@@ -55,7 +55,8 @@ def server(tmp_path_factory, short_demo):
     tmp, log = root / "tmp", root / "server.log"
     tmp.mkdir()
     port = free_port()
-    env = {**{k: v for k, v in os.environ.items() if k != "SDATC_SD21_PATH"}, "TMPDIR": str(tmp), "GRADIO_TEMP_DIR": str(root / "gradio"), "PYTHONPATH": str(REPO_ROOT),
+    env = {**{k: v for k, v in os.environ.items() if k != "SDATC_SD21_PATH"},
+           "TMPDIR": str(tmp), "GRADIO_TEMP_DIR": str(root / "gradio"), "PYTHONPATH": str(REPO_ROOT),
            "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
     cmd = [sys.executable, str(REPO_ROOT / "scripts/app.py"), "--port", str(port), "--demo-clip", str(short_demo),
            "--output-preset", "ultrafast", "--max-frames", "100"]

@@ -68,7 +68,8 @@ def test_tiny_run_counts_and_flops(tiny_run):
     assert 0 < r["unet_batches_per_frame"] <= r["unet_calls_per_frame"]
     per_tile = r["denoise_step_tflop_by_tile"]["16x16"]
     assert math.isclose(r["denoiser_tflop_per_frame"], r["steps"] * tiles * per_tile, rel_tol=1e-9)
-    assert math.isclose(r["useful_tflop_per_frame"], r["steps"] * r["flops_stages"]["denoise_step"] / 1e12, rel_tol=1e-9)
+    assert math.isclose(r["useful_tflop_per_frame"], r["steps"] * r["flops_stages"]["denoise_step"] / 1e12,
+                        rel_tol=1e-9)
     assert r["denoiser_tflop_per_frame"] > r["useful_tflop_per_frame"] > 0  # 2 x 16x16 > 16x24
     stages = r["executed_tflop_stages_per_frame"]
     assert math.isclose(r["executed_tflop_per_frame"], sum(stages.values()), rel_tol=1e-9)

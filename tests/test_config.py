@@ -181,7 +181,8 @@ def test_base_missing_or_cyclic_is_one_line_naming_both_files(tmp_path):
     assert "\n" not in str(e.value)
     (tmp_path / "a.yaml").write_text("base: b.yaml\nname: a\n")
     (tmp_path / "b.yaml").write_text("base: a.yaml\n")
-    with pytest.raises(ConfigError, match=r"b\.yaml: base 'a\.yaml' makes a cycle \(.*a\.yaml -> .*b\.yaml -> .*a\.yaml"):
+    with pytest.raises(ConfigError,
+                       match=r"b\.yaml: base 'a\.yaml' makes a cycle \(.*a\.yaml -> .*b\.yaml -> .*a\.yaml"):
         load_config(Cfg, tmp_path / "a.yaml")
     (tmp_path / "self.yaml").write_text("base: ./self.yaml\n")
     with pytest.raises(ConfigError, match="cycle"):
@@ -209,8 +210,10 @@ def test_base_works_for_every_kind_of_config_and_referenced_configs(tmp_path):
     c = REPO_ROOT / "configs"
     cases = [(TrainConfig, "train/stage1.yaml", "max_steps: 7", lambda x: x.max_steps == 7 and x.stage == 1),
              (InferConfig, "infer/sdatc.yaml", "output_crf: 20", lambda x: x.output_crf == 20 and x.mode == "sdatc"),
-             (ModelConfig, "model/sdatc_sd21.yaml", "cfw: {growth: 8}", lambda x: x.cfw.growth == 8 and x.cfw.num_rdb == 2),
-             (EvalConfig, "eval/evaluate.yaml", "batch_size: 2", lambda x: x.batch_size == 2 and x.metrics == ["psnr_y", "ssim_y"]),
+             (ModelConfig, "model/sdatc_sd21.yaml", "cfw: {growth: 8}",
+              lambda x: x.cfw.growth == 8 and x.cfw.num_rdb == 2),
+             (EvalConfig, "eval/evaluate.yaml", "batch_size: 2",
+              lambda x: x.batch_size == 2 and x.metrics == ["psnr_y", "ssim_y"]),
              (TestSetConfig, "data/testsets.yaml", "crf: [25]", lambda x: x.crf == [25] and x.x264_threads == 1)]
     for cls, base, line, check in cases:
         f = tmp_path / f"{cls.__name__}.yaml"
@@ -222,7 +225,8 @@ def test_base_works_for_every_kind_of_config_and_referenced_configs(tmp_path):
     train = tmp_path / "uv_train.yaml"
     train.write_text(f"base: {c / 'train/tiny_ultravsr.yaml'}\nmodel: {model}\n")
     mcfg = train_model_config(load_config(TrainConfig, train))
-    assert isinstance(mcfg, UltraVSRConfig) and mcfg.lora.rank == 2 and mcfg.backbone.unet["block_out_channels"] == [32, 64]
+    assert isinstance(mcfg, UltraVSRConfig) and mcfg.lora.rank == 2
+    assert mcfg.backbone.unet["block_out_channels"] == [32, 64]
     infer = tmp_path / "infer.yaml"
     infer.write_text(f"base: {c / 'infer/tiny.yaml'}\nmodel_config: {model}\n")
     assert load_config(InferConfig, infer).model_config == str(model)

@@ -152,7 +152,8 @@ def test_the_check_sees_a_feature_flag(tmp_path):
                     "mixed_precision: 'no'\nbatch_size: 2\n")
     bad = disallowed_changes(tiny, CONFIGS / "train/stage1.yaml", TrainConfig, "train")
     assert [b.split(":")[0] for b in bad] == ["ema", "gradient_checkpointing", "mixed_precision"]
-    tiny.write_text(f"base: {CONFIGS / 'infer/sdatc.yaml'}\npipeline:\n  tiling:\n    mode: off\n    latent_tile: 48\n    latent_overlap: 16\n")
+    tiny.write_text(f"base: {CONFIGS / 'infer/sdatc.yaml'}\n"
+                    "pipeline:\n  tiling:\n    mode: off\n    latent_tile: 48\n    latent_overlap: 16\n")
     bad = disallowed_changes(tiny, CONFIGS / "infer/sdatc.yaml", InferConfig, "infer")
     assert [b.split(":")[0] for b in bad] == ["pipeline.tiling.mode"]
 

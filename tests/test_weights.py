@@ -53,7 +53,8 @@ def test_check_weights_statuses(tmp_path, monkeypatch):
     assert rows["LPIPS_v0.1_alex-df73285e.pth"]["sha256"] == sha256_file(copy)
     assert rows["vgg16-397923af.pth"]["status"] == "sha256 mismatch"  # torchvision would reject it
     assert rows["RN50.pt"]["status"] == "missing" and rows["RN50.pt"]["expected_sha256"].startswith("afeb0e10")
-    assert rows["unet/diffusion_pytorch_model.safetensors"]["location"].startswith(str(tmp_path / "stable-diffusion-2-1-base"))
+    sd_unet = rows["unet/diffusion_pytorch_model.safetensors"]
+    assert sd_unet["location"].startswith(str(tmp_path / "stable-diffusion-2-1-base"))
     assert rows["sdatc_modules.safetensors"]["status"] == "missing"
     assert len(rows) == 9 + 9 + 2
 

@@ -46,7 +46,8 @@ class TrainDataConfig:
         if self.num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {self.num_frames}")
         if self.gt_size < 1 or self.gt_size % self.degradation.scale:
-            raise ValueError(f"gt_size {self.gt_size} must be a positive multiple of the scale {self.degradation.scale}")
+            raise ValueError(f"gt_size {self.gt_size} must be a positive multiple of the scale "
+                             f"{self.degradation.scale}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
 
@@ -73,7 +74,8 @@ def scan_clips(cfg: TrainDataConfig) -> list[ClipInfo]:
         wanted = _read_clip_list(cfg.clip_list)
         missing = [c for c in wanted if c not in clips]
         if missing:
-            raise SdatcError(f"{root}: {len(missing)} clips of {cfg.clip_list} are missing (e.g. {', '.join(missing[:5])})")
+            raise SdatcError(f"{root}: {len(missing)} clips of {cfg.clip_list} are missing "
+                             f"(e.g. {', '.join(missing[:5])})")
         clips = {c: clips[c] for c in wanted}
     clips = {n: p for n, p in clips.items() if n not in set(cfg.exclude)}
     out, short, small = [], [], []
@@ -174,7 +176,8 @@ class VideoClipDataset(Dataset):
         lq, info = self.degrade(gt, rng)  # (N, size/s, size/s, 3)
         return {
             "gt": torch.from_numpy(gt).permute(0, 3, 1, 2).float().div(255),  # (N, 3, size, size)
-            "lq": torch.from_numpy(np.ascontiguousarray(lq)).permute(0, 3, 1, 2).float().div(255),  # (N, 3, size/s, size/s)
+            # (N, 3, size/s, size/s)
+            "lq": torch.from_numpy(np.ascontiguousarray(lq)).permute(0, 3, 1, 2).float().div(255),
             "index": index, "clip": clip.name, "start": start, "bitrate": info["bitrate"],
         }
 

@@ -86,7 +86,8 @@ def imresize(img, scale: float | None = None, size: tuple[int, int] | None = Non
     dtype = x.dtype
     if dtype == torch.bool or dtype.is_complex:
         raise TypeError(f"imresize: unsupported dtype {dtype}")
-    work = dtype if dtype in (torch.float32, torch.float64) else torch.float32 if dtype.is_floating_point else torch.float64
+    work = (dtype if dtype in (torch.float32, torch.float64)
+            else torch.float32 if dtype.is_floating_point else torch.float64)
 
     y = x.to(work)  # (..., H, W)
     for dim, n_in, n_out, s in _plan(tuple(x.shape[-2:]), scale, size):

@@ -26,7 +26,8 @@ def regroup_reds(root: str | Path, out: str | Path, copy: bool = False, frames: 
         for i in range(count):
             src = root / sub / f"{i:03d}"
             if not src.is_dir():
-                raise SdatcError(f"REDS clip missing: {src} (expected {root}/train_sharp/000-239 and {root}/val_sharp/000-029)")
+                raise SdatcError(f"REDS clip missing: {src} "
+                                 f"(expected {root}/train_sharp/000-239 and {root}/val_sharp/000-029)")
             n = len(list_frame_files(src))
             if n != frames:
                 raise SdatcError(f"{src} holds {n} frames, REDS clips have {frames}")

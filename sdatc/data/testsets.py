@@ -104,7 +104,8 @@ def _select_clips(cfg: TestSetConfig) -> dict[str, Path]:
     if wanted:
         missing = [c for c in wanted if c not in clips]
         if missing:
-            raise SdatcError(f"{cfg.gt_root}: clips not found: {', '.join(missing)} (have: {', '.join(list(clips)[:8])}...)")
+            raise SdatcError(f"{cfg.gt_root}: clips not found: {', '.join(missing)} "
+                             f"(have: {', '.join(list(clips)[:8])}...)")
         clips = {c: clips[c] for c in wanted}
     return clips
 
@@ -120,13 +121,15 @@ def _read_manifest(out: Path, cfg: TestSetConfig) -> dict:
         raise SdatcError(f"{path}: unreadable manifest; remove it or choose another --out") from None
     if old.get("format") != MANIFEST_FORMAT or old.get("settings") != cfg.recipe():
         if not cfg.overwrite:
-            raise SdatcError(f"{out} holds test sets built with other settings ({path}); use another --out or overwrite=true")
+            raise SdatcError(f"{out} holds test sets built with other settings ({path}); "
+                             "use another --out or overwrite=true")
         return fresh
     return old
 
 
 def _clip_complete(out: Path, name: str, entry: dict, crfs: list[int]) -> bool:
-    paths = [out / "BIx4" / name] + [out / f"BIx4_crf{q}" / name for q in crfs] + [out / "mp4" / f"crf{q}" / f"{name}.mp4" for q in crfs]
+    paths = ([out / "BIx4" / name] + [out / f"BIx4_crf{q}" / name for q in crfs]
+             + [out / "mp4" / f"crf{q}" / f"{name}.mp4" for q in crfs])
     return all(p.exists() for p in paths) and all(str(q) in entry.get("crf", {}) for q in crfs)
 
 
@@ -139,7 +142,8 @@ def build_clip(cfg: TestSetConfig, name: str, src: Path, out: Path, expected_fra
     reader = VideoReader(src)
     m = reader.meta
     if m.height % cfg.scale or m.width % cfg.scale:
-        raise SdatcError(f"clip {name!r}: GT size {m.width}x{m.height} is not divisible by {cfg.scale} (x{cfg.scale} LR needs it)")
+        raise SdatcError(f"clip {name!r}: GT size {m.width}x{m.height} is not divisible by {cfg.scale} "
+                         f"(x{cfg.scale} LR needs it)")
     n = min(m.num_frames, cfg.max_frames) if cfg.max_frames else m.num_frames
     if expected_frames is not None and cfg.max_frames is None and n != expected_frames:
         raise SdatcError(f"clip {name!r}: {n} frames, the {cfg.clip_list} list expects {expected_frames}")
@@ -167,7 +171,8 @@ def build_clip(cfg: TestSetConfig, name: str, src: Path, out: Path, expected_fra
         for f in lr:
             w.write(f)
     entry = {
-        "source": str(src), "gt_dir": str(gt_dir), "kind": m.kind, "frames": n, "gt_size": [m.height, m.width], "lr_size": list(lr.shape[1:3]),
+        "source": str(src), "gt_dir": str(gt_dir), "kind": m.kind, "frames": n,
+        "gt_size": [m.height, m.width], "lr_size": list(lr.shape[1:3]),
         "gt_sha256": {p.name: sha256_file(p) for p in gt_files},
         "lr_sha256": _hash_folder(out / "BIx4" / name), "crf": {},
     }

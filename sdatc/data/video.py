@@ -428,9 +428,11 @@ class VideoReader:
         if missing or tail >= 1:
             where = []
             if missing:
-                where.append(f"its timestamps skip about {_frames(missing)} (from {float(first_gap * s.time_base):.2f} s)")
+                where.append(f"its timestamps skip about {_frames(missing)} "
+                             f"(from {float(first_gap * s.time_base):.2f} s)")
             if tail >= 1:
-                where.append(f"it ends at {end_s:.2f} s, about {_frames(tail)} before its declared end at {declared:.2f} s")
+                where.append(f"it ends at {end_s:.2f} s, about {_frames(tail)} "
+                             f"before its declared end at {declared:.2f} s")
             raise SdatcError(f"{self.path}: truncated or damaged video: {count} frames present; {'; '.join(where)}")
         return count, "timeline" if declared is not None else "packets"
 
@@ -454,11 +456,13 @@ class VideoReader:
                 rgb = frame.to_ndarray(format="rgb24")  # with the frame's colour matrix and range
                 yield rgb if rgb.shape[:2] == (h, w) else np.ascontiguousarray(rgb[:h, :w])  # SIZE_TAG crop
         except av.error.FFmpegError as e:
-            raise SdatcError(f"{self.path}: truncated or corrupt video, decoding failed after {count} frames ({_av_reason(e)})") from None
+            raise SdatcError(f"{self.path}: truncated or corrupt video, decoding failed after {count} frames "
+                             f"({_av_reason(e)})") from None
         finally:
             c.close()
         if count < self.meta.num_frames:
-            raise SdatcError(f"{self.path}: truncated or corrupt video, decoded {count} of {self.meta.num_frames} frames")
+            raise SdatcError(f"{self.path}: truncated or corrupt video, "
+                             f"decoded {count} of {self.meta.num_frames} frames")
 
     def _next_pts(self, pts: int | None) -> int:
         """A frame's pts; one nominal frame after the previous when missing or not increasing (damaged files)."""
@@ -634,7 +638,8 @@ class VideoWriter:
         if even != (h, w):
             if self.odd_size == "error":
                 raise SdatcError(f"{self.path}: {w}x{h} is odd-sized; {self.pix_fmt} needs even sizes")
-            warnings.warn(f"{self.path.name}: odd size {w}x{h} padded to {even[1]}x{even[0]} for {self.pix_fmt}", stacklevel=3)
+            warnings.warn(f"{self.path.name}: odd size {w}x{h} padded to {even[1]}x{even[0]} for {self.pix_fmt}",
+                          stacklevel=3)
         s = self._c.add_stream("libx264", rate=self.rate)
         s.width, s.height, s.pix_fmt = even[1], even[0], self.pix_fmt
         s.codec_context.time_base = self.time_base
@@ -721,7 +726,8 @@ class VideoWriter:
         if self._stream is None:
             self._open_stream(h, w)
         elif (h, w) != self._size:
-            raise SdatcError(f"{self.path}: frame {self.count} is {w}x{h}, earlier frames are {self._size[1]}x{self._size[0]}")
+            raise SdatcError(f"{self.path}: frame {self.count} is {w}x{h}, "
+                             f"earlier frames are {self._size[1]}x{self._size[0]}")
         if self._even != (h, w):
             frame = np.pad(frame, ((0, self._even[0] - h), (0, self._even[1] - w), (0, 0)), mode="edge")
         vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")

@@ -27,7 +27,8 @@ def rgb_to_y(img) -> np.ndarray:
     elif np.issubdtype(img.dtype, np.floating):
         rgb = img.astype(np.float64)
         if rgb.size and rgb.max() > 1.5:
-            raise ValueError(f"rgb_to_y: float images must be in [0, 1], got max {rgb.max():.3g} (pass uint8 for [0, 255])")
+            raise ValueError(f"rgb_to_y: float images must be in [0, 1], got max {rgb.max():.3g} "
+                             "(pass uint8 for [0, 255])")
     else:
         raise ValueError(f"rgb_to_y: expected uint8 [0, 255] or float [0, 1], got dtype {img.dtype}")
     return rgb @ _Y_COEFFS + 16.0

@@ -33,7 +33,8 @@ def ffmpeg_exe() -> str:
 
         return imageio_ffmpeg.get_ffmpeg_exe()
     except Exception as e:  # not installed, or no binary for this platform
-        raise MetricUnavailable(f"vmaf: no ffmpeg binary from imageio-ffmpeg ({e}); pip install imageio-ffmpeg") from None
+        raise MetricUnavailable(f"vmaf: no ffmpeg binary from imageio-ffmpeg ({e}); "
+                                "pip install imageio-ffmpeg") from None
 
 
 @lru_cache(maxsize=1)
@@ -57,7 +58,8 @@ class VMAF(Metric):
 
     def __init__(self, threads: int | None = None):
         if not _has_libvmaf():
-            raise MetricUnavailable(f"vmaf: {ffmpeg_exe()} has no libvmaf filter (use the ffmpeg shipped by imageio-ffmpeg)")
+            raise MetricUnavailable(f"vmaf: {ffmpeg_exe()} has no libvmaf filter "
+                                    "(use the ffmpeg shipped by imageio-ffmpeg)")
         self.threads = threads or min(os.cpu_count() or 1, 16)
         self.libvmaf_version: str | None = None
 
@@ -97,7 +99,8 @@ class _VMAFScorer(Scorer):
             if not self.count:
                 return float("nan")
             log = self.dir / "vmaf.json"
-            raw = ["-f", "rawvideo", "-pix_fmt", self.pix_fmt, "-s", f"{self.size[0]}x{self.size[1]}", "-framerate", "25"]
+            raw = ["-f", "rawvideo", "-pix_fmt", self.pix_fmt, "-s", f"{self.size[0]}x{self.size[1]}",
+                   "-framerate", "25"]
             graph = (f"[0:v][1:v]libvmaf=model=version={VMAF_MODEL}:log_fmt=json:"
                      f"log_path={log}:n_threads={self.m.threads}")
             cmd = [ffmpeg_exe(), "-hide_banner", "-nostats", "-loglevel", "error", *raw, "-i", str(self.dir / "sr.yuv"),

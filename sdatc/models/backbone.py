@@ -8,8 +8,9 @@ or build with random weights.
 A repo id is resolved through huggingface_hub into its standard cache ($HF_HUB_CACHE, else $HF_HOME/hub):
 only the files sdatc needs, downloaded only when online; with HF_HUB_OFFLINE=1 only from the cache.
 A local folder never touches the network; a value that starts with ``./``, ``../``, ``/`` or ``~``, or
-whose first component is an existing local folder, is always a path (missing: an error, not a download). The empty-prompt text embedding (1, 77, C) is computed once and cached
-beside the weights (``sdatc_empty_prompt.safetensors``), so inference never loads the text encoder.
+whose first component is an existing local folder, is always a path (missing: an error, not a download).
+The empty-prompt text embedding (1, 77, C) is computed once and cached beside the weights
+(``sdatc_empty_prompt.safetensors``), so inference never loads the text encoder.
 The noise schedule and ``prediction_type`` (epsilon for SD 2.1-base, v_prediction for SD 2.1 768)
 come from the folder's ``scheduler/scheduler_config.json``; a non-null config value overrides it.
 """
@@ -141,7 +142,8 @@ def _resolve(cfg: BackboneConfig) -> tuple[Path, str] | None:
         source = str(path)
     missing = [s for s in ("unet", "vae", "scheduler") if not (path / s / _config_name(s)).is_file()]
     if missing:
-        raise SdatcError(f"{path} is not a complete SD 2.1 diffusers folder (missing {', '.join(s + '/' for s in missing)}; "
+        raise SdatcError(f"{path} is not a complete SD 2.1 diffusers folder "
+                         f"(missing {', '.join(s + '/' for s in missing)}; "
                          f"expected {', '.join(s + '/' for s in SD21_SUBFOLDERS)}); {SD21_HELP}")
     return path, source
 
@@ -301,7 +303,8 @@ def encode_prompt(cfg: BackboneConfig, prompt: str) -> torch.Tensor:
 
     tok = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
     text = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True)
-    ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+    ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids
     with torch.no_grad():
         return text(ids)[0].float().contiguous()
 

@@ -81,7 +81,8 @@ def vae_posterior(vae: nn.Module, x: Tensor, levels: Sequence[int] = (),
     feats = {}
     for level, down in enumerate(enc.down_blocks):
         for resnet in down.resnets:
-            h = torch.utils.checkpoint.checkpoint(resnet, h, None, use_reentrant=False) if checkpoint else resnet(h, None)
+            h = (torch.utils.checkpoint.checkpoint(resnet, h, None, use_reentrant=False) if checkpoint
+                 else resnet(h, None))
         if level in levels:
             feats[level] = h  # (N, C_level, H / 2^level, W / 2^level)
         for d in down.downsamplers or ():
@@ -129,7 +130,8 @@ def check_unet(unet: nn.Module) -> None:
     """Refuse UNet features :func:`unet_forward` does not implement (SD 2.1 uses none of them)."""
     bad = [f"{k}={unet.config.get(k)!r}" for k, v in _UNET_DEFAULTS.items() if unet.config.get(k, v) != v]
     if bad:
-        raise SdatcError(f"this UNet uses {', '.join(bad)}, which sdatc's UNet driver does not implement (SD 2.1 does not)")
+        raise SdatcError(f"this UNet uses {', '.join(bad)}, "
+                         "which sdatc's UNet driver does not implement (SD 2.1 does not)")
 
 
 def unet_forward(unet: nn.Module, x: Tensor, t: Tensor, text: Tensor, ctx: Ctx,
@@ -145,7 +147,8 @@ def unet_forward(unet: nn.Module, x: Tensor, t: Tensor, text: Tensor, ctx: Ctx,
         emb = unet.time_embed_act(emb)
 
     def kw(block: nn.Module, rows: slice) -> dict:
-        return {"temb": emb[rows], **({"encoder_hidden_states": text[rows]} if getattr(block, "has_cross_attention", False) else {})}
+        return {"temb": emb[rows],
+                **({"encoder_hidden_states": text[rows]} if getattr(block, "has_cross_attention", False) else {})}
 
     h = unet.conv_in(x)
     skips: list[Tensor] = [h]
@@ -160,8 +163,8 @@ def unet_forward(unet: nn.Module, x: Tensor, t: Tensor, text: Tensor, ctx: Ctx,
     for block in unet.up_blocks:
         n = len(block.resnets)
         res, skips = tuple(skips[-n:]), skips[:-n]
-        h = call(block, h, ctx, lambda b, y, rows, res=res: b(hidden_states=y, res_hidden_states_tuple=tuple(r[rows] for r in res),
-                                                            **kw(b, rows)))
+        h = call(block, h, ctx, lambda b, y, rows, res=res: b(
+            hidden_states=y, res_hidden_states_tuple=tuple(r[rows] for r in res), **kw(b, rows)))
     if unet.conv_norm_out is not None:
         h = unet.conv_act(unet.conv_norm_out(h))
     return unet.conv_out(h)

@@ -104,7 +104,8 @@ class SDATC(TrainedModules, nn.Module):
                 (str(1 + i * per_level + j), STAM(c, cfg.stam), f"vae.decoder.up_blocks.{i}.resnets.{j}", "post")
                 for i, c in enumerate(reversed(vae_boc)) for j in range(per_level)]
         if on.cfw:  # at decoder level i = n - 1 - l, the resolution of encoder level l
-            groups["cfw"] = [(str(lv), CFW(vae_boc[lv], cfg.cfw, level=lv), f"vae.decoder.up_blocks.{n_vae - 1 - lv}", "mid")
+            groups["cfw"] = [(str(lv), CFW(vae_boc[lv], cfg.cfw, level=lv),
+                              f"vae.decoder.up_blocks.{n_vae - 1 - lv}", "mid")
                              for lv in cfg.cfw_levels]
         kinds = {"capm_unet": "capm", "capm_vae": "capm", "stam": "stam", "cfw": "cfw"}
         order = ("cfw", "capm_unet", "capm_vae", "stam")  # in a mid slot CFW acts before CAPM

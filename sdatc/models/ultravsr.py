@@ -79,7 +79,7 @@ class UltraVSRConfig:
 
 
 def is_ultravsr_config(path) -> bool:
-    """Whether the model config file at ``path`` describes UltraVSR (it or its ``base:`` chain has an ``rts`` section)."""
+    """Whether the model config file at ``path`` is UltraVSR's (it or its ``base:`` chain has an ``rts`` section)."""
     from sdatc.config import read_config_file
 
     return "rts" in read_config_file(path)
@@ -164,10 +164,13 @@ class UltraVSR(TrainedModules, nn.Module):
         dec_in = [self.vae.config.block_out_channels[-1]] + list(reversed(self.vae.config.block_out_channels))[:-1]
         table = []
         if on.rts_unet:
-            table += [Placement(f"unet.down_blocks.{i}", "post", "rts", RTS(c, cfg.rts)) for i, c in enumerate(down_out)]
-            table += [Placement(f"unet.up_blocks.{i}", "pre", "rts", RTS(c, cfg.rts)) for i, c in enumerate(up_in)]
+            table += [Placement(f"unet.down_blocks.{i}", "post", "rts", RTS(c, cfg.rts))
+                      for i, c in enumerate(down_out)]
+            table += [Placement(f"unet.up_blocks.{i}", "pre", "rts", RTS(c, cfg.rts))
+                      for i, c in enumerate(up_in)]
         if on.rts_vae:
-            table += [Placement(f"vae.decoder.up_blocks.{i}", "pre", "rts", RTS(c, cfg.rts)) for i, c in enumerate(dec_in)]
+            table += [Placement(f"vae.decoder.up_blocks.{i}", "pre", "rts", RTS(c, cfg.rts))
+                      for i, c in enumerate(dec_in)]
         insert(self, table)
         self.gradient_checkpointing = False  # the VAE encoder's (see encode); the UNet's and Sites' are their own
         self.freeze_pretrained()
@@ -260,14 +263,16 @@ class UltraVSR(TrainedModules, nn.Module):
     def parameter_report(self) -> dict:
         """Trainable and total parameters per group (rts_unet, rts_vae, lora_unet, lora_vae, conv_in) and SD."""
         modules = {g: {"trainable": 0, "total": 0} for g in GROUPS}
-        sd = {id(p) for part in (self.unet, self.vae) for m in pretrained_modules(part) for p in m.parameters(recurse=False)}
+        sd = {id(p) for part in (self.unet, self.vae) for m in pretrained_modules(part)
+              for p in m.parameters(recurse=False)}
         for n, p in self.named_parameters():
             g = self.group_of(n)
             if g is not None:
                 modules[g]["trainable"] += p.numel() * p.requires_grad
                 modules[g]["total"] += p.numel()
         for part in ("unet", "vae"):
-            ps = [p for n, p in self.named_parameters() if n.startswith(part + ".") and id(p) in sd and self.group_of(n) is None]
+            ps = [p for n, p in self.named_parameters()
+                  if n.startswith(part + ".") and id(p) in sd and self.group_of(n) is None]
             modules[part] = {"trainable": 0, "total": sum(p.numel() for p in ps)}
         modules["text_encoder"] = {"trainable": 0, "total": self.text_encoder_params}
         return {"trainable": sum(v["trainable"] for v in modules.values()),

@@ -137,7 +137,8 @@ def check_model(spec: ModelSpec) -> tuple[ModelConfig | UltraVSRConfig | None, P
                              f"runs mode={spec.mode}: use {hint}")
     if ckpt is not None and ckpt.is_dir() and not (ckpt / weights_name).is_file():
         raise SdatcError(f"no {weights_name} in {ckpt}")
-    config_file = ckpt / CONFIG_NAME if ckpt is not None and ckpt.is_dir() and (ckpt / CONFIG_NAME).is_file() else spec.model_config
+    config_file = (ckpt / CONFIG_NAME if ckpt is not None and ckpt.is_dir() and (ckpt / CONFIG_NAME).is_file()
+                   else spec.model_config)
     overrides = list(spec.model_overrides) + ([f"backbone.pretrained={spec.pretrained}"] if spec.pretrained else [])
     return load_config(UltraVSRConfig if spec.mode == "ultravsr" else ModelConfig, config_file, overrides), ckpt
 
@@ -183,9 +184,9 @@ def _build_dcm(spec: ModelSpec, model_cfg: ModelConfig, ckpt: Path | None) -> DC
             raise SdatcError(f"{weights} holds no DCM weights (keys dcm.*)")
         result = dcm.load_state_dict(state, strict=False)
         if result.missing_keys or result.unexpected_keys:
-            raise SdatcError(f"{weights}: the DCM weights do not match the DCM config ({len(result.missing_keys)} missing, "
-                             f"e.g. {result.missing_keys[:3]}; {len(result.unexpected_keys)} unexpected, e.g. "
-                             f"{result.unexpected_keys[:3]})")
+            raise SdatcError(f"{weights}: the DCM weights do not match the DCM config "
+                             f"({len(result.missing_keys)} missing, e.g. {result.missing_keys[:3]}; "
+                             f"{len(result.unexpected_keys)} unexpected, e.g. {result.unexpected_keys[:3]})")
     return dcm.eval()
 
 
@@ -266,8 +267,9 @@ class VSRPipeline:
             folder, _ = hub_snapshot(value, PIPELINE_HUB_FILES)
         weights = folder / cls.folder
         if not (folder / MODEL_INDEX).is_file() or not weights.is_dir():
-            raise SdatcError(f"{value} is not a saved {cls.__name__}: expected {MODEL_INDEX}, unet/, vae/, scheduler/ "
-                             f"and {cls.folder}/ (as {cls.__name__}.save_pretrained writes), locally or as a Hub repo id")
+            raise SdatcError(f"{value} is not a saved {cls.__name__}: expected {MODEL_INDEX}, unet/, vae/, "
+                             f"scheduler/ and {cls.folder}/ (as {cls.__name__}.save_pretrained writes), "
+                             "locally or as a Hub repo id")
         index = json.loads((folder / MODEL_INDEX).read_text())
         if index.get("_class_name") != cls.__name__:
             raise SdatcError(f"{folder / MODEL_INDEX} describes a {index.get('_class_name')}, not an {cls.__name__}")

@@ -82,8 +82,10 @@ class DRSConfig:
     d_min: float = 0.01  # the release clips nothing; > 0 keeps the one-step x0 = (z - sqrt(1 - D) eps) / sqrt(D) finite
     d_max: float = 1.0
     # [guess, ours] x264 CRF (or QP) -> d, and bits per pixel -> d: monotone, interpolated, clamped at the ends
-    crf_table: list[list[float]] = dataclasses.field(default_factory=lambda: [[10, 0.85], [20, 0.7], [30, 0.5], [40, 0.3]])
-    bpp_table: list[list[float]] = dataclasses.field(default_factory=lambda: [[0.02, 0.3], [0.1, 0.5], [0.3, 0.7], [1.0, 0.85]])
+    crf_table: list[list[float]] = dataclasses.field(
+        default_factory=lambda: [[10, 0.85], [20, 0.7], [30, 0.5], [40, 0.3]])
+    bpp_table: list[list[float]] = dataclasses.field(
+        default_factory=lambda: [[0.02, 0.3], [0.1, 0.5], [0.3, 0.7], [1.0, 0.85]])
     frames: int = 5  # clipiqa: frames sampled per clip
 
     def __post_init__(self):
@@ -97,7 +99,8 @@ class DRSConfig:
             if len(table) < 2 or any(len(r) != 2 for r in table) or xs != sorted(xs) or len(set(xs)) != len(xs):
                 raise ValueError(f"drs.{name}: at least two [x, d] rows with x strictly increasing, got {table}")
             if ys != sorted(ys, reverse=falling):
-                raise ValueError(f"drs.{name}: d must {'fall' if falling else 'rise'} with x (a monotone table), got {table}")
+                raise ValueError(f"drs.{name}: d must {'fall' if falling else 'rise'} with x (a monotone table), "
+                                 f"got {table}")
 
 
 @dataclasses.dataclass

@@ -123,7 +123,8 @@ class DCMPipeline:
                     if min(size) < 8:
                         raise SdatcError(f"frames of {size[1]}x{size[0]} are too small (at least 8x8 LR pixels)")
                 elif frame.shape[:2] != size:
-                    raise SdatcError(f"frame {count} is {frame.shape[1]}x{frame.shape[0]}, earlier frames {size[1]}x{size[0]}")
+                    raise SdatcError(f"frame {count} is {frame.shape[1]}x{frame.shape[0]}, "
+                                     f"earlier frames {size[1]}x{size[0]}")
                 buf.append(torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1))
                 count += 1
                 if len(buf) == self.batch or count == num_frames:

@@ -9,7 +9,8 @@
 Respacing is guided-diffusion's ``space_timesteps(1000, [50])`` (StableSR and MGLD-VSR copy it): a
 fractional stride (999 / 49) added 49 times, each partial sum rounded (Python's round, ties to even), so
 0 and 999 are both included; the betas of the respaced chain are recomputed from alphas_cumprod. One
-step is ``[start_t]`` here (the peers' [0] is degenerate when the chain starts from q_sample(z_c, 999)). DDPM uses the posterior variance (``fixed_small``); DDIM uses eta (0 = deterministic).
+step is ``[start_t]`` here (the peers' [0] is degenerate when the chain starts from q_sample(z_c, 999)).
+DDPM uses the posterior variance (``fixed_small``); DDIM uses eta (0 = deterministic).
 The model output is split into (x0, eps) by ``prediction_type`` (epsilon or v_prediction). Noise is
 passed in by the caller, so each frame can draw its own seeded noise. The steps equal diffusers'
 DDPMScheduler with ``set_timesteps(timesteps=...)`` (tests); DDIMScheduler cannot take respaced

@@ -106,7 +106,8 @@ class SDATCPipeline(VSRPipeline):
         config = None
         if any(v is not None for v in (num_inference_steps, seed, cfw_weight, colour_fix)):
             s = self.config.sampler
-            sampler = dataclasses.replace(s, steps=num_inference_steps or s.steps, seed=s.seed if seed is None else seed)
+            sampler = dataclasses.replace(s, steps=num_inference_steps or s.steps,
+                                          seed=s.seed if seed is None else seed)
             extra = {k: v for k, v in (("cfw_weight", cfw_weight), ("colour", colour_fix)) if v is not None}
             config = dataclasses.replace(self.config, sampler=sampler, **extra)
         return {"prompt": prompt, "config": config}

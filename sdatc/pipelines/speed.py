@@ -63,7 +63,8 @@ def enable_tf32() -> bool:
         return False
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    print("note: TF32 on for fp32 matmuls and convolutions on CUDA (process-wide; speed_up(tf32=False) keeps full fp32)")
+    print("note: TF32 on for fp32 matmuls and convolutions on CUDA "
+          "(process-wide; speed_up(tf32=False) keeps full fp32)")
     return True
 
 

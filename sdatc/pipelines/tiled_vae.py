@@ -85,7 +85,8 @@ def _local(fn: Callable[..., Tensor], xs: tuple[Tensor, ...], boxes: list[Box], 
 
 def _group_stats(gn: nn.GroupNorm, x: Tensor, boxes: list[Box]) -> tuple[Tensor, Tensor]:
     """Per-sample, per-channel (scale, shift) (N, C) fp32 of ``gn`` over the whole frame of ``x``: each tile's
-    mean and variance (fp32, no copy of an fp32 tile), merged in float64 (Chan et al.). ``gn(x) == x * scale + shift``."""
+    mean and variance (fp32, no copy of an fp32 tile), merged in float64 (Chan et al.).
+    ``gn(x) == x * scale + shift``."""
     c, g = x.shape[1], gn.num_groups
     count = mean = m2 = 0
     for y0, y1, x0, x1 in boxes:
@@ -104,7 +105,8 @@ def _group_stats(gn: nn.GroupNorm, x: Tensor, boxes: list[Box]) -> tuple[Tensor,
 
 
 def _normed(x: Tensor, stats: tuple[Tensor, Tensor]) -> Tensor:
-    """GroupNorm of a tile with whole-frame ``stats``: fp32 under autocast (as autocast runs group_norm), else x's dtype."""
+    """GroupNorm of a tile with whole-frame ``stats``: fp32 under autocast (as autocast runs group_norm),
+    else x's dtype."""
     scale, shift = stats
     y = torch.addcmul(shift[..., None, None], x.float(), scale[..., None, None])
     return y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype)
@@ -258,7 +260,8 @@ class TiledCAPM(_Tiled):
         for box, c in crops(2):
             _, q, k, _ = qkv(c)
             qo, ko = (centre(t, box, c).unflatten(1, (g, -1)).flatten(-2).float() for t in (q, k))  # (N, g, c, P)
-            sq, sk, gram, dtype = sq + qo.square().sum(-1), sk + ko.square().sum(-1), gram + qo @ ko.transpose(-2, -1), q.dtype
+            sq, sk, gram, dtype = (sq + qo.square().sum(-1), sk + ko.square().sum(-1),
+                                   gram + qo @ ko.transpose(-2, -1), q.dtype)
         eps = 1e-12  # F.normalize's
         attn = gram / (sq.sqrt().clamp_min(eps)[..., :, None] * sk.sqrt().clamp_min(eps)[..., None, :])
         attn = (attn.to(dtype) * mdta.temperature).softmax(dim=-1)  # (N, g, d/g, d/g)
@@ -288,7 +291,8 @@ class TiledRTSAttention(_Tiled):
 
         def qkv(box: Box) -> tuple[Tensor, ...]:  # 3 x (N, g, c, P_box): the box's q, k, v
             c = (max(0, box[0] - 1), min(h, box[1] + 1), max(0, box[2] - 1), min(w, box[3] + 1))
-            t = m.qkv_dwconv(m.qkv(x[..., c[0]:c[1], c[2]:c[3]]))[..., box[0] - c[0]:box[1] - c[0], box[2] - c[2]:box[3] - c[2]]
+            t = m.qkv_dwconv(m.qkv(x[..., c[0]:c[1], c[2]:c[3]]))  # the box and its 1-pixel halo
+            t = t[..., box[0] - c[0]:box[1] - c[0], box[2] - c[2]:box[3] - c[2]]
             return tuple(a.unflatten(1, (g, -1)).flatten(-2) for a in t.chunk(3, dim=1))
 
         sq = sk = 0
@@ -301,8 +305,9 @@ class TiledRTSAttention(_Tiled):
                 grams[s] = grams[s] + qf @ neighbour(kf, num_frames, s).transpose(-2, -1)  # (N, g, c, c)
         eps = 1e-12  # F.normalize's
         nq = sq.sqrt().clamp_min(eps)
-        attn = {s: ((gr / (nq[..., :, None] * neighbour(sk.sqrt(), num_frames, s).clamp_min(eps)[..., None, :])).to(dtype)
-                    * m.temperature).softmax(dim=-1) for s, gr in grams.items()}  # (N, g, c, c) per offset
+        attn = {s: ((gr / (nq[..., :, None] * neighbour(sk.sqrt(), num_frames, s).clamp_min(eps)[..., None, :]))
+                    .to(dtype) * m.temperature).softmax(dim=-1)
+                for s, gr in grams.items()}  # (N, g, c, c) per offset
 
         def one(box: Box) -> Tensor:
             _, _, v = qkv(box)

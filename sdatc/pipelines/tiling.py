@@ -122,8 +122,9 @@ def _scaled(v: int, s: Fraction, k: int) -> int:
     return int(p)
 
 
-def _accumulators(outs: tuple[Tensor, ...], th: int, tw: int, H: int, W: int, kind: str, frames: int | None = None,
-                  blend: bool = True) -> tuple[list[Fraction], list[torch.dtype], list[Tensor], list[Tensor], list[Tensor]]:
+def _accumulators(outs: tuple[Tensor, ...], th: int, tw: int, H: int, W: int, kind: str,
+                  frames: int | None = None, blend: bool = True,
+                  ) -> tuple[list[Fraction], list[torch.dtype], list[Tensor], list[Tensor], list[Tensor]]:
     """From the first call's outputs (from a (th, tw) tile): per output its scale, dtype, zeroed weighted sum
     (its leading dims, or ``frames`` then its dims after the batch; (H * s, W * s) last), zeroed weight sum
     (H * s, W * s) and tile weights (``blend_weights``, or ones when ``blend`` is False)."""
@@ -218,7 +219,8 @@ def tiled_batched(fn: Callable[..., Tensor | tuple[Tensor, ...]], xs: tuple[Tens
     """
     x = xs[0]
     if x.dim() != 4 or any(y.shape[0] != x.shape[0] or y.shape[-2:] != x.shape[-2:] for y in xs):
-        raise ValueError(f"tiled_batched expects inputs (N, C, H, W) of one N, H, W, got {[tuple(y.shape) for y in xs]}")
+        raise ValueError("tiled_batched expects inputs (N, C, H, W) of one N, H, W, "
+                         f"got {[tuple(y.shape) for y in xs]}")
     n, (H, W) = x.shape[0], x.shape[-2:]
     if n % group:
         raise ValueError(f"{n} items are not whole groups of {group}")

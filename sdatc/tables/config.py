@@ -48,7 +48,7 @@ class FigureConfig:
     clip: str | None = None
     method: str | None = None  # "ours": default the first method other than bicubic that ran
     frame: int | None = None  # grid frame (default: the middle one)
-    row: int | None = None  # temporal profile row in GT pixels, over the crop's columns (default: the crop's middle row)
+    row: int | None = None  # temporal profile row in GT pixels, over the crop's columns (default: its middle row)
     crop: list[int] | None = None  # zoomed crop [y, x, h, w] in GT pixels (default: centre, 1/4 of each side)
 
 
@@ -92,7 +92,8 @@ class TablesConfig:
             raise ValueError("sets, crf and methods must not be empty")
         undefined = [m for m in self.methods if m not in self.method_configs]
         if undefined:
-            raise ValueError(f"method {undefined[0]!r} is not defined in method_configs (defined: {', '.join(self.method_configs)})")
+            raise ValueError(f"method {undefined[0]!r} is not defined in method_configs "
+                             f"(defined: {', '.join(self.method_configs)})")
         if self.max_frames is not None and self.max_frames < 1:
             raise ValueError("max_frames must be >= 1")
         if self.batch_size < 1:

@@ -61,8 +61,9 @@ def grid(frames: dict[str, np.ndarray], crop: tuple[int, int, int, int]) -> np.n
         zoom = img[y : y + ch, x : x + cw]
         zw = min(full.shape[1], round(cw * ZOOM_HEIGHT / ch))
         zoom = cv2.resize(zoom, (zw, round(ch * zw / cw)), interpolation=cv2.INTER_NEAREST)
-        cols.append(_label(np.concatenate([full, np.full((6, full.shape[1], 3), 255, np.uint8),
-                                           np.pad(zoom, ((0, 0), (0, full.shape[1] - zw), (0, 0)), constant_values=255)]), label))
+        cols.append(_label(np.concatenate([
+            full, np.full((6, full.shape[1], 3), 255, np.uint8),
+            np.pad(zoom, ((0, 0), (0, full.shape[1] - zw), (0, 0)), constant_values=255)]), label))
     return _hstack(cols)
 
 
@@ -107,7 +108,8 @@ def make_figures(cfg: TablesConfig, sets: dict, methods: dict, out: Path) -> dic
     crop = tuple(f.crop) if f.crop else default_crop(h, w)
     row = f.row if f.row is not None else crop[0] + crop[2] // 2
     if not (0 <= t < n and 0 <= row < h and len(crop) == 4 and crop[0] + crop[2] <= h and crop[1] + crop[3] <= w):
-        raise SdatcError(f"figures: frame {t}, row {row} or crop {list(crop)} outside clip {clip!r} ({n} frames of {w}x{h})")
+        raise SdatcError(f"figures: frame {t}, row {row} or crop {list(crop)} outside clip {clip!r} "
+                         f"({n} frames of {w}x{h})")
     bic_dir = Path(cfg.results) / "bicubic" / info.key / f"crf{q}" / clip
     if bic_dir.is_dir():
         bic = iter(VideoReader(bic_dir))
@@ -127,6 +129,8 @@ def make_figures(cfg: TablesConfig, sets: dict, methods: dict, out: Path) -> dic
     label = cfg.label(ours)
     stem = f"{info.key}_crf{q}_{clip}"
     paths = {"grid": out / "figures" / f"{stem}_grid.png", "profile": out / "figures" / f"{stem}_profile.png"}
-    _write_png(paths["grid"], grid({f"LR bicubic x4 (CRF {q})": shown["bicubic"], label: shown["ours"], "GT": shown["GT"]}, crop))
-    _write_png(paths["profile"], temporal_profile({"LR bicubic x4": rows["bicubic"], label: rows["ours"], "GT": rows["GT"]}, 0))
+    _write_png(paths["grid"], grid({f"LR bicubic x4 (CRF {q})": shown["bicubic"], label: shown["ours"],
+                                    "GT": shown["GT"]}, crop))
+    _write_png(paths["profile"], temporal_profile({"LR bicubic x4": rows["bicubic"], label: rows["ours"],
+                                                   "GT": rows["GT"]}, 0))
     return {k: str(v) for k, v in paths.items()}

@@ -55,7 +55,8 @@ def load_paper() -> PaperTables:
         header = block[0].split(",")
         if header[0] == "table":
             for r in rows:
-                quality[(r["dataset"], int(r["crf"]), r["method"])] = {k: _num(v) for k, v in r.items() if k not in ("table", "dataset", "crf", "method")}
+                quality[(r["dataset"], int(r["crf"]), r["method"])] = {
+                    k: _num(v) for k, v in r.items() if k not in ("table", "dataset", "crf", "method")}
         elif "runtime_s" in header:
             runtime = {r["method"]: {k: _num(v) for k, v in r.items() if k != "method"} for r in rows}
         elif "vmaf" in header:

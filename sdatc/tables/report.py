@@ -188,7 +188,8 @@ def quality_section(cfg: TablesConfig, dataset: str, summary: list[dict], paper)
 def markdown(cfg: TablesConfig, summary: list[dict], meta: dict) -> str:
     paper = load_paper()
     lines = ["# SDATC tables: paper vs this run", "",
-             f"Created {meta['created']} with sdatc {meta['versions']['sdatc']} (git {meta['versions']['git'] or 'unknown'}), "
+             f"Created {meta['created']} with sdatc {meta['versions']['sdatc']} "
+             f"(git {meta['versions']['git'] or 'unknown'}), "
              f"torch {meta['versions']['torch']}, pyiqa {meta['versions']['pyiqa']}, {meta['versions']['ffmpeg']}, "
              f"{', '.join(meta['versions']['x264']) or 'x264 unknown'}. Protocol: docs/evaluation.md of sdatc; "
              "every setting is in tables.json.", ""]
@@ -210,7 +211,8 @@ def markdown(cfg: TablesConfig, summary: list[dict], meta: dict) -> str:
     if "runtime" in meta:
         lines += _runtime_section(meta["runtime"], paper)
     if meta.get("figures"):
-        lines += ["## Figures", "", *(f"- [{Path(p).name}](figures/{Path(p).name})" for p in meta["figures"].values()), ""]
+        lines += ["## Figures", "",
+                  *(f"- [{Path(p).name}](figures/{Path(p).name})" for p in meta["figures"].values()), ""]
     return "\n".join(lines)
 
 
@@ -221,11 +223,13 @@ def _vmaf_section(cfg, summary, paper, meta) -> list[str]:
     rows = [[f"{m} (paper)", *(fmt(c, v.get(c)) for c in cols)] for m, v in paper.vmaf.items()]
     rows += [[f"{r['method']} (ours)", *(fmt(c, r.get(c)) for c in cols)]
              for r in summary if r["dataset"] == "REDS4" and r["crf"] == 25]
-    return ["## Table VII: VMAF on REDS4, CRF 25", "", *_table(rows, ["Method", *(f"{HEADERS[c]}{_arrow(c)}" for c in cols)]), ""]
+    return ["## Table VII: VMAF on REDS4, CRF 25", "",
+            *_table(rows, ["Method", *(f"{HEADERS[c]}{_arrow(c)}" for c in cols)]), ""]
 
 
 def _temporal_section(cfg, summary) -> list[str]:
-    cols = [c for c in ("warping_error", "tlp", "tof") if any(isinstance(r.get(c), (float, str)) and r.get(c) != "" for r in summary)]
+    cols = [c for c in ("warping_error", "tlp", "tof")
+            if any(isinstance(r.get(c), (float, str)) and r.get(c) != "" for r in summary)]
     if not cols:
         return []
     rows = [[r["dataset"], str(r["crf"]), r["method"], *(fmt(c, r.get(c)) for c in cols)] for r in summary]
@@ -238,11 +242,13 @@ def _runtime_section(rt: dict, paper) -> list[str]:
             for m, v in paper.runtime.items()]
     if rt.get("status") == "done":
         out = f"{rt['output'][1]}x{rt['output'][0]}"
-        rows.append([f"{rt['method']} (ours, {rt['device']}, {rt['dtype']})", "-", "-", f"{rt['seconds_per_frame']:.3f}"])
-        note = (f"Ours: seconds per {out} output frame, {rt['frames']} frames of {rt['input'][1]}x{rt['input'][0]} input, "
-                f"{rt['steps']} steps, tiling {rt['tiling'].get('mode')}, flow guidance {'on' if rt['flow_guidance'] else 'off'}, "
-                "model loading and the warm-up window excluded. Timings on other GPUs are not comparable to the paper's.")
+        rows.append([f"{rt['method']} (ours, {rt['device']}, {rt['dtype']})", "-", "-",
+                     f"{rt['seconds_per_frame']:.3f}"])
+        note = (f"Ours: seconds per {out} output frame, {rt['frames']} frames of "
+                f"{rt['input'][1]}x{rt['input'][0]} input, {rt['steps']} steps, tiling {rt['tiling'].get('mode')}, "
+                f"flow guidance {'on' if rt['flow_guidance'] else 'off'}, model loading and the warm-up window "
+                "excluded. Timings on other GPUs are not comparable to the paper's.")
     else:
         note = f"Ours: not measured ({rt.get('reason')})."
-    return ["## Table III: runtime (seconds per frame)", "", *_table(rows, ["Method", "Trainable", "Total", "Runtime (s)"]),
-            "", note, ""]
+    return ["## Table III: runtime (seconds per frame)", "",
+            *_table(rows, ["Method", "Trainable", "Total", "Runtime (s)"]), "", note, ""]

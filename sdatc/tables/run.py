@@ -49,7 +49,8 @@ def gt_roots(cfg: TablesConfig) -> dict[str, Path]:
     for s in cfg.sets:
         path = getattr(cfg.gt_roots, s) or (str(Path(cfg.data_root) / s / "GT") if cfg.data_root else None)
         if path is None:
-            raise SdatcError(f"set {s}: no GT root (set gt_roots.{s}=PATH in the config, or data_root=DIR holding {s}/GT)")
+            raise SdatcError(f"set {s}: no GT root (set gt_roots.{s}=PATH in the config, "
+                             f"or data_root=DIR holding {s}/GT)")
         if not Path(path).exists():
             raise SdatcError(f"set {s}: GT root not found: {path}")
         roots[s] = Path(path)

@@ -37,7 +37,8 @@ def _read_weights(path: str | Path, name: str = WEIGHTS_NAME) -> tuple[dict[str,
     return load_file(str(file)), str(file)
 
 
-def init_modules(modules: dict[str, torch.nn.Module], paths: list[str], model: torch.nn.Module | None = None) -> list[str]:
+def init_modules(modules: dict[str, torch.nn.Module], paths: list[str],
+                 model: torch.nn.Module | None = None) -> list[str]:
     """Load each listed checkpoint into the new modules it holds, strictly per module; returns what was loaded."""
     loaded = []
     for path in paths:

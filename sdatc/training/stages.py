@@ -264,7 +264,8 @@ class PixelStage(_Stage):
             feats = {k: v.float() for k, v in feats.items()}
             return (self.model.decode(z.float(), feats, num_frames=num_frames, w=1.0) + 1) / 2
 
-    def forward(self, lq: Tensor, gt: Tensor, step: int = 0, z: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor]:
+    def forward(self, lq: Tensor, gt: Tensor, step: int = 0,
+                z: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor]:
         cfg = self.cfg.loss
         t = lq.shape[1]
         lq, gt = _frames(lq), _frames(gt)  # (N, 3, h, w), (N, 3, 4h, 4w)

@@ -83,7 +83,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     fake, fake_opt = run.extra.get("fake_score", (None, None))
     no_sync = [m for m in (stage, fake) if m is not None]  # DDP modules whose gradients accumulate locally
     batches = iter(make_loader(run.dataset, cfg.batch_size // acc.num_processes, start=state.position,
-                               rank=acc.process_index, world_size=acc.num_processes, pin_memory=acc.device.type == "cuda"))
+                               rank=acc.process_index, world_size=acc.num_processes,
+                               pin_memory=acc.device.type == "cuda"))
     weights = dataclasses.asdict(cfg.loss)
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc=f"stage {cfg.stage}", unit="step",
                disable=not (progress and acc.is_main_process))
@@ -242,9 +243,10 @@ def setup(cfg: TrainConfig) -> Run:
         except Exception as e:
             raise SdatcError(f"tensorboard=true but TensorBoard is not usable ({e}); pip install tensorboard") from None
     if main:
-        print(f"stage {cfg.stage}: {sum(p.numel() for p in params) / 1e6:.2f} M trainable ({', '.join(cfg.trainable)}), "
-              f"{acc.num_processes} process(es), batch {cfg.batch_size} x accumulation {cfg.grad_accum} = effective "
-              f"batch {cfg.batch_size * cfg.grad_accum}, device {device}; {describe_precision(mp)}")
+        print(f"stage {cfg.stage}: {sum(p.numel() for p in params) / 1e6:.2f} M trainable "
+              f"({', '.join(cfg.trainable)}), {acc.num_processes} process(es), batch {cfg.batch_size} "
+              f"x accumulation {cfg.grad_accum} = effective batch {cfg.batch_size * cfg.grad_accum}, "
+              f"device {device}; {describe_precision(mp)}")
     return run
 
 
@@ -257,7 +259,8 @@ def _accelerator(cfg: TrainConfig, mp: str, out: Path, num_workers: int):
     cuda = torch.cuda.is_available()
     AcceleratorState._reset_state()  # another run in this process may have used another precision
     acc = Accelerator(cpu=not cuda, mixed_precision=mp, log_with="tensorboard" if cfg.tensorboard else None,
-                      project_dir=str(out), kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
+                      project_dir=str(out),
+                      kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
     world, main = acc.num_processes, acc.is_main_process
     if cfg.batch_size % world:
         raise SdatcError(f"batch_size {cfg.batch_size} is not divisible across {world} processes")
@@ -327,7 +330,8 @@ def _resume(run: Run, path: Path) -> None:
         group["lr"] = base * lr_lambda(sched.last_epoch)
     sched._last_lr = [group["lr"] for group in opt.param_groups]  # what get_last_lr() logs
     if ema is not None:
-        ema.to(run.acc.device)  # accelerate loads the EMA with map_location="cpu" and diffusers' EMAModel keeps it there
+        # accelerate loads the EMA with map_location="cpu" and diffusers' EMAModel keeps it there
+        ema.to(run.acc.device)
     optimizers, placed = _tensors_to_check(run)
     check_devices(run.acc.device, placed, optimizers, ema, "resume")
     if run.acc.is_main_process:

@@ -195,14 +195,16 @@ class UltraVSRStage(_Stage):
         """OSEDiff's VSD term with RTS-equipped scorers (see the module docstring)."""
         m, v = self.model, self.cfg.ultravsr.vsd
         n = z_hr.shape[0]
-        t = torch.randint(v.t_range[0], v.t_range[1] + 1, (n // num_frames,), device=z_hr.device).repeat_interleave(num_frames)
+        t = torch.randint(v.t_range[0], v.t_range[1] + 1, (n // num_frames,),
+                          device=z_hr.device).repeat_interleave(num_frames)
         noise = torch.randn_like(z_hr)
         a = m.scheduler.alphas_cumprod.to(z_hr.device)[t]
         z_t = m.scheduler.add_noise(z_hr.detach(), noise, t)
         with torch.no_grad():
             unet = m.unet
             with adapters_off(unet):  # frozen SD + the current RTS
-                text = torch.cat([m.empty_prompt_embeds.expand(n, -1, -1), self.negative.expand(n, -1, -1)]).to(z_t.dtype)
+                text = torch.cat([m.empty_prompt_embeds.expand(n, -1, -1),
+                                  self.negative.expand(n, -1, -1)]).to(z_t.dtype)
                 out = unet_forward(unet, torch.cat([z_t, z_t]), torch.cat([t, t]), text, Ctx(num_frames=num_frames))
             pos, neg = out.chunk(2)
             guided = neg + v.cfg_scale * (pos - neg)
@@ -220,14 +222,16 @@ class UltraVSRStage(_Stage):
         steps with their own optimiser."""
         m, v = self.model, self.cfg.ultravsr.vsd
         n = z_hr.shape[0]
-        t = torch.randint(v.t_range[0], v.t_range[1] + 1, (n // num_frames,), device=z_hr.device).repeat_interleave(num_frames)
+        t = torch.randint(v.t_range[0], v.t_range[1] + 1, (n // num_frames,),
+                          device=z_hr.device).repeat_interleave(num_frames)
         noise = torch.randn_like(z_hr)
         z_t = m.scheduler.add_noise(z_hr.detach().float(), noise, t)
         a = m.scheduler.alphas_cumprod.to(z_hr.device)[t]
         target = training_target(z_hr.detach().float(), noise.float(), a, m.prediction_type)
         return F.mse_loss(self.fake[0](z_t, t, num_frames).float(), target)
 
-    def forward(self, lq: Tensor, gt: Tensor, step: int = 0, z: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor]:
+    def forward(self, lq: Tensor, gt: Tensor, step: int = 0,
+                z: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor]:
         cfg, u = self.cfg.loss, self.cfg.ultravsr
         t = lq.shape[1]
         lq, gt = lq.flatten(0, 1), gt.flatten(0, 1)  # (N, 3, h, w), (N, 3, 4h, 4w)

@@ -34,7 +34,8 @@ class Validator:
             raise SdatcError(f"validation clip {cfg.clip!r} not found in {root} (val.clip / val.root)")
         reader = VideoReader(candidates[0])
         if len(reader) < cfg.num_frames:
-            raise SdatcError(f"validation clip {candidates[0]} has {len(reader)} frames, val.num_frames={cfg.num_frames}")
+            raise SdatcError(f"validation clip {candidates[0]} has {len(reader)} frames, "
+                             f"val.num_frames={cfg.num_frames}")
         gt = reader.read_all(cfg.num_frames)  # (T, H, W, 3)
         if cfg.gt_size is not None:
             s = min(cfg.gt_size, gt.shape[1], gt.shape[2]) // 4 * 4
@@ -99,7 +100,8 @@ def ultravsr_restorer(model, d: float, num_frames: int, device, dtype: torch.dty
     from sdatc.pipelines.config import DRSConfig, TilingConfig, UltraVSRPipelineConfig, WindowConfig
     from sdatc.pipelines.ultravsr import UltraVSRPipeline
 
-    cfg = UltraVSRPipelineConfig(drs=DRSConfig(estimator="fixed", d=d), window=WindowConfig(length=num_frames, stride=num_frames),
+    cfg = UltraVSRPipelineConfig(drs=DRSConfig(estimator="fixed", d=d),
+                                 window=WindowConfig(length=num_frames, stride=num_frames),
                                  chunk_frames=0, tiling=TilingConfig(mode="off"))
     pipe = UltraVSRPipeline(model, cfg, device=device, torch_dtype=dtype, progress=False, cast=False)
 

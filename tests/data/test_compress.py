@@ -88,7 +88,8 @@ def test_bit_identical_to_ffmpeg_cli_recipe(tmp_path, carphone_frames):
     subprocess.run([ff, *q, "-i", str(tmp_path / "lossless.mp4"), "-c:v", "libx264", "-preset", "medium", "-crf", "25",
                     "-pix_fmt", "yuv420p", "-threads", "1", str(tmp_path / "crf25.mp4")], check=True)
     (tmp_path / "dec").mkdir()
-    subprocess.run([ff, *q, "-i", str(tmp_path / "crf25.mp4"), "-start_number", "0", str(tmp_path / "dec" / "%08d.png")], check=True)
+    subprocess.run([ff, *q, "-i", str(tmp_path / "crf25.mp4"), "-start_number", "0",
+                    str(tmp_path / "dec" / "%08d.png")], check=True)
     cli = read_video(tmp_path / "dec")
     ours = x264_compress(carphone_frames, crf=25, fps=10, lossless_first=True)
     from sdatc.data.video import VideoReader, encoder_version

@@ -172,7 +172,8 @@ def test_ffmpeg_generic_errors_are_said_in_words():
              (av.error.EOFError(-541478725, "End of file"), "the file ends early: truncated"),
              (av.error.PatchWelcomeError(-1163346256, "Not yet implemented in FFmpeg, patches welcome"),
               "damaged data, or a feature FFmpeg does not support"),
-             (av.error.OSError(errno.EIO, "Input/output error"), "input/output error: a damaged file, or a failing disk"),
+             (av.error.OSError(errno.EIO, "Input/output error"),
+              "input/output error: a damaged file, or a failing disk"),
              (av.error.InvalidDataError(-1094995529, "Invalid data found when processing input"),
               "Invalid data found when processing input")]  # FFmpeg's own words where they say enough
     for e, words in cases:

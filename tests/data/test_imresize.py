@@ -135,7 +135,8 @@ def test_batched_torch_matches_per_image_numpy_and_dtypes():
                 assert isinstance(ref, np.ndarray) and ref.dtype == np.float64
                 assert np.abs(out[b, t].numpy().transpose(1, 2, 0) - ref).max() < 1e-12
     out32 = imresize(torch.from_numpy(x).float(), scale=0.5)
-    assert out32.dtype == torch.float32 and torch.allclose(out32.double(), imresize(torch.from_numpy(x), scale=0.5), atol=1e-5)
+    assert out32.dtype == torch.float32
+    assert torch.allclose(out32.double(), imresize(torch.from_numpy(x), scale=0.5), atol=1e-5)
     assert imresize(x[0, 0, 0].astype(np.float32), scale=2).dtype == np.float32  # (H, W) numpy
 
 
@@ -160,14 +161,16 @@ def test_agrees_with_pil_and_torch_antialiased_bicubic(frame0):
     tor = F.interpolate(x, size=(h // 4, w // 4), mode="bicubic", antialias=True, align_corners=False)
     tor = tor[0].permute(1, 2, 0).numpy()
     mad_torch = float(np.abs(ours - tor).mean())
-    print(f"x1/4 MAD vs PIL: {mad_pil:.3e} ({mad_pil * 255:.3f}/255), vs torch antialias: {mad_torch:.3e} ({mad_torch * 255:.4f}/255)")
+    print(f"x1/4 MAD vs PIL: {mad_pil:.3e} ({mad_pil * 255:.3f}/255), "
+          f"vs torch antialias: {mad_torch:.3e} ({mad_torch * 255:.4f}/255)")
     assert mad_pil < 1 / 255 and mad_torch < 1 / 255
     # Same a = -0.5 antialiased kernel: away from the borders (where torch renormalises instead of
     # mirroring) the results are identical up to float error.
     assert np.abs(ours - tor)[4:-4, 4:-4].max() < 1e-9
     # x4 upscale: torch's antialias path also uses a = -0.5 -> identical away from the borders
     up = imresize(ours, scale=4)
-    tup = F.interpolate(torch.from_numpy(ours).permute(2, 0, 1)[None], scale_factor=4, mode="bicubic", antialias=True, align_corners=False)
+    tup = F.interpolate(torch.from_numpy(ours).permute(2, 0, 1)[None], scale_factor=4, mode="bicubic",
+                        antialias=True, align_corners=False)
     assert np.abs(up - tup[0].permute(1, 2, 0).numpy())[8:-8, 8:-8].max() < 1e-9
 
 

@@ -26,7 +26,8 @@ def test_layout_sizes_and_manifest(gt_root, tmp_path):
         for q in (15, 35):
             dec = read_video(out / f"BIx4_crf{q}" / clip)
             assert dec.shape == lr.shape
-            assert (out / "mp4" / f"crf{q}" / f"{clip}.mp4").stat().st_size == manifest["clips"][clip]["crf"][str(q)]["bytes"]
+            assert ((out / "mp4" / f"crf{q}" / f"{clip}.mp4").stat().st_size
+                    == manifest["clips"][clip]["crf"][str(q)]["bytes"])
     m = json.loads((out / "manifest.json").read_text())
     assert m["settings"] == {"crf": [15, 35], "pix_fmt": "yuv420p", "fps": 10.0, "preset": "medium", "scale": 4,
                              "lossless_first": True, "x264_threads": 1, "max_frames": None}

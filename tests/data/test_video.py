@@ -60,7 +60,8 @@ def test_fractional_fps_kept(carphone_path, tmp_path):
     assert m.rate == Fraction(30000, 1001) and m.num_frames == 5 and not m.has_audio
 
 
-@pytest.mark.parametrize("ext,codec", [(".mkv", "libx264"), (".mov", "libx264"), (".avi", "mpeg4"), (".webm", "libvpx-vp9")])
+@pytest.mark.parametrize("ext,codec", [(".mkv", "libx264"), (".mov", "libx264"), (".avi", "mpeg4"),
+                                       (".webm", "libvpx-vp9")])
 def test_reads_other_containers(tmp_path, carphone_frames, ext, codec):
     path = tmp_path / f"clip{ext}"
     with av.open(str(path), "w") as c:

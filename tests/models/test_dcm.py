@@ -197,7 +197,8 @@ def test_interpolation_start_is_near_bicubic_and_trains(carphone_frames):
 
     torch.manual_seed(0)
     dcm = init_as_interpolation(DCM(DCMConfig(embed_dim=24, depths=[2], num_heads=[2], num_feat=16)))
-    assert set(dcm.state_dict()) == set(DCM(DCMConfig(embed_dim=24, depths=[2], num_heads=[2], num_feat=16)).state_dict())
+    assert set(dcm.state_dict()) == set(
+        DCM(DCMConfig(embed_dim=24, depths=[2], num_heads=[2], num_feat=16)).state_dict())
     gt = carphone_frames[0, :128, :160]
     lr = bicubic_down(gt, 4)
     x = torch.from_numpy(lr).permute(2, 0, 1)[None].float() / 255
@@ -210,6 +211,7 @@ def test_interpolation_start_is_near_bicubic_and_trains(carphone_frames):
     opt = torch.optim.Adam(dcm.parameters(), lr=1e-3)
     for _ in range(2):
         opt.zero_grad()
-        torch.nn.functional.l1_loss(dcm(x), torch.from_numpy(np.ascontiguousarray(gt)).permute(2, 0, 1)[None] / 255).backward()
+        target = torch.from_numpy(np.ascontiguousarray(gt)).permute(2, 0, 1)[None] / 255
+        torch.nn.functional.l1_loss(dcm(x), target).backward()
         opt.step()
     assert dcm.layers[0].residual_group.blocks[0].attn.qkv.weight.grad.abs().sum() > 0

@@ -42,7 +42,8 @@ def strong_dcm(seed: int = 0, **kw) -> DCM:
             if name.endswith("relative_position_bias_table"):
                 p.copy_(2.0 * torch.randn(p.shape, generator=g))
             elif p.ndim == 1:
-                p.copy_((1.0 if "norm" in name and name.endswith("weight") else 0.0) + 0.2 * torch.randn(p.shape, generator=g))
+                p.copy_((1.0 if "norm" in name and name.endswith("weight") else 0.0)
+                        + 0.2 * torch.randn(p.shape, generator=g))
             else:
                 p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
     return dcm

@@ -51,7 +51,8 @@ def test_missing_hub_id_offline_and_missing_folder(tiny_model_config, hub_cache,
     msg = str(e.value)
     assert "\n" not in msg and "HF_HUB_OFFLINE" in msg and "org/missing@main" in msg
     assert "local diffusers folder (unet/ vae/ scheduler/" in msg and "Hub id" in msg and str(tmp_path / "hf") in msg
-    with pytest.raises(SdatcError, match="SD 2.1 folder not found: no such folder .*nope .*; get Stable Diffusion 2.1-base"):
+    with pytest.raises(SdatcError,
+                       match="SD 2.1 folder not found: no such folder .*nope .*; get Stable Diffusion 2.1-base"):
         load_backbone(dataclasses.replace(cfg, pretrained=str(tmp_path / "nope")))
 
 

@@ -35,7 +35,8 @@ def test_unet_path_equals_plain_sd_at_init(tiny_model):
     t = torch.tensor([10, 500, 999])
     with torch.no_grad():
         ours = tiny_model.predict(z_t, t, z_c)
-        ref = _plain_unet(tiny_model)(z_t, t, encoder_hidden_states=tiny_model.empty_prompt_embeds.expand(3, -1, -1)).sample
+        text = tiny_model.empty_prompt_embeds.expand(3, -1, -1)
+        ref = _plain_unet(tiny_model)(z_t, t, encoder_hidden_states=text).sample
         # our UNet path against diffusers' own forward: the same math in other kernels / order (fp32 rounding)
         assert torch.allclose(ours, ref, atol=1e-5, rtol=0), (ours - ref).abs().max()
         _perturb_new_modules(tiny_model)  # the check can fail: perturbed modules change the output
@@ -63,14 +64,16 @@ def test_vae_path_equals_plain_autoencoder_at_init(tiny_model):
 def test_freeze_policy_only_new_modules_train(tiny_model):
     torch.manual_seed(0)
     def sd_weights():
-        return {**pretrained_state_dict(tiny_model.unet), **{"vae." + k: v for k, v in pretrained_state_dict(tiny_model.vae).items()}}
+        return {**pretrained_state_dict(tiny_model.unet),
+                **{"vae." + k: v for k, v in pretrained_state_dict(tiny_model.vae).items()}}
 
     frozen = {k: v.clone() for k, v in sd_weights().items()}
     before = {n: copy.deepcopy(m.state_dict()) for n, m in tiny_model.new_modules().items()}
     assert set(before) == {"dcm", "guidance", "capm_unet", "capm_vae", "stam", "cfw"}
     sd_modules = pretrained_modules(tiny_model.unet) + pretrained_modules(tiny_model.vae)
     assert all(not p.requires_grad for m in sd_modules for p in m.parameters(recurse=False))
-    assert {id(p) for p in tiny_model.parameters() if p.requires_grad} == {id(p) for p in tiny_model.trainable_parameters()}
+    assert ({id(p) for p in tiny_model.parameters() if p.requires_grad}
+            == {id(p) for p in tiny_model.trainable_parameters()})
     opt = torch.optim.Adam(tiny_model.trainable_parameters(), lr=1e-3)
     lq, gt = torch.rand(3, 3, 16, 16), torch.rand(3, 3, 64, 64)
     for _ in range(2):  # the second step reaches the modules behind the zero-initialised outputs
@@ -109,7 +112,8 @@ def test_trainable_save_load_round_trip(tiny_model, tiny_model_config, tmp_path)
     lq = torch.rand(2, 3, 16, 16)
     noise = torch.randn(2, 4, 8, 8)
     with torch.no_grad():
-        assert torch.equal(tiny_model.reconstruct(lq, 2, t=400, noise=noise), loaded.reconstruct(lq, 2, t=400, noise=noise))
+        assert torch.equal(tiny_model.reconstruct(lq, 2, t=400, noise=noise),
+                           loaded.reconstruct(lq, 2, t=400, noise=noise))
     # a checkpoint from another configuration is refused, naming keys
     other = SDATC.from_config(apply_overrides(tiny_model_config, ["enabled.capm_vae=false"]))
     with pytest.raises(SdatcError, match=r"1?\d* unexpected \(e\.g\. vae\.decoder\.up_blocks\.0\.mid\.capm\."):
@@ -126,11 +130,14 @@ def _write_tiny_sd_folder(cfg: BackboneConfig, root, with_text=True):
     vae.save_pretrained(root / "vae")
     DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(root / "scheduler")
     if with_text:
-        CLIPTextModel(CLIPTextConfig(**{**cfg.text_encoder, "vocab_size": 8, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2})).save_pretrained(root / "text_encoder")
+        CLIPTextModel(CLIPTextConfig(**{**cfg.text_encoder, "vocab_size": 8, "bos_token_id": 0, "eos_token_id": 1,
+                                        "pad_token_id": 2})).save_pretrained(root / "text_encoder")
         (root / "tok").mkdir()
-        (root / "tok" / "vocab.json").write_text(json.dumps({"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2, "a</w>": 3}))
+        (root / "tok" / "vocab.json").write_text(
+            json.dumps({"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2, "a</w>": 3}))
         (root / "tok" / "merges.txt").write_text("#version: 0.2\n")
-        CLIPTokenizer(str(root / "tok" / "vocab.json"), str(root / "tok" / "merges.txt"), pad_token="!").save_pretrained(root / "tokenizer")
+        CLIPTokenizer(str(root / "tok" / "vocab.json"), str(root / "tok" / "merges.txt"),
+                      pad_token="!").save_pretrained(root / "tokenizer")
     return unet, vae
 
 
@@ -155,7 +162,8 @@ def test_missing_or_incomplete_sd_folder(tiny_model_config, tmp_path):
     with pytest.raises(SdatcError, match="SD 2.1 folder not found.*stable-diffusion-2-1-base"):
         load_backbone(dataclasses.replace(tiny_model_config.backbone, pretrained=str(tmp_path / "nope")))
     (tmp_path / "sd" / "unet").mkdir(parents=True)
-    with pytest.raises(SdatcError, match=r"missing unet/, vae/, scheduler/.*expected unet/, vae/, text_encoder/, tokenizer/, scheduler/"):
+    with pytest.raises(SdatcError, match=r"missing unet/, vae/, scheduler/.*"
+                                         r"expected unet/, vae/, text_encoder/, tokenizer/, scheduler/"):
         load_backbone(dataclasses.replace(tiny_model_config.backbone, pretrained=str(tmp_path / "sd")))
     _write_tiny_sd_folder(tiny_model_config.backbone, tmp_path / "sd2", with_text=False)
     with pytest.raises(SdatcError, match="no cached empty-prompt embedding"):
@@ -177,7 +185,8 @@ def test_bad_config_values(tiny_model_config, tmp_path, tiny_model):
 
 
 def test_ablation_switches(tiny_model_config):
-    cfg = apply_overrides(tiny_model_config, [f"enabled.{m}=false" for m in ("dcm", "guidance", "capm_unet", "capm_vae", "stam", "cfw")])
+    switches = ("dcm", "guidance", "capm_unet", "capm_vae", "stam", "cfw")
+    cfg = apply_overrides(tiny_model_config, [f"enabled.{m}=false" for m in switches])
     model = SDATC.from_config(cfg)
     assert model.new_modules() == {} and model.parameter_report()["trainable"] == 0
     with torch.no_grad():
@@ -217,8 +226,9 @@ def test_inspect_model_script_json(tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
-    p = subprocess.run([sys.executable, root / "scripts/inspect_model.py", "--config", root / "configs/model/sdatc_tiny.yaml",
-                        "--json", "--height", "64", "--width", "96"], capture_output=True, text=True, timeout=300)
+    p = subprocess.run([sys.executable, root / "scripts/inspect_model.py", "--config",
+                        root / "configs/model/sdatc_tiny.yaml", "--json", "--height", "64", "--width", "96"],
+                       capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     report = json.loads(p.stdout)
     names = {"dcm", "guidance", "zero_convs", "capm_unet", "capm_vae", "stam", "cfw", "unet", "vae", "text_encoder"}

@@ -117,7 +117,8 @@ def test_folder_decides_and_config_overrides(v_folder, v_model, tiny_model, tiny
     assert torch.allclose(v_model.scheduler.alphas_cumprod.double(), _alphas_cumprod(), rtol=1e-5)
     assert tiny_model.prediction_type == "epsilon"  # random weights: SD 2.1-base's schedule
     assert capsys.readouterr().out == ""  # nothing overridden, nothing said
-    cfg = apply_overrides(tiny_model_config, [f"backbone.pretrained={v_folder}", "backbone.scheduler.prediction_type=epsilon"])
+    cfg = apply_overrides(tiny_model_config,
+                          [f"backbone.pretrained={v_folder}", "backbone.scheduler.prediction_type=epsilon"])
     assert load_backbone(cfg.backbone).scheduler.config.prediction_type == "epsilon"
     note = capsys.readouterr().out
     assert note.count("\n") == 1 and note.startswith("note: backbone.scheduler overrides ")
@@ -136,13 +137,15 @@ def test_unsupported_prediction_type_is_one_line_error(tmp_path, tiny_model_conf
         (root / sub).mkdir(parents=True)
         (root / sub / "config.json").write_text("{}")  # not loadable: never reached
     (root / "scheduler").mkdir()
-    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps({**SD21_768_SCHEDULER, "prediction_type": "sample"}))
+    (root / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps({**SD21_768_SCHEDULER, "prediction_type": "sample"}))
     cfg = apply_overrides(tiny_model_config, [f"backbone.pretrained={root}"])
     with pytest.raises(SdatcError) as e:
         load_backbone(cfg.backbone)
     msg = str(e.value)
-    assert "\n" not in msg and re.search(rf"prediction_type 'sample' from {re.escape(str(root))}\S*scheduler_config.json "
-                                         r"is not supported \(sdatc runs epsilon and v_prediction\)", msg), msg
+    assert "\n" not in msg and re.search(rf"prediction_type 'sample' from {re.escape(str(root))}"
+                                         r"\S*scheduler_config.json is not supported "
+                                         r"\(sdatc runs epsilon and v_prediction\)", msg), msg
 
 
 # ---------------------------------------------------------------------------- (d) SDATC.reconstruct, one step

@@ -207,7 +207,7 @@ def test_latent_tiling_of_a_per_pixel_denoiser_is_exact(model_no_stam, clip, mon
 @pytest.mark.parametrize("num_frames, length, stride, tiling, real_unet", [
     (7, 3, 2, LATENT_TILES, False),  # 3 windows (the last shifted back), 6 latent tiles, all in one batch
     (7, 3, 2, dataclasses.replace(LATENT_TILES, memory_gb=2e-6), False),  # the same, a few tiles per call
-    (7, 3, 3, TilingConfig(mode="auto", latent_tile=12, latent_overlap=4), False),  # 3 windows; memory to spare: untiled
+    (7, 3, 3, TilingConfig(mode="auto", latent_tile=12, latent_overlap=4), False),  # 3 windows; spare memory: untiled
     (5, 5, 5, TilingConfig(mode="off", latent_tile=8, latent_overlap=4), True),  # one window, no tiling
 ])
 def test_unet_calls_is_windows_times_steps_times_tiles(model_no_stam, carphone_frames, monkeypatch,

@@ -34,7 +34,8 @@ def test_respaced_timesteps_match_guided_diffusion():
     assert respaced_timesteps(10, 50) == list(range(10, -1, -1))  # never more steps than timesteps
     # half-way ties: the accumulated stride rounds as guided-diffusion does (21 steps: 499, not round(10 * 49.95))
     assert 499 in respaced_timesteps(999, 21) and 500 not in respaced_timesteps(999, 21)
-    differ = [n for n in range(2, 1000) if respaced_timesteps(999, n) != sorted(_space_timesteps(1000, n), reverse=True)]
+    differ = [n for n in range(2, 1000)
+              if respaced_timesteps(999, n) != sorted(_space_timesteps(1000, n), reverse=True)]
     assert differ == []
 
 

@@ -76,7 +76,8 @@ def test_save_and_load_a_pipeline_folder_and_hub_id(pipe, frames, tmp_path, monk
     # unet/ is plain SD: diffusers loads it strictly, equal to the pipeline's frozen UNet
     unet = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True)
     ours = pretrained_state_dict(pipe.model.unet)
-    assert unet.state_dict().keys() == ours.keys() and all(torch.equal(v, ours[k]) for k, v in unet.state_dict().items())
+    assert unet.state_dict().keys() == ours.keys()
+    assert all(torch.equal(v, ours[k]) for k, v in unet.state_dict().items())
     expected = pipe(frames, num_inference_steps=2)
     loaded = sdatc.SDATCPipeline.from_pretrained(folder)
     loaded.progress = False
@@ -133,7 +134,8 @@ def test_restore_file_takes_the_settings_of_call(pipe, frames, tmp_path, monkeyp
     """restore_file ran the config's steps whatever one asked; now it takes __call__'s keywords."""
     src = write_video(tmp_path / "in.mp4", frames, fps=25, crf=20)
     clip = np.stack(list(VideoReader(src)))  # what restore_file decodes
-    settings = dict(num_inference_steps=1, generator=torch.Generator().manual_seed(7), cfw_weight=0.3, colour_fix="none")
+    settings = dict(num_inference_steps=1, generator=torch.Generator().manual_seed(7), cfw_weight=0.3,
+                    colour_fix="none")
     by_file = _restored_by_file(pipe, src, monkeypatch, **settings)
     settings["generator"] = torch.Generator().manual_seed(7)
     assert np.array_equal(by_file, pipe(clip, **settings))

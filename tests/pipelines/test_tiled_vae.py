@@ -61,7 +61,8 @@ def _err(a: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
 
 
 def _cut(feats, box, factor=8):
-    return {lv: x[..., box[0] * s:box[1] * s, box[2] * s:box[3] * s] for lv, x in feats.items() for s in [factor // 2**lv]}
+    return {lv: x[..., box[0] * s:box[1] * s, box[2] * s:box[3] * s]
+            for lv, x in feats.items() for s in [factor // 2**lv]}
 
 
 @pytest.mark.parametrize("tile", [12, 5])
@@ -74,7 +75,8 @@ def test_decode_equals_untiled_up_to_rounding(model, untiled, tile):
         new = decode_tiled(model, z, feats, T, W_CFW, tile=tile)  # 2 x 2 (12) or 4 x 4 (5) tiles of the 16 x 16 latent
         old = tiled_apply(lambda zt, box: model.decode(zt, _cut(feats, box), num_frames=T, w=W_CFW), z, 12, 8)
     (new_max, new_mean), (old_max, old_mean) = _err(new, ref), _err(old, ref)
-    print(f"decode tile {tile}: max {new_max:.2e} mean {new_mean:.2e}; per-tile statistics max {old_max:.3f} mean {old_mean:.4f}")
+    print(f"decode tile {tile}: max {new_max:.2e} mean {new_mean:.2e}; "
+          f"per-tile statistics max {old_max:.3f} mean {old_mean:.4f}")
     assert new_max < 1e-4 and old_mean > 100 * new_mean
 
 

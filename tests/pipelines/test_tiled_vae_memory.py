@@ -36,13 +36,15 @@ model = SDATC.from_config(load_config(ModelConfig, "configs/model/sdatc_tiny.yam
 g = torch.Generator().manual_seed(0)
 h, w = {LATENT}
 z = torch.randn({FRAMES}, 4, h, w, generator=g)
-feats = {{1: torch.randn({FRAMES}, 32, 4 * h, 4 * w, generator=g), 2: torch.randn({FRAMES}, 32, 2 * h, 2 * w, generator=g)}}
+feats = {{1: torch.randn({FRAMES}, 32, 4 * h, 4 * w, generator=g),
+          2: torch.randn({FRAMES}, 32, 2 * h, 2 * w, generator=g)}}
 peaks = {{}}
 with torch.no_grad():
     for tile in (0, *{TILES}):
         open("/proc/self/clear_refs", "w").write("5")
         before = rss("VmRSS")
-        out = decode_tiled(model, z, feats, {FRAMES}, 0.75, tile) if tile else model.decode(z, feats, num_frames={FRAMES}, w=0.75)
+        out = (decode_tiled(model, z, feats, {FRAMES}, 0.75, tile) if tile
+               else model.decode(z, feats, num_frames={FRAMES}, w=0.75))
         peaks[tile] = rss("VmHWM") - before
         del out
 print(json.dumps(peaks))

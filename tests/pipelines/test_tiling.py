@@ -129,7 +129,8 @@ def test_decoder_style_scaled_crop():
 
     def dec(zt, box):
         f = feat[..., box[0] * 2:box[1] * 2, box[2] * 2:box[3] * 2]
-        return zt[:, :3].repeat_interleave(8, -1).repeat_interleave(8, -2) + f.repeat_interleave(4, -1).repeat_interleave(4, -2)
+        return (zt[:, :3].repeat_interleave(8, -1).repeat_interleave(8, -2)
+                + f.repeat_interleave(4, -1).repeat_interleave(4, -2))
 
     out = tiled_apply(dec, z, 8, 4)
     torch.testing.assert_close(out, dec(z, (0, 20, 0, 13)), atol=1e-6, rtol=0)

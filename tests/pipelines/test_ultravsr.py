@@ -71,7 +71,8 @@ def test_inspect_model_reports_the_groups():
     assert p.returncode == 0, p.stderr[-2000:]
     rep = json.loads(p.stdout)
     assert {"rts_unet", "rts_vae", "lora_unet", "lora_vae", "conv_in"} <= set(rep["modules"])
-    assert rep["flops"]["per_frame_one_step"] == sum(rep["flops"][k] for k in ("vae_encode", "denoise_step", "vae_decode"))
+    assert (rep["flops"]["per_frame_one_step"]
+            == sum(rep["flops"][k] for k in ("vae_encode", "denoise_step", "vae_decode")))
 
 
 @pytest.mark.parametrize("chunk", [1, 2])
@@ -211,7 +212,8 @@ def test_tiled_runner_is_close_to_untiled(tiny_uvsr, bunny_frames):
     from sdatc.pipelines.config import TilingConfig, UltraVSRPipelineConfig
     from sdatc.pipelines.ultravsr import UltraVSRPipeline
 
-    lr = np.ascontiguousarray(np.stack([bicubic_down(f, 4) for f in bunny_frames[:3, 300:428, 500:692]]))  # (3, 32, 48, 3)
+    # bicubic x1/4 of a 128x192 crop: (3, 32, 48, 3)
+    lr = np.ascontiguousarray(np.stack([bicubic_down(f, 4) for f in bunny_frames[:3, 300:428, 500:692]]))
     runs = {}
     for mode in ("off", "on"):
         tiling = TilingConfig(mode=mode, latent_tile=24, latent_overlap=8, decoder_tile=12, decoder_overlap=6,
@@ -221,7 +223,8 @@ def test_tiled_runner_is_close_to_untiled(tiny_uvsr, bunny_frames):
         assert all(p.tiled == (mode == "on") for p in pipe.plans.values())
         assert pipe.unet_evals == {(16, 24): 3}
     diff = np.abs(runs["on"] - runs["off"])
-    print(f"UltraVSR tiled VAE vs untiled: mean {diff.mean():.2f}, p99 {np.percentile(diff, 99):.1f}, max {diff.max():.0f}")
+    print(f"UltraVSR tiled VAE vs untiled: mean {diff.mean():.2f}, p99 {np.percentile(diff, 99):.1f}, "
+          f"max {diff.max():.0f}")
     assert diff.mean() < 3.0 and np.percentile(diff, 99) < 25, (diff.mean(), np.percentile(diff, 99))
 
 

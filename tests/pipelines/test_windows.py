@@ -51,7 +51,8 @@ def test_temporal_weights_sum_to_one(n, length, stride):
 def test_temporal_weights_ramp_and_errors():
     windows = [(0, 5), (3, 8)]  # 2-frame overlap: the entering window ramps 1/3, 2/3
     torch.testing.assert_close(temporal_weights(3, 8, windows)[:2], torch.tensor([1 / 3, 2 / 3], dtype=torch.float64))
-    torch.testing.assert_close(temporal_weights(0, 5, windows), torch.tensor([1, 1, 1, 2 / 3, 1 / 3], dtype=torch.float64))
+    torch.testing.assert_close(temporal_weights(0, 5, windows),
+                               torch.tensor([1, 1, 1, 2 / 3, 1 / 3], dtype=torch.float64))
     with pytest.raises(ValueError, match="not one of"):
         temporal_weights(1, 6, windows)
 

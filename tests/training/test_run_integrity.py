@@ -194,7 +194,8 @@ def test_resume_with_ema_passes_the_device_check_and_validates_the_ema(data_root
     for kind in ("ema", "live"):
         dcm = DCM(model_config(cfg).dcm).eval()
         folder = out / "checkpoint-2" / ("ema" if kind == "ema" else "")
-        dcm.load_state_dict({k.removeprefix("dcm."): v for k, v in load_file(str(folder / "sdatc_modules.safetensors")).items()})
+        saved = load_file(str(folder / "sdatc_modules.safetensors"))
+        dcm.load_state_dict({k.removeprefix("dcm."): v for k, v in saved.items()})
         frames = dcm_restorer(dcm, "cpu", dtype)(validator.lq)
         psnr[kind] = float(np.mean([psnr_y(o, g) for o, g in zip(frames, validator.gt)]))
     assert val[2]["val_psnr_y"] == pytest.approx(psnr["ema"], abs=1e-9) and psnr["ema"] != psnr["live"]
@@ -231,7 +232,8 @@ def test_validation_leaves_the_training_model_and_flags_unchanged(tiny_model, va
             p.add_(0.01)  # the live weights differ from the EMA's
     before = {n: (t.clone(), t.stride()) for n, t in [*model.named_parameters(), *model.named_buffers()]}
     modes = {n: m.training for n, m in model.named_modules()}
-    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision())
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.get_float32_matmul_precision())
     assert not flags[0]  # the test starts from torch's defaults
     validator = Validator(cfg.val, val_root, tmp_path / "val")
     trainer._validate(validator, LatentStage(model, cfg), torch.device("cpu"), torch.float32, 1, tmp_path, ema, params)
@@ -310,9 +312,10 @@ def test_two_processes_without_bucket_stride_warnings(data_root, tmp_path):
     output) in 2 DDP processes with 2 accumulation micro-steps: no "Grad strides do not match bucket view
     strides" warning, identical weights on both ranks, the process count said."""
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "scripts" / "train.py"),
-              "--config", "configs/train/tiny_stage1.yaml", f"data.root={data_root}", *SMALL[:3], "batch_size=2",
-              "grad_accum=2", "log_rank_checksums=true", f"output_dir={tmp_path}", "max_steps=2", "checkpoint_every=100"]
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              str(ROOT / "scripts" / "train.py"), "--config", "configs/train/tiny_stage1.yaml",
+              f"data.root={data_root}", *SMALL[:3], "batch_size=2", "grad_accum=2", "log_rank_checksums=true",
+              f"output_dir={tmp_path}", "max_steps=2", "checkpoint_every=100"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1"}
     env.pop("PYTHONWARNINGS", None)
     p = subprocess.run(launch, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
@@ -328,10 +331,12 @@ def test_launcher_asking_for_more_processes_warns(data_root, tmp_path):
     assert "asked for 4 processes (WORLD_SIZE) but this run has 2" in process_note(2, {"WORLD_SIZE": "4"})
     assert "--multi_gpu" in process_note(1, {"MASTER_ADDR": "127.0.0.1"})
     # README's GPU form on a machine without GPUs: accelerate's simple launcher starts one process
-    p = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-                        "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "scripts" / "train.py"),
+    p = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
+                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                        str(ROOT / "scripts" / "train.py"),
                         "--config", "configs/train/tiny_stage0.yaml", f"data.root={data_root}", *SMALL[:3],
                         f"output_dir={tmp_path}", "max_steps=1"],
-                       capture_output=True, text=True, cwd=ROOT, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, timeout=600)
+                       capture_output=True, text=True, cwd=ROOT, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+                       timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "processes: 1" in p.stdout and "warning: the launcher asked for several processes" in p.stderr

@@ -89,8 +89,9 @@ def test_resume_matches_an_uninterrupted_run(data_root, tmp_path, monkeypatch):
         assert a.keys() == b.keys()
         differ = {k: (a[k].float() - b[k].float()).abs().max().item() for k in a if not torch.equal(a[k], b[k])}
         assert not differ, (f"checkpoint-{step}: {len(differ)} of {len(a)} tensors differ (max |diff| per tensor, "
-                            f"first 5: {dict(list(differ.items())[:5])}); eps_mse full {[r['eps_mse'] for r in rows(full)]}"
-                            f" split {[r['eps_mse'] for r in rows(split)]}; {torch.backends.cpu.get_cpu_capability()}, "
+                            f"first 5: {dict(list(differ.items())[:5])}); "
+                            f"eps_mse full {[r['eps_mse'] for r in rows(full)]} "
+                            f"split {[r['eps_mse'] for r in rows(split)]}; {torch.backends.cpu.get_cpu_capability()}, "
                             f"{torch.get_num_threads()} threads")
     assert [r["eps_mse"] for r in rows(split)] == [r["eps_mse"] for r in rows(full)]  # the loss curve continues
 
@@ -103,7 +104,8 @@ def test_killed_run_resumes_from_last_complete_checkpoint(data_root, tmp_path):
     ref = subprocess.run([*args, f"output_dir={tmp_path / 'ref'}"], capture_output=True, text=True, cwd=ROOT, env=env)
     assert ref.returncode == 0, ref.stderr[-2000:]
     run = tmp_path / "killed"
-    p = subprocess.Popen([*args, f"output_dir={run}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT, env=env)
+    p = subprocess.Popen([*args, f"output_dir={run}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         cwd=ROOT, env=env)
     deadline = time.time() + 300
     while not (run / "checkpoint-10").exists() and time.time() < deadline and p.poll() is None:
         time.sleep(0.05)
@@ -127,7 +129,8 @@ def test_two_processes_run_real_ddp(data_root, tmp_path):
     p = subprocess.run([*launch, f"output_dir={tmp_path / 'ok'}", "max_steps=3", "batch_size=4"],
                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
-    r0, r1 = ([json.loads(x) for x in (tmp_path / "ok" / "ranks" / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1))
+    r0, r1 = ([json.loads(x) for x in (tmp_path / "ok" / "ranks" / f"rank{r}.jsonl").read_text().splitlines()]
+              for r in (0, 1))
     assert [x["world_size"] for x in r0 + r1] == [2] * 6
     for a, b in zip(r0, r1):
         assert not set(a["indices"]) & set(b["indices"])  # different samples on each rank
@@ -170,7 +173,8 @@ def test_bad_input_fails_before_compute(data_root, tmp_path, monkeypatch):
         train(cfg_for(1, data_root, tmp_path / "o5", "allow_random_weights=false"), progress=False)
     train(cfg_for(0, data_root, tmp_path / "o6", "max_steps=1"), progress=False)
     with pytest.raises(SdatcError, match="another config"):
-        train(cfg_for(0, data_root, tmp_path / "o6", "max_steps=2", "model_overrides=[dcm.embed_dim=24]"), progress=False)
+        train(cfg_for(0, data_root, tmp_path / "o6", "max_steps=2", "model_overrides=[dcm.embed_dim=24]"),
+              progress=False)
     with pytest.raises(SdatcError, match="init checkpoint not found"):
         train(cfg_for(1, data_root, tmp_path / "o7", f"init=[{tmp_path / 'nothing'}]"), progress=False)
     for o in ("o1", "o2", "o3", "o4", "o5", "o7"):

@@ -67,16 +67,18 @@ def test_teacher_sdatc_distils_its_latents(data_root, tmp_path, monkeypatch):
         "latents.num_samples=2", "latents.steps=2", "latents.shard_size=2", "latent_source=generated"])
     generate(gen, progress=False)
     out = tmp_path / "uv"
-    train(ucfg(data_root, out, "max_steps=2", "ultravsr.teacher=sdatc", f"latents.dir={lat}", "loss.gan=0"), progress=False)
+    train(ucfg(data_root, out, "max_steps=2", "ultravsr.teacher=sdatc", f"latents.dir={lat}", "loss.gan=0"),
+          progress=False)
     log = rows(out)
     assert all("distill" in r and "fake_score" not in r for r in log) and log[0]["distill"] > 0
 
 
 def test_two_processes_run_real_ddp(data_root, tmp_path):
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "scripts" / "train.py"),
-              "--config", "configs/train/tiny_ultravsr.yaml", f"data.root={data_root}", *FAST,
-              "log_rank_checksums=true", f"output_dir={tmp_path}", "max_steps=2", "batch_size=2"]
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              str(ROOT / "scripts" / "train.py"), "--config", "configs/train/tiny_ultravsr.yaml",
+              f"data.root={data_root}", *FAST, "log_rank_checksums=true", f"output_dir={tmp_path}", "max_steps=2",
+              "batch_size=2"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONWARNINGS": "ignore"}
     p = subprocess.run(launch, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
