@@ -31,9 +31,9 @@ def infer_here(run_script):
 
 @pytest.fixture(scope="module")
 def lq_clip(tmp_path_factory, sample_video_path):
-    """7 frames of bigbuckbunny (its central 640x360, to keep CPU time low), bicubic x1/4 (160x90),
+    """7 frames of bigbuckbunny (its central 320x192, to keep CPU time low), bicubic x1/4 (80x48),
     x264 CRF 25, with the source's audio."""
-    frames = read_video(sample_video_path, max_frames=7)[:, 180:540, 320:960]
+    frames = read_video(sample_video_path, max_frames=7)[:, 264:456, 480:800]
     lr = np.stack([bicubic_down(f, 4) for f in frames])
     path = tmp_path_factory.mktemp("lq") / "bunny.mp4"
     write_video(path, lr, fps=VideoReader(sample_video_path).meta.rate, crf=25, audio_from=sample_video_path)
@@ -47,10 +47,10 @@ def test_infer_clip_rerun_and_overwrite(lq_clip, tmp_path, infer_here, run_scrip
     assert "1 done, 0 skipped" in p.stdout
     m = VideoReader(out / "bunny.mp4").meta
     src = VideoReader(lq_clip).meta
-    assert (m.num_frames, m.width, m.height) == (7, 640, 360) and m.fps == pytest.approx(src.fps)
+    assert (m.num_frames, m.width, m.height) == (7, 320, 192) and m.fps == pytest.approx(src.fps)
     assert m.has_audio  # the input's audio is copied
     assert sorted(p.name for p in (out / "bunny").iterdir()) == [f"{i:08d}.png" for i in range(7)]
-    assert read_video(out / "bunny", max_frames=1).shape == (1, 360, 640, 3)
+    assert read_video(out / "bunny", max_frames=1).shape == (1, 192, 320, 3)
     assert not [p for p in out.rglob(".*")], "temporary files left"
     mtime = (out / "bunny.mp4").stat().st_mtime_ns
     p = infer_here("--input", lq_clip, "--output", out, "save_frames=true")
@@ -118,7 +118,7 @@ def test_dcm_mode_and_default_config(lq_clip, tmp_path, run_script, monkeypatch)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "model: DCM only" in p.stdout and "untrained" in p.stdout
     m = VideoReader(tmp_path / "o" / "bunny.mp4").meta
-    assert (m.num_frames, m.width, m.height) == (7, 640, 360)
+    assert (m.num_frames, m.width, m.height) == (7, 320, 192)
     p = run_script("infer.py", *args[:-1], tmp_path / "o2", "checkpoint=null")
     assert p.returncode == 2 and "no DCM weights: set checkpoint=PATH" in p.stderr
     assert not list((tmp_path / "o2").glob("*.mp4"))
@@ -138,5 +138,5 @@ def test_bicubic_mode_equals_the_baseline(lq_clip, tmp_path):
     assert p.returncode == 0 and "model: bicubic x4" in p.stdout, p.stderr[-2000:]
     ours = read_video(tmp_path / "bunny").astype(int)
     ref = np.stack([bicubic_up(f, 4) for f in read_video(lq_clip)]).astype(int)
-    assert ours.shape == ref.shape == (7, 360, 640, 3)
+    assert ours.shape == ref.shape == (7, 192, 320, 3)
     assert np.abs(ours - ref).max() <= 1 and (ours != ref).mean() < 1e-4  # float64 vs uint8 path: rare ties

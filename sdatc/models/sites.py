@@ -26,8 +26,8 @@ import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 
 import torch
-import torch.utils.checkpoint
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from sdatc.errors import SdatcError
 
@@ -84,19 +84,20 @@ class Site(nn.Module):
 
     def forward(self, h: Tensor, ctx: Ctx, inner: Callable) -> Tensor | tuple[Tensor, tuple]:
         """``inner(block, h)`` runs the frozen part and returns h or (h, skips); skips pass untouched."""
+        ck = self._checkpointing()  # each new module recomputed in backward, as the frozen block is
         for m in (self.pre or {}).values():
-            h = self._run(m, h, ctx)
-        if self._checkpointing() and not self._block_checkpoints_itself():
-            out = torch.utils.checkpoint.checkpoint(inner, self.block, h, use_reentrant=False)
+            h = checkpoint(m, h, ctx=ctx, use_reentrant=False) if ck else m(h, ctx=ctx)
+        if ck and not self._block_checkpoints_itself():
+            out = checkpoint(inner, self.block, h, use_reentrant=False)
         else:
             out = inner(self.block, h)
         h, skips = out if isinstance(out, tuple) else (out, None)
         for m in (self.mid or {}).values():
-            h = self._run(m, h, ctx)
+            h = checkpoint(m, h, ctx=ctx, use_reentrant=False) if ck else m(h, ctx=ctx)
         if self.resample is not None:
             h = self.resample[0](h)
         for m in (self.post or {}).values():
-            h = self._run(m, h, ctx)
+            h = checkpoint(m, h, ctx=ctx, use_reentrant=False) if ck else m(h, ctx=ctx)
         return h if skips is None else (h, skips)
 
     def _checkpointing(self) -> bool:
@@ -110,10 +111,6 @@ class Site(nn.Module):
                 isinstance(m, Site) for m in self.block.modules())
         return self._self_checkpointing
 
-    def _run(self, m: nn.Module, h: Tensor, ctx: Ctx) -> Tensor:
-        if self._checkpointing():
-            return torch.utils.checkpoint.checkpoint(lambda x: m(x, ctx=ctx), h, use_reentrant=False)
-        return m(h, ctx=ctx)
 
 
 def _resolve(root: nn.Module, path: str) -> tuple[nn.Module, str]:
