@@ -11,6 +11,9 @@ Python, not from a reader: the two modules still need each other.
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,3 +104,23 @@ def test_models_sit_below_metrics_and_pipelines():
     bad = [(a, b) for a, targets in graph.items() for low, banned in rules.items() if a.startswith(low + ".")
            for b in targets if b.startswith(banned)]
     assert not bad, f"imports against the layering: {bad}"
+
+
+def test_the_dcm_only_paths_start_without_diffusers():
+    """infer.py's default (the preview DCM) and bicubic modes build their model and pipeline without importing
+    diffusers, transformers or peft (about 3 s of every start); the diffusion systems import them where they
+    build a model. In a fresh process: this one has imported them already."""
+    code = """
+import sys
+import torch
+from sdatc.config import load_config
+from sdatc.inference import InferConfig, build_model, make_pipeline
+for config in ("configs/infer/preview.yaml", "configs/infer/bicubic.yaml"):
+    cfg = load_config(InferConfig, config)
+    make_pipeline(build_model(cfg), cfg, torch.device("cpu"), torch.float32, progress=False)
+print(sorted(m for m in ("diffusers", "transformers", "peft") if m in sys.modules))
+"""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip().splitlines()[-1] == "[]", p.stdout

@@ -22,14 +22,16 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
 from sdatc.errors import SdatcError
 from sdatc.models.prediction import PREDICTION_TYPES, check_prediction_type
+
+if TYPE_CHECKING:  # diffusers is imported where a model is built: the DCM-only paths start without it
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
 ENV_SD21 = "SDATC_SD21_PATH"
 EMPTY_PROMPT_FILE = "sdatc_empty_prompt.safetensors"
@@ -230,6 +232,8 @@ def _config_name(sub: str) -> str:
 def make_scheduler(cfg: SchedulerConfig, folder: Path | None = None) -> DDPMScheduler:
     """DDPMScheduler from ``folder/scheduler/scheduler_config.json`` (or SD 2.1-base's schedule without
     a folder), with the non-null values of ``cfg`` on top; one note line when they differ from the folder."""
+    from diffusers import DDPMScheduler
+
     ours = {k: v for k, v in dataclasses.asdict(cfg).items() if v is not None}  # the config's overrides
     if folder is None:
         return DDPMScheduler(**{**SD21_SCHEDULER, **ours}, clip_sample=False)
@@ -257,6 +261,8 @@ def build_text_encoder(cfg: dict[str, Any]):
 
 def load_backbone(cfg: BackboneConfig, with_text_encoder: bool = False) -> Backbone:
     """UNet, VAE, scheduler and the cached empty-prompt embedding (frozen, eval mode)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
     resolved = _resolve(cfg)
     path, source = resolved if resolved is not None else (None, "random")
     scheduler = make_scheduler(cfg.scheduler, path)  # first: a bad scheduler config fails before the weights load

@@ -24,7 +24,6 @@ import dataclasses
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.resnet import ResnetBlock2D
 from torch import Tensor, nn
 
 
@@ -76,7 +75,9 @@ class ResidualDenseBlock(nn.Module):
         return x + 0.2 * out
 
 
-def _resblock(in_channels: int, out_channels: int, groups: int) -> ResnetBlock2D:
+def _resblock(in_channels: int, out_channels: int, groups: int) -> nn.Module:
+    from diffusers.models.resnet import ResnetBlock2D  # here: infer.py's DCM-only paths start without diffusers
+
     return ResnetBlock2D(
         in_channels=in_channels,
         out_channels=out_channels,

@@ -25,8 +25,6 @@ from typing import Any
 
 import torch
 import torch.utils.checkpoint
-from diffusers.models.embeddings import TimestepEmbedding, Timesteps
-from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D, get_down_block
 from torch import Tensor, nn
 
 from sdatc.errors import SdatcError
@@ -147,6 +145,10 @@ class GuidanceEncoder(nn.Module):
     """
 
     def __init__(self, cfg: GuidanceConfig, unet_config: Any):
+        # diffusers here, not at the top: infer.py's DCM-only paths (the preview model) start without it
+        from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+        from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D, get_down_block
+
         super().__init__()
         _validate(cfg, unet_config)
         self.cfg = cfg

@@ -38,8 +38,6 @@ from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import Attention
-from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from torch import Tensor, nn
 
 from sdatc.models.capm import CAPM
@@ -329,11 +327,16 @@ class TiledRTSAttention(_Tiled):
 
 def _shareable(attn: nn.Module) -> bool:
     """A diffusers self-attention TiledAttention can run: no spatial / q-k norms, no cross-attention."""
+    from diffusers.models.attention_processor import Attention
+
     return (isinstance(attn, Attention) and not attn.is_cross_attention and attn.spatial_norm is None
             and attn.norm_q is None and attn.norm_k is None and attn.norm_cross is None)
 
 
 def _tiled_version(child: nn.Module, grid: _Grid) -> nn.Module | None:
+    # diffusers here, not at the top: infer.py's DCM-only paths (the preview model) start without it
+    from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
+
     if isinstance(child, ResnetBlock2D):
         return TiledResnet(child, grid)
     if isinstance(child, Upsample2D) and child.use_conv and not child.use_conv_transpose and child.norm is None:
