@@ -22,9 +22,6 @@ STEPS = ["stage1", "stage1-resume", "stage2", "stage2-resume", "ultravsr", "ultr
          "infer-sdatc", "infer-sdatc-tiled", "infer-ultravsr", "infer-ultravsr-tiled"]
 ROW_KEYS = ["name", "kind", "command", "outcome", "error", "seconds", "rc", "timeout_s", "memory_kind",
             "peak_gpu_memory_mb", "peak_rss_mb", "device", "output_dir"]
-# UltraVSR training with gradient_checkpointing=true crashes in diffusers' UNetMidBlock2D until that fix is
-# merged (issue 22, 2.1). Only this exact error is expected; any other failure fails the tests.
-KNOWN_ULTRAVSR = "'UNetMidBlock2D' object has no attribute '_gradient_checkpointing_func'"
 
 
 @pytest.fixture(scope="module")
@@ -47,14 +44,6 @@ def _steps(r):
 
 def _path(p: str, work: Path) -> Path:
     return Path(p.replace("$WORK", str(work)))
-
-
-def _xfail_if_known(step: dict, what: str) -> None:
-    """xfail only when ``step`` is UltraVSR training and failed with the known error, or was skipped for it."""
-    if step["name"] == "ultravsr" and step["outcome"] == "error" and KNOWN_ULTRAVSR in (step["error"] or ""):
-        pytest.xfail(f"{what}: UltraVSR gradient checkpointing crash (issue 22, 2.1) not fixed yet")
-    if step["name"] == "ultravsr-resume" and step["error"] == "skipped: ultravsr did not succeed":
-        pytest.xfail(f"{what}: no UltraVSR checkpoint to resume (the known crash, issue 22, 2.1)")
 
 
 def test_the_json_has_every_step_and_field(tiny_check):
@@ -83,8 +72,6 @@ def test_the_json_has_every_step_and_field(tiny_check):
 def test_every_step_succeeds(tiny_check, name):
     r, *_ = tiny_check
     step = _steps(r)[name]
-    if step["outcome"] != "ok":
-        _xfail_if_known(step, name)
     assert step["outcome"] == "ok", step
 
 
@@ -93,9 +80,7 @@ def test_training_runs_the_users_flags_checkpoints_and_resumes(tiny_check, syste
     r, out, work, _ = tiny_check
     first, again = _steps(r)[system], _steps(r)[f"{system}-resume"]
     for step in (first, again):
-        if step["outcome"] != "ok":
-            _xfail_if_known(step, system)
-    for step in (first, again):
+        assert step["outcome"] == "ok", step
         assert step["flags"] == {"mixed_precision": "bf16", "gradient_checkpointing": True, "ema": True}
         assert step["precision"] == "bf16" and step["frozen_weights_unchanged"] is True
         assert step["ema_saved"] is True
