@@ -258,7 +258,12 @@ def preload(env: dict) -> int:
     ~10 s of imports. This process then runs torch on one thread (no OpenMP pool for a fork to inherit); each
     forked step gets back the thread count returned here."""
     os.environ.update(env)
+    import accelerate  # noqa: F401
+    import diffusers.models.unets.unet_2d_condition  # noqa: F401  (sdatc imports it where a model is built)
+    import diffusers.optimization  # noqa: F401
+    import diffusers.training_utils  # noqa: F401
     import torch
+    import transformers.models.clip.modeling_clip  # noqa: F401
 
     import sdatc.inference  # noqa: F401
     import sdatc.training.config  # noqa: F401

@@ -257,15 +257,12 @@ def test_binary_or_non_utf8_config_is_one_line(tmp_path):
     assert load_config(Cfg, tmp_path / "ok.yaml").name == "café"
 
 
-def test_binary_config_on_the_command_line_is_one_line(tmp_path):
-    import subprocess
-    import sys
-
+def test_binary_config_on_the_command_line_is_one_line(tmp_path, run_script):
+    """infer.py's main as the script runs it (tests/conftest.py::run_script: no new interpreter)."""
     f = tmp_path / "clip.mp4"
     f.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)))
     for script in ("infer.py",):
-        r = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / script), "--config", str(f)],
-                           capture_output=True, text=True, timeout=120)
+        r = run_script(script, "--config", f)
         assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
         assert len(lines) == 1 and "not a YAML config" in lines[0], r.stderr

@@ -49,7 +49,7 @@ def test_two_processes_on_one_output_folder_restore_each_clip_once(tmp_path, car
 
 def _interrupt(clips: Path, out: Path, sig: int) -> None:
     """Run infer.py, send ``sig`` while clip b is being written; check the one-line exit and the cleanup."""
-    p = subprocess.Popen(_cmd("tiny.yaml", clips, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    p = subprocess.Popen(_cmd("preview.yaml", clips, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          cwd=ROOT, env=ENV)
     deadline = time.time() + 600
     while time.time() < deadline and p.poll() is None:  # wait until clip b is being written
@@ -66,15 +66,16 @@ def _interrupt(clips: Path, out: Path, sig: int) -> None:
 
 
 def test_sigterm_and_sigint_mid_clip_clean_up_and_a_rerun_finishes(tmp_path, carphone_frames, run_script):
+    """With infer.py's default model (the preview DCM): clip b, 24 frames at 128x96, takes a few seconds."""
     clips = tmp_path / "clips"
     write_video(clips / "a.mp4", carphone_frames[:2, :48, :64], fps=10, crf=25)
-    write_video(clips / "b.mp4", np.concatenate([carphone_frames] * 2)[:12, :48, :64], fps=10, crf=25)
+    write_video(clips / "b.mp4", np.concatenate([carphone_frames] * 3)[:24, :96, :128], fps=10, crf=25)
     out = tmp_path / "out"
     _interrupt(clips, out, signal.SIGTERM)
     _interrupt(clips, out, signal.SIGINT)  # the rerun skips a, redoes b, and is interrupted again
-    rerun = run_script("infer.py", *_cmd("tiny.yaml", clips, out)[2:])  # the rerun needs no new process
+    rerun = run_script("infer.py", *_cmd("preview.yaml", clips, out)[2:])  # the rerun needs no new process
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert re.search(r"1 done, 1 skipped", rerun.stdout) and VideoReader(out / "b.mp4").meta.num_frames == 12
+    assert re.search(r"1 done, 1 skipped", rerun.stdout) and VideoReader(out / "b.mp4").meta.num_frames == 24
 
 
 def test_clip_broken_midway_names_clip_and_frame_and_leaves_nothing(tmp_path, carphone_frames, run_script):

@@ -220,15 +220,9 @@ def test_sd21_yaml_is_the_code_default():
     assert load_config(ModelConfig, "configs/model/sdatc_sd21.yaml") == ModelConfig()
 
 
-def test_inspect_model_script_json(tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
-    p = subprocess.run([sys.executable, root / "scripts/inspect_model.py", "--config",
-                        root / "configs/model/sdatc_tiny.yaml", "--json", "--height", "64", "--width", "96"],
-                       capture_output=True, text=True, timeout=300)
+def test_inspect_model_script_json(run_script):
+    p = run_script("inspect_model.py", "--config", "configs/model/sdatc_tiny.yaml", "--json", "--height", "64",
+                   "--width", "96")
     assert p.returncode == 0, p.stderr
     report = json.loads(p.stdout)
     names = {"dcm", "guidance", "zero_convs", "capm_unet", "capm_vae", "stam", "cfw", "unet", "vae", "text_encoder"}

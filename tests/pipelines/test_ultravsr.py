@@ -2,8 +2,6 @@
 window, DRS timesteps and estimators, the parameter report, LoRA/RTS placement."""
 
 import json
-import subprocess
-import sys
 import warnings
 
 import av
@@ -12,7 +10,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from sdatc.config import REPO_ROOT, load_config
+from sdatc.config import load_config
 from sdatc.data.imresize import bicubic_down
 from sdatc.data.video import read_video, write_video
 from sdatc.errors import SdatcError
@@ -65,9 +63,8 @@ def test_structure_groups_and_no_hooks(tiny_uvsr):
     assert "unet.conv_in.base_layer.weight" in trained  # conv_in in full (it also has a LoRA adapter)
 
 
-def test_inspect_model_reports_the_groups():
-    p = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "inspect_model.py"), "--config", TINY_MODEL,
-                        "--json", "--height", "64", "--width", "96"], capture_output=True, text=True, timeout=600)
+def test_inspect_model_reports_the_groups(run_script):
+    p = run_script("inspect_model.py", "--config", TINY_MODEL, "--json", "--height", "64", "--width", "96")
     assert p.returncode == 0, p.stderr[-2000:]
     rep = json.loads(p.stdout)
     assert {"rts_unet", "rts_vae", "lora_unet", "lora_vae", "conv_in"} <= set(rep["modules"])
