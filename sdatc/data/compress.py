@@ -17,7 +17,7 @@ from fractions import Fraction
 import av
 import numpy as np
 
-from sdatc.data.video import SCALE_FLAGS, SIZE_TAG, convert_frames
+from sdatc.data.video import SCALE_FLAGS, SIZE_TAG, convert_frames, x264_params_with_asm
 from sdatc.errors import SdatcError
 
 __all__ = ["SCALE_FLAGS", "X264Result", "x264_compress", "random_bitrate_compress"]
@@ -104,8 +104,9 @@ def x264_compress(frames: Sequence[np.ndarray] | np.ndarray, *, crf: float | Non
     H, W = h + ph, w + pw
     rate = Fraction(fps).limit_denominator(100000)
     opts = {"preset": preset, "threads": str(threads)}
-    if x264_params:
-        opts["x264-params"] = x264_params
+    params = x264_params_with_asm(x264_params)  # x264's AVX-512 kernels read uninitialised memory
+    if params:
+        opts["x264-params"] = params
     src = (av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24") for f in frames)
     if lossless_first:
         lossless = _encode(src, W, H, rate, "yuv444p", {**opts, "crf": "0"})

@@ -17,8 +17,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import functools
 import math
 import os
+import platform
 import re
 import shutil
 import struct
@@ -137,6 +139,32 @@ def encoder_version(settings: str | None) -> str | None:
     if not settings or " - " not in settings:
         return None
     return " ".join(settings.split(" - ")[:2])
+
+
+@functools.cache
+def _x264_asm() -> str | None:
+    """x264's ``asm`` setting: ``AVX2`` on an x86-64 CPU that has AVX2, else x264's own CPU detection (None).
+
+    The AVX-512 kernels of the bundled libx264 read memory they never initialised (with mbtree, x264's default):
+    the same frames gave bitstreams that depend on what malloc left there (``MALLOC_PERTURB_=1``), so a training
+    sample or a test set was not always a function of its inputs. Its AVX2, AVX and SSE4.2 paths agree with one
+    another, whatever malloc leaves, and with the AVX-512 output when that memory happens to be benign; pinning
+    AVX2 also makes AVX-512 and AVX2-only machines write the same bytes (decisions A69)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    try:
+        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
+    except OSError:
+        return None
+    return "AVX2" if "avx2" in flags.split() else None
+
+
+def x264_params_with_asm(params: str | None) -> str | None:
+    """``params`` (x264's ``key=value:...``) with :func:`_x264_asm`'s ``asm=`` added unless it sets one."""
+    asm = _x264_asm()
+    if asm is None or (params and re.search(r"(?:^|:)(?:no-)?asm=", params)):
+        return params
+    return ":".join(filter(None, [params, f"asm={asm}"]))
 
 
 # --------------------------------------------------------------------------- discovery
@@ -652,6 +680,9 @@ class VideoWriter:
         opts.update(self.options)
         if self.source is not None:
             self._keep_source_properties(s, opts)
+        params = x264_params_with_asm(opts.get("x264-params"))
+        if params:
+            opts["x264-params"] = params
         s.options = opts
         self._stream, self._size, self._even = s, (h, w), even
         self._convert = FrameConverter(self.pix_fmt, self.color)

@@ -1,11 +1,18 @@
 """x264 degradations: CRF monotonicity on real frames, bitrate budget, sizes, determinism."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from sdatc.data.compress import random_bitrate_compress, x264_compress
 from sdatc.data.video import VideoReader
 from sdatc.metrics.psnr_ssim import psnr_y
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _mean_psnr_y(a, b):
@@ -123,3 +130,36 @@ def test_threads_are_frame_threads_as_the_ffmpeg_cli(tmp_path, carphone_frames):
     assert cli_sei.split("options: ")[1] == ours.settings.split("options: ")[1]
     again = x264_compress(carphone_frames, crf=25, fps=10, threads=4)
     assert again.data == ours.data and np.array_equal(again.frames, ours.frames)
+
+
+_PERTURBED = """
+import hashlib, sys
+import numpy as np
+from sdatc.data.compress import x264_compress
+from sdatc.data.video import read_video
+frames = read_video(sys.argv[1], max_frames=8)
+a = x264_compress(frames, crf=25, lossless_first=True).data                     # test sets' recipe
+b = x264_compress(np.ascontiguousarray(frames[:, :18, :22]), bitrate=4e4, fps=25).data  # training's
+print(hashlib.sha256(a).hexdigest(), hashlib.sha256(b).hexdigest())
+"""
+
+
+def test_bitstream_does_not_depend_on_what_malloc_leaves(carphone_path):
+    """libx264's AVX-512 kernels read uninitialised memory (these two encodes came out differently with
+    MALLOC_PERTURB_=1 on an AVX-512 CPU); x264 runs its AVX2 kernels where the CPU has them
+    (``video._x264_asm``). Fresh processes, malloc filling new memory with different bytes."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    outs = [subprocess.run([sys.executable, "-c", _PERTURBED, str(carphone_path)], capture_output=True, text=True,
+                           env={**env, "MALLOC_PERTURB_": v}, timeout=120) for v in ("1", "85", "170")]
+    assert all(p.returncode == 0 for p in outs), [p.stderr[-1000:] for p in outs]
+    assert len({p.stdout for p in outs}) == 1, [p.stdout for p in outs]
+
+
+def test_x264_asm_setting_keeps_the_users():
+    from sdatc.data.video import _x264_asm, x264_params_with_asm
+
+    asm = _x264_asm()
+    assert asm in (None, "AVX2")
+    assert x264_params_with_asm("asm=SSE4.2") == "asm=SSE4.2" and x264_params_with_asm("no-asm=1") == "no-asm=1"
+    assert x264_params_with_asm("keyint=30") == ("keyint=30" if asm is None else "keyint=30:asm=AVX2")
+    assert x264_params_with_asm(None) == (None if asm is None else "asm=AVX2")
