@@ -14,6 +14,7 @@ temporary folder, removed when it ends or fails.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 import shutil
@@ -275,13 +276,47 @@ def model_note(choice) -> str:
     return f"**{choice.label}** is ready."
 
 
+def _job(gr, restorer: Restorer, clip, key, settings: Settings, workdir: Path, progress):
+    """One restoration for the page: clear the last results, restore, yield the outputs (or a gr.Error)."""
+    from sdatc.demo import before_after
+
+    yield None, None, None, None, ""  # the last job's results go, so a failure is not shown beside them
+    try:
+        if not clip:
+            raise SdatcError("no clip: upload one (mp4, mkv, mov, webm) or press 'Use the demo clip'")
+        progress(0, desc="loading the model")
+        r = restorer.restore(clip, key, settings, workdir,
+                             lambda i, n: progress((i, n), desc="restoring", unit="frames"))
+        zoom = before_after(r.bicubic, r.restored, ("bicubic x4", f"restored ({key})"))
+        w, h = r.size_in
+        note = (f"Restored {r.frames} frames, {w}x{h} -> {4 * w}x{4 * h}, in {r.seconds:.1f} s "
+                f"({r.seconds / r.frames:.2f} s per frame). {r.model_line}")
+        print(f"[app] {Path(clip).name}: {note}", flush=True)
+    except Exception as e:
+        message = readable(e)
+        print(f"[app] failed: {message}", flush=True)
+        if not isinstance(e, SdatcError):
+            traceback.print_exc()
+        raise gr.Error(message, duration=None, print_exception=False) from None  # stays until closed
+    yield str(r.video), (r.bicubic, r.restored), zoom, str(r.video), note
+
+
+def _on_model(gr, choices: dict, key: str) -> tuple:
+    """The model note and which settings show for model ``key``."""
+    mode = key if key in ("sdatc", "ultravsr") else None
+    colour_value = "wavelet" if mode == "ultravsr" else "adain"
+    return (model_note(choices[key]), gr.update(visible=mode == "sdatc"), gr.update(visible=mode == "sdatc"),
+            gr.update(visible=mode == "sdatc"), gr.update(visible=mode == "ultravsr"),
+            gr.update(visible=mode == "ultravsr"), gr.update(visible=mode is not None, value=colour_value),
+            gr.update(visible=mode is None))
+
+
 def build_app(cfg: AppConfig):
     """The gradio Blocks of the page (gradio imported here)."""
     try:
         import gradio as gr
     except ImportError:
         raise SdatcError(INSTALL_HINT) from None
-    from sdatc.demo import before_after
 
     restorer = Restorer(cfg)
     choices = restorer.choices
@@ -291,31 +326,10 @@ def build_app(cfg: AppConfig):
         """The Restore button: one generator so the job's folder is removed after gradio has copied the outputs."""
         workdir = Path(tempfile.mkdtemp(prefix="sdatc-app-"))
         try:
-            yield from _job(clip, key, Settings(steps=steps, cfw_weight=cfw_weight, colour=colour, seed=seed,
-                                                estimator=estimator, d=d), workdir, progress)
+            settings = Settings(steps=steps, cfw_weight=cfw_weight, colour=colour, seed=seed, estimator=estimator, d=d)
+            yield from _job(gr, restorer, clip, key, settings, workdir, progress)
         finally:  # after gradio has copied the outputs into its cache, or after a failure
             shutil.rmtree(workdir, ignore_errors=True)
-
-    def _job(clip, key, settings, workdir, progress):
-        yield None, None, None, None, ""  # the last job's results go, so a failure is not shown beside them
-        try:
-            if not clip:
-                raise SdatcError("no clip: upload one (mp4, mkv, mov, webm) or press 'Use the demo clip'")
-            progress(0, desc="loading the model")
-            r = restorer.restore(clip, key, settings, workdir,
-                                 lambda i, n: progress((i, n), desc="restoring", unit="frames"))
-            zoom = before_after(r.bicubic, r.restored, ("bicubic x4", f"restored ({key})"))
-            w, h = r.size_in
-            note = (f"Restored {r.frames} frames, {w}x{h} -> {4 * w}x{4 * h}, in {r.seconds:.1f} s "
-                    f"({r.seconds / r.frames:.2f} s per frame). {r.model_line}")
-            print(f"[app] {Path(clip).name}: {note}", flush=True)
-        except Exception as e:
-            message = readable(e)
-            print(f"[app] failed: {message}", flush=True)
-            if not isinstance(e, SdatcError):
-                traceback.print_exc()
-            raise gr.Error(message, duration=None, print_exception=False) from None  # stays until closed
-        yield str(r.video), (r.bicubic, r.restored), zoom, str(r.video), note
 
     with gr.Blocks(title="sdatc: compressed video x4", delete_cache=(900, 3600)) as demo:
         gr.Markdown("# sdatc: restore a compressed video x4\nUpload a clip (or use the demo clip), choose a model, "
@@ -347,16 +361,8 @@ def build_app(cfg: AppConfig):
                 zoom = gr.Image(label="Side by side with a 2x zoom of the centre", elem_id="zoom", interactive=False)
                 download = gr.File(label="Download", elem_id="download", interactive=False)
 
-        def on_model(key):
-            mode = key if key in ("sdatc", "ultravsr") else None
-            colour_value = "wavelet" if mode == "ultravsr" else "adain"
-            return (model_note(choices[key]), gr.update(visible=mode == "sdatc"), gr.update(visible=mode == "sdatc"),
-                    gr.update(visible=mode == "sdatc"), gr.update(visible=mode == "ultravsr"),
-                    gr.update(visible=mode == "ultravsr"), gr.update(visible=mode is not None, value=colour_value),
-                    gr.update(visible=mode is None))
-
-        model.change(on_model, model, [status, steps, cfw, seed, estimator, d, colour, no_settings], queue=False,
-                     api_name=False)
+        model.change(functools.partial(_on_model, gr, choices), model,
+                     [status, steps, cfw, seed, estimator, d, colour, no_settings], queue=False, api_name=False)
         use_demo.click(lambda: cfg.demo_clip, None, clip, queue=False, api_name=False)
         run.click(restore_job, [clip, model, steps, cfw, colour, seed, estimator, d],
                   [video, slider, zoom, download, note], api_name="restore")

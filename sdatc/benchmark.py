@@ -180,6 +180,51 @@ def load_model(cfg: InferConfig, device: torch.device, dtype: torch.dtype):
     return build_model(cfg)
 
 
+def _warm_up(pipe, cfg: InferConfig, clip: list, warmup_steps: int | None) -> None:
+    """Restore one window before timing (first-call costs); with ``warmup_steps`` n > 0 an n-step chain."""
+    short, own = _warmup_sampler(pipe, cfg, warmup_steps), getattr(pipe, "sampler", None)
+    if short is not None:
+        pipe.sampler = short
+    try:
+        for _ in pipe.stream(clip, len(clip)):
+            pass
+    finally:
+        if short is not None:
+            pipe.sampler = own
+
+
+def _stage_flops(cfg: InferConfig, model, pipe, height: int, width: int) -> tuple[dict, int]:
+    """FLOPs per frame of each stage at the untiled frame, and the denoising steps the pipeline runs."""
+    if cfg.mode == "bicubic":
+        return {"dcm": 0}, 0
+    if cfg.mode == "dcm":  # the DCM alone, once per frame
+        return {"dcm": dcm_flops(model, height, width)}, 0
+    if cfg.mode == "ultravsr":  # one step, no DCM (bicubic x4 is not counted)
+        return {"dcm": 0, **count_flops_ultravsr(model.cfg, 4 * height, 4 * width)}, 1
+    return count_flops(model.cfg, 4 * height, 4 * width), len(pipe.sampler)
+
+
+def _timed_run(pipe, clip: list, device: torch.device) -> tuple[int, float, float, float | None, float | None]:
+    """Restore ``clip`` once, timed: (frames out, seconds, peak memory MB, CUDA reserved MB, denoiser seconds)."""
+    timer = DenoiserTimer.for_pipeline(pipe, device)
+    _sync(device)
+    reset_peak_memory(device)
+    if timer is not None:
+        timer.on = True
+    t0 = time.perf_counter()
+    n_out = sum(1 for _ in pipe.stream(clip, len(clip)))
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    peak = peak_memory_mb(device)
+    reserved = torch.cuda.max_memory_reserved(device) / 2**20 if device.type == "cuda" else None
+    denoiser_seconds = None
+    if timer is not None:
+        timer.on = False
+        denoiser_seconds = timer.seconds() if timer.calls else None  # None: the timed callable was bypassed
+        timer.close()
+    return n_out, seconds, peak, reserved, denoiser_seconds
+
+
 def bench(cfg: InferConfig, height: int, width: int, frames: int, seed: int = 0,
           warmup_steps: int | None = None) -> dict:
     """Restore ``frames`` synthetic LR frames of (height, width) and measure.
@@ -201,47 +246,18 @@ def bench(cfg: InferConfig, height: int, width: int, frames: int, seed: int = 0,
     clip = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(frames)]
     win = cfg.ultravsr.window if cfg.mode == "ultravsr" else cfg.pipeline.window
     if warmup_steps != 0:
-        warm = min(frames, win.length)
-        short, own = _warmup_sampler(pipe, cfg, warmup_steps), getattr(pipe, "sampler", None)
-        if short is not None:
-            pipe.sampler = short
-        try:
-            for _ in pipe.stream(clip[:warm], warm):  # warm-up window
-                pass
-        finally:
-            if short is not None:
-                pipe.sampler = own
+        _warm_up(pipe, cfg, clip[: min(frames, win.length)], warmup_steps)
     pipe.unet_calls = 0
     evals = getattr(pipe, "unet_evals", None)
     if evals is not None:
         evals.clear()
-    timer = DenoiserTimer.for_pipeline(pipe, device)
-    _sync(device)
-    reset_peak_memory(device)
-    if timer is not None:
-        timer.on = True
-    t0 = time.perf_counter()
-    n_out = sum(1 for _ in pipe.stream(clip, frames))
-    _sync(device)
-    seconds = time.perf_counter() - t0
-    peak = peak_memory_mb(device)
-    reserved = torch.cuda.max_memory_reserved(device) / 2**20 if device.type == "cuda" else None
-    denoiser_seconds = None
-    if timer is not None:
-        timer.on = False
-        denoiser_seconds = timer.seconds() if timer.calls else None  # None: the timed callable was bypassed
-        timer.close()
+    n_out, seconds, peak, reserved, denoiser_seconds = _timed_run(pipe, clip, device)
     windows = plan_windows(frames, win.length, win.stride)
     window_factor = sum(e - s for s, e in windows) / frames  # times each frame is denoised/decoded
     evals = dict(evals or {})
-    if cfg.mode == "bicubic":
-        flops, steps, window_factor = {"dcm": 0}, 0, 1.0
-    elif cfg.mode == "dcm":  # the DCM alone, once per frame
-        flops, steps, window_factor = {"dcm": dcm_flops(model, height, width)}, 0, 1.0
-    elif cfg.mode == "ultravsr":  # one step, no DCM (bicubic x4 is not counted)
-        flops, steps = {"dcm": 0, **count_flops_ultravsr(model.cfg, 4 * height, 4 * width)}, 1
-    else:
-        flops, steps = count_flops(model.cfg, 4 * height, 4 * width), len(pipe.sampler)
+    flops, steps = _stage_flops(cfg, model, pipe, height, width)
+    if cfg.mode in ("bicubic", "dcm"):
+        window_factor = 1.0  # no windows: each frame once
     per_shape = denoise_step_flops(model.cfg, list(evals)) if evals else {}
     denoiser = sum(n * per_shape[hw] for hw, n in evals.items())  # FLOPs of the timed run, all frames
     useful = steps * flops.get("denoise_step", 0)
