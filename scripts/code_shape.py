@@ -45,9 +45,9 @@ def main(argv=None) -> int:
         if not depth and code.co_name == "forward" and code.co_filename.endswith("models/capm.py"):
             chain, f = [], frame
             while f is not None and not (f.f_code.co_name == "main" and f.f_code.co_filename == infer.__file__):
-                chain.append(f.f_code.co_filename)
+                chain.append(f"{f.f_code.co_filename}:{f.f_code.co_name}")
                 f = f.f_back
-            if f is not None and any(c.endswith("models/drivers.py") for c in chain):  # the UNet's, not the VAE's
+            if f is not None and any(c.endswith(":unet_forward") for c in chain):  # the UNet's, not the VAE's
                 depth.update(all=len(chain), sdatc=sum(c.startswith(PACKAGE) for c in chain))
                 g = frame
                 while g is not f:

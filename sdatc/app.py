@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sdatc.config import REPO_ROOT
+from sdatc.config import REPO_ROOT, check_device
 from sdatc.errors import SdatcError
 
 DEMO_CLIP = REPO_ROOT / "assets" / "demo.mp4"
@@ -52,7 +52,6 @@ class AppConfig:
     output_preset: str = "medium"  # x264 preset of the restored mp4 (infer.py's default)
 
     def __post_init__(self):  # a bad flag is an error at start, not at the first job
-        from sdatc.checks import check_device
         from sdatc.data.video import X264_PRESETS
 
         try:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sdatc.config import check_device
 from sdatc.data.video import VideoReader, list_clips
 from sdatc.errors import SdatcError
 from sdatc.metrics import MetricContext, MetricUnavailable, build_metric, get_metric
@@ -43,8 +44,6 @@ class EvalConfig:
     batch_size: int = 4  # frames per call of a learned metric
 
     def __post_init__(self):
-        from sdatc.checks import check_device
-
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         check_device(self.device)

@@ -22,6 +22,7 @@ from typing import Literal
 
 import torch
 
+from sdatc.config import check_device, check_fps
 from sdatc.data.video import X264_PRESETS, VideoReader, contains_path, list_clips, write_restored
 from sdatc.errors import SdatcError, os_error, os_reason
 from sdatc.models.backbone import ENV_SD21
@@ -62,8 +63,6 @@ class InferConfig:
     compile: bool = False  # torch.compile the denoiser (modes sdatc / ultravsr); channels_last and TF32 either way
 
     def __post_init__(self):  # settings that would fail only after a clip is restored are checked at load
-        from sdatc.checks import check_device, check_fps
-
         check_device(self.device)
         check_fps(self.fps)
         if self.output_preset not in X264_PRESETS:

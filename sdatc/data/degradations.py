@@ -23,6 +23,7 @@ from typing import Literal
 import cv2
 import numpy as np
 
+from sdatc.config import check_fps
 from sdatc.data.compress import x264_compress
 from sdatc.data.imresize import imresize
 from sdatc.data.video import X264_PRESETS
@@ -47,8 +48,6 @@ class DegradationConfig:
     noise_std: tuple[float, float] = (1.0, 15.0)
 
     def __post_init__(self):
-        from sdatc.checks import check_fps
-
         if self.scale < 1:
             raise ValueError(f"scale must be >= 1, got {self.scale}")
         check_fps(self.fps)

@@ -27,7 +27,7 @@ import cv2
 import numpy as np
 
 import sdatc
-from sdatc.config import to_dict
+from sdatc.config import check_fps, to_dict
 from sdatc.data.compress import SCALE_FLAGS, x264_compress
 from sdatc.data.imresize import bicubic_down
 from sdatc.data.video import X264_PRESETS, FrameWriter, VideoReader, encoder_version, list_clips
@@ -59,8 +59,6 @@ class TestSetConfig:
     overwrite: bool = False  # rebuild even if OUT holds a manifest with other settings
 
     def __post_init__(self):
-        from sdatc.checks import check_fps
-
         if self.preset not in X264_PRESETS:
             raise ValueError(f"preset {self.preset!r} is not an x264 preset ({', '.join(X264_PRESETS)})")
         if self.scale < 1:

@@ -134,7 +134,7 @@ class TrainedModules:
 
     def adopt_backbone(self, backbone) -> None:
         """Take SD's UNet, VAE and scheduler (frozen), the prediction type and the empty-prompt embedding."""
-        from sdatc.models.drivers import check_unet
+        from sdatc.models.sites import check_unet
 
         self.unet, self.vae, self.scheduler = backbone.unet, backbone.vae, backbone.scheduler
         check_unet(self.unet)

@@ -9,8 +9,8 @@
 
 Frames of a window are stacked on the batch axis: N = B * T. Only the new modules train; every SD
 weight is frozen. Modules can be switched off (``enabled.*``) for ablations. CAPM, STAM and CFW are
-explicit children of the frozen UNet / VAE decoder (:mod:`sdatc.models.sites`), run by the drivers of
-:mod:`sdatc.models.drivers`; ``print(model)`` shows each where it acts. No hooks.
+explicit children of the frozen UNet / VAE decoder (:mod:`sdatc.models.sites`), run by the drivers
+there; ``print(model)`` shows each where it acts. No hooks.
 """
 
 from __future__ import annotations
@@ -22,15 +22,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdatc.errors import SdatcError
-from sdatc.models.backbone import Backbone, BackboneConfig, load_backbone
+from sdatc.models.backbone import Backbone, BackboneConfig, load_backbone, split_prediction
 from sdatc.models.capm import CAPM, CAPMConfig
 from sdatc.models.cfw import CFW, CFWConfig
 from sdatc.models.dcm import DCM, DCMConfig
-from sdatc.models.drivers import unet_forward, vae_decode, vae_encode, vae_posterior
 from sdatc.models.guidance import GuidanceConfig, GuidanceEncoder
-from sdatc.models.prediction import split_prediction
 from sdatc.models.saving import TrainedModules, check_state
-from sdatc.models.sites import Ctx, Placement, insert, pretrained_modules, sites
+from sdatc.models.sites import (
+    Ctx,
+    Placement,
+    insert,
+    pretrained_modules,
+    sites,
+    unet_forward,
+    vae_decode,
+    vae_encode,
+    vae_posterior,
+)
 from sdatc.models.stam import STAM, STAMConfig
 
 WEIGHTS_NAME = "sdatc_modules.safetensors"

@@ -24,12 +24,10 @@ import torch
 from torch import nn
 
 from sdatc.errors import SdatcError
-from sdatc.models.backbone import Backbone, BackboneConfig, load_backbone
-from sdatc.models.drivers import unet_forward, vae_decode, vae_encode
-from sdatc.models.prediction import check_prediction_type
+from sdatc.models.backbone import Backbone, BackboneConfig, check_prediction_type, load_backbone
 from sdatc.models.rts import RTS, RTSConfig
 from sdatc.models.saving import TrainedModules, check_state
-from sdatc.models.sites import Ctx, Placement, insert, pretrained_modules, sites
+from sdatc.models.sites import Ctx, Placement, insert, pretrained_modules, sites, unet_forward, vae_decode, vae_encode
 
 WEIGHTS_NAME = "ultravsr_modules.safetensors"
 FORMAT = "ultravsr/1"

@@ -25,7 +25,7 @@ from typing import Literal
 
 import torch
 
-from sdatc.models.prediction import check_prediction_type, split_prediction
+from sdatc.models.backbone import check_prediction_type, split_prediction
 
 
 @dataclasses.dataclass

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from sdatc.config import check_device
+
 # The paper's test sets: name -> packaged clip list (sdatc/data/clip_lists) and paper table.
 SETS = {"REDS4": "reds4", "Vid4": "vid4", "UDM10": "udm10"}
 TABLE_OF_SET = {"REDS4": "I", "Vid4": "I", "UDM10": "II"}
@@ -82,8 +84,6 @@ class TablesConfig:
     figures: FigureConfig = dataclasses.field(default_factory=FigureConfig)
 
     def __post_init__(self):
-        from sdatc.checks import check_device
-
         check_device(self.device)
         unknown = [s for s in self.sets if s not in SETS]
         if unknown:

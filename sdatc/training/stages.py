@@ -37,9 +37,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sdatc.data.datasets import VideoClipDataset, scan_clips
+from sdatc.models.backbone import split_prediction, training_target
 from sdatc.models.dcm import DCM
 from sdatc.models.flow import RAFT_WEIGHTS_NAME, compute_flows, load_raft, occlusion_mask
-from sdatc.models.prediction import split_prediction, training_target
 from sdatc.training.config import TrainConfig
 from sdatc.training.latents import generated_latents
 from sdatc.training.losses import (

@@ -30,10 +30,8 @@ from torch import Tensor, nn
 from torch.nn.utils import spectral_norm
 
 from sdatc.errors import SdatcError
-from sdatc.models.backbone import encode_prompt
-from sdatc.models.drivers import unet_forward
-from sdatc.models.prediction import split_prediction, training_target
-from sdatc.models.sites import Ctx, Placement, insert
+from sdatc.models.backbone import encode_prompt, split_prediction, training_target
+from sdatc.models.sites import Ctx, Placement, insert, unet_forward
 from sdatc.models.ultravsr import UltraVSR, bicubic_x4, drs_step, one_step_x0
 from sdatc.training.build import model_config
 from sdatc.training.latents import GeneratedLatents

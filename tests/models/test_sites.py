@@ -10,7 +10,6 @@ from torch import nn
 
 from sdatc.config import load_config
 from sdatc.errors import SdatcError
-from sdatc.models.drivers import unet_forward, vae_decode, vae_encode
 from sdatc.models.sdatc import SDATC, ModelConfig
 from sdatc.models.sites import (
     Ctx,
@@ -21,6 +20,9 @@ from sdatc.models.sites import (
     pretrained_state_dict,
     remove,
     sites,
+    unet_forward,
+    vae_decode,
+    vae_encode,
 )
 
 

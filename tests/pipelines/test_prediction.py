@@ -16,8 +16,7 @@ from sdatc.config import ConfigError, apply_overrides, load_config
 from sdatc.data.video import read_video
 from sdatc.errors import SdatcError
 from sdatc.inference import InferConfig, run
-from sdatc.models.backbone import EMPTY_PROMPT_FILE, BackboneConfig, load_backbone
-from sdatc.models.prediction import split_prediction, training_target
+from sdatc.models.backbone import EMPTY_PROMPT_FILE, BackboneConfig, load_backbone, split_prediction, training_target
 from sdatc.models.sdatc import SDATC
 from sdatc.pipelines.colour import colour_correct
 from sdatc.pipelines.sampler import frame_noise
