@@ -223,7 +223,7 @@ class VSRPipeline:
         """``model`` moves to ``device`` in eval mode; with ``cast`` its weights are cast once to ``torch_dtype``
         (``config.cast_weights``); ``cast=False`` keeps them as they are (the trainer's validation, whose frozen
         parts it cast itself) and runs ``torch_dtype`` autocast over them. ``compile``: torch.compile the
-        denoiser (``speed.py``)."""
+        denoiser (``hardware.py``)."""
         self.model, self.config, self.progress = model.eval(), config or self.config_cls(), progress
         self.compile = compile
         self.device, self.dtype = torch.device(device), as_dtype(torch_dtype)

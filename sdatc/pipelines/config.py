@@ -33,7 +33,7 @@ class WindowConfig:
 
 @dataclasses.dataclass
 class TilingConfig:
-    """Spatial tiling per stage, decided by memory (``sdatc/pipelines/memory.py``). ``auto``: a stage runs
+    """Spatial tiling per stage, decided by memory (``sdatc/pipelines/hardware.py``). ``auto``: a stage runs
     the whole window's frames in one call when its activation estimate fits the budget, else in tiles
     stacked with the frames on the batch axis, as many per call as fit; ``on``: always tiles (small GPUs,
     tests); ``off``: never. The tile sizes below apply only when tiling."""

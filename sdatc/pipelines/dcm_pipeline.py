@@ -14,7 +14,7 @@ from sdatc.errors import SdatcError
 from sdatc.models.dcm import DCM
 from sdatc.models.dcm_fast import dcm_inference
 from sdatc.pipelines.config import PipelineConfig, autocast
-from sdatc.pipelines.memory import StagePlan, StagePlanner
+from sdatc.pipelines.hardware import StagePlan, StagePlanner
 from sdatc.pipelines.tiling import tiled_batched
 
 

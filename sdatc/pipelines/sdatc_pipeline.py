@@ -13,7 +13,7 @@ window's trajectory on shared frames -> VAE decoder with STAM/CAPM/CFW -> AdaIN 
 blend decoded frames. Memory is bounded by one window plus its overlap, whatever the clip length.
 
 Each stage runs the window's frames in one call when its memory estimate fits the budget
-(``sdatc/pipelines/memory.py``), else spatial tiles stacked with the frames on the batch axis; the VAE
+(``sdatc/pipelines/hardware.py``), else spatial tiles stacked with the frames on the batch axis; the VAE
 splits frames first where it may (the encoder), then computes by tiles (``tiled_vae.py``: exact, whole-frame
 statistics, memory falling with the tile). Noise comes from per-frame generators
 on the device and trajectories stay there: the denoising loop never waits for the host.
@@ -37,10 +37,9 @@ from sdatc.pipelines.base import VSRPipeline
 from sdatc.pipelines.colour import colour_correct
 from sdatc.pipelines.config import PipelineConfig, pad_to_multiple
 from sdatc.pipelines.flow_guidance import FlowGuidance
-from sdatc.pipelines.memory import StagePlan, StagePlanner
+from sdatc.pipelines.hardware import StagePlan, StagePlanner, speed_up
 from sdatc.pipelines.prompt import clip_context
 from sdatc.pipelines.sampler import Z_C_STEP, Sampler, frame_noise, posterior_sample
-from sdatc.pipelines.speed import speed_up
 from sdatc.pipelines.tiled_vae import decode_tiled, encode_tiled
 from sdatc.pipelines.tiling import tiled_batched
 from sdatc.pipelines.windows import FrameFeed, WindowBlender, plan_windows, temporal_weights

@@ -8,7 +8,7 @@
 Per window of ``window.length`` frames (overlaps blended as SDATC's): bicubic x4 -> VAE encoder (+LoRA)
 -> one UNet call at DRS's t_rec (RTS over the whole window; spatial blocks on chunks of
 ``chunk_frames`` frames) -> z_HR = (z - sqrt(1 - D) eps) / sqrt(D) -> VAE decoder (+RTS) -> colour fix.
-d is estimated once per clip (``drs``). Stages are tiled when memory asks (``memory.py``); the VAE runs
+d is estimated once per clip (``drs``). Stages are tiled when memory asks (``hardware.py``); the VAE runs
 fewer frames per call of its frozen blocks first.
 """
 
@@ -28,9 +28,8 @@ from sdatc.pipelines.base import VSRPipeline
 from sdatc.pipelines.colour import colour_correct
 from sdatc.pipelines.config import UltraVSRPipelineConfig, pad_to_multiple
 from sdatc.pipelines.drs import DRSEstimator
-from sdatc.pipelines.memory import StagePlan, StagePlanner
+from sdatc.pipelines.hardware import StagePlan, StagePlanner, speed_up
 from sdatc.pipelines.prompt import clip_context
-from sdatc.pipelines.speed import speed_up
 from sdatc.pipelines.tiled_vae import tiled_shared
 from sdatc.pipelines.tiling import tiled_batched
 from sdatc.pipelines.windows import FrameFeed, WindowBlender, plan_windows

@@ -44,7 +44,7 @@ from torch import nn
 from sdatc.config import dump_config
 from sdatc.data.datasets import make_loader
 from sdatc.errors import SdatcError
-from sdatc.pipelines.speed import speed_up_undone
+from sdatc.pipelines.hardware import speed_up_undone
 from sdatc.training.build import build_model, init_modules
 from sdatc.training.checkpoints import (
     TrainState,

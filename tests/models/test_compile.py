@@ -1,4 +1,4 @@
-"""The compile speed path (sdatc/pipelines/speed.py): the denoisers trace into one graph with no graph break,
+"""The compile speed path (sdatc/pipelines/hardware.py): the denoisers trace into one graph with no graph break,
 the speed path keeps outputs, the compiled denoiser equals the eager one and compiles once per shape.
 
 Cost on 2 CPU cores: each Dynamo trace of a tiny denoiser takes about 10-15 s (no code is generated);
@@ -13,7 +13,7 @@ from sdatc.config import load_config
 from sdatc.errors import SdatcError
 from sdatc.models.sdatc import SDATC, ModelConfig
 from sdatc.models.ultravsr import UltraVSR, UltraVSRConfig
-from sdatc.pipelines.speed import cpp_compiler, speed_up
+from sdatc.pipelines.hardware import cpp_compiler, speed_up
 
 SDATC_TINY = "configs/model/sdatc_tiny.yaml"
 ULTRAVSR_TINY = "configs/model/ultravsr_tiny.yaml"

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from sdatc.config import load_config
 from sdatc.models.sdatc import SDATC, ModelConfig
 from sdatc.pipelines.config import PipelineConfig, TilingConfig, WindowConfig
-from sdatc.pipelines.memory import (
+from sdatc.pipelines.hardware import (
     StagePlanner,
     available_ram,
     memory_budget,

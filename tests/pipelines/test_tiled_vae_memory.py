@@ -17,7 +17,7 @@ import pytest
 
 from sdatc.config import load_config
 from sdatc.models.sdatc import SDATC, ModelConfig
-from sdatc.pipelines.memory import vae_cost
+from sdatc.pipelines.hardware import vae_cost
 
 ROOT = Path(__file__).resolve().parents[2]
 FRAMES, LATENT, TILES = 3, (24, 40), (12, 4)
