@@ -1,5 +1,5 @@
 """Measure the activation memory of each inference stage per pixel, to calibrate the tiling planner
-(``sdatc/pipelines/memory.py``).
+(``sdatc/pipelines/hardware.py``).
 
     python scripts/measure_stage_memory.py --config configs/model/sdatc_sd21.yaml --json mem.json
     python scripts/measure_stage_memory.py --config configs/model/ultravsr_tiny.yaml --stages encode decode --vae

@@ -1,6 +1,6 @@
 """Typed configs: YAML -> dataclasses with strict keys, ``key.sub=value`` overrides, YAML dump.
 
-    cfg = load_config(TestSetConfig, "configs/testsets.yaml", ["crf=[15,25]", "x264.preset=slow"])
+    cfg = load_config(TestSetConfig, "configs/data/testsets.yaml", ["crf=[15,25]", "x264.preset=slow"])
     print(dump_config(cfg))
 
 Values are converted by the dataclass field's type (never ``eval``): an override for a ``str``
