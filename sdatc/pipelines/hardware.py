@@ -1,52 +1,28 @@
-"""How a run uses its device: the memory plans that decide tiling, and the speed path of the denoiser.
-
-Memory (docs/decisions.md A41): how much a stage may hold, what one frame of it costs, and the plan.
+"""How a run uses its device: the memory plans that decide tiling (A41), and the denoiser's speed path (A44).
 
     budget = memory_budget(device, tiling)                     # bytes the stages' activations may use
     plan = plan_stage(items=5, size=(96, 160), bytes_per_pixel=est, budget=budget, tile=64, mode="auto")
     plan.tiled, plan.batch                                     # whole frames in one batch, or tiles x frames
     plan = plan_vae(frames=16, size=(90, 160), cost=vae_cost(model, "decode"), budget=budget, tile=64, chunk=1)
     plan.tiled, plan.batch, plan.tile                          # VAE: frames per call, tile size if tiled
+    predict = speed_up(model, device, compile=True)            # once, on its device, in eval mode
+    out = predict(z_t, t, z_c)                                 # SDATC: model.predict's arguments (UltraVSR: its own)
 
 Budget: on a GPU the free memory (the driver's free plus what torch's allocator holds unused) less a
 margin; on the CPU ``tiling.memory_gb``, else half of the available RAM. Costs: activation bytes per
-input pixel of one frame of each stage, measured on the CPU in fp32 by ``scripts/measure_stage_memory.py``
-at the SD 2.1 size and expressed per channel of the stage's widest level, so that they scale with the
-config (the tiny test models included). fp32 bytes are an upper bound under bf16 autocast. Weights are
-not counted: they are resident before the budget is read.
+input pixel of one frame of each stage, measured in fp32 by ``scripts/measure_stage_memory.py`` and
+expressed per channel of the stage's widest level, so that they scale with the config (an upper bound under
+bf16). Weights are not counted: they are resident before the budget is read. The VAE stages
+(:func:`plan_vae`) are costed as they run (``live`` bytes per pixel of every frame of the call, ``temp`` for
+the frames of one call of the frozen blocks; tiled: ``tiled_live`` and ``tiled_temp`` per pixel of a tile).
+Frames are split first where the stage allows it, then tiles, halved until the estimate fits.
 
-The VAE stages (:func:`plan_vae`) are costed as what runs: ``live`` bytes per pixel for every frame of the
-call, plus ``temp`` per pixel for the frames of one call of the frozen blocks (all of them, or
-``chunk`` frames: UltraVSR's ``chunk_frames``, SDATC's encoder batches); tiled
-(``sdatc/pipelines/tiled_vae.py``), ``tiled_live`` per pixel of every frame plus ``tiled_temp`` per
-pixel of one tile of the frames of one call. Frames are split first where the stage allows it, then
-tiles, halved from the configured size until the estimate fits.
-
-Speed (docs/decisions.md A44): channels_last weights, TF32 on CUDA, and an optional ``torch.compile``.
-
-    predict = speed_up(model, device, compile=True)   # once, after the model is on its device, in eval mode
-    out = predict(z_t, t, z_c)                          # SDATC: exactly model.predict's arguments
-    out = predict(z, t, num_frames, chunk)              # UltraVSR: likewise
-
-What :func:`speed_up` does:
-
-* ``channels_last`` for the UNet (with its Sites' CAPM / RTS modules and LoRA layers) and the guidance
-  encoder; on CUDA the VAE too. Values are unchanged; convolution kernels differ, so outputs move by float
-  rounding only (tested).
-* on CUDA, TF32 for fp32 matmuls and convolutions (``torch.backends.cuda.matmul.allow_tf32`` and
-  ``torch.backends.cudnn.allow_tf32``): process-wide flags, set once with a printed note. It changes fp32
-  results at TF32's precision (about 1e-3 relative); bf16 / fp16 autocast runs are unaffected. ``tf32=False``
-  keeps full fp32.
-* ``compile=True``: the denoiser is ``torch.compile(model.predict, dynamic=False)``, one graph with no graph
-  break (``tests/models/test_compile.py``). Each new input shape (tile or window size, frame count) or
-  autocast / grad mode compiles once more; timesteps never do: they enter the graph as a tensor (N,).
-  Inputs are made contiguous first, so views of different tiles share one graph. Mode: inductor's default;
-  ``"max-autotune-no-cudagraphs"`` is accepted. Modes with CUDA graphs are refused: their outputs are
-  overwritten by the next call, and the pipelines keep outputs across calls (tile blending, trajectories).
-
-The compiled function runs whatever autocast the caller has entered (``SDATCPipeline`` calls the denoiser
-inside ``torch.autocast``); it is guarded on that state, so fp32 and bf16 calls each get their own graph.
-The model's parameters change memory layout in place (``save_pretrained`` still writes contiguous tensors).
+Speed: ``channels_last`` for the UNet (its Sites and LoRA layers included) and the guidance encoder (on CUDA
+the VAE too); on CUDA TF32 for fp32 matmuls and convolutions (process-wide, set once with a printed note;
+``tf32=False`` keeps full fp32); with ``compile=True`` the denoiser is ``torch.compile(model.predict,
+dynamic=False)``, one graph with no graph break (``tests/models/test_compile.py``), compiled again only for a
+new input shape or autocast / grad mode (timesteps enter as an (N,) tensor). Modes with CUDA graphs are
+refused: a replay overwrites outputs the pipelines still hold. Outputs move by float rounding only.
 """
 
 from __future__ import annotations
