@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 from sdatc.config import ConfigError, load_config
 from sdatc.errors import SdatcError
 from sdatc.inference import InferConfig, build_model
+from sdatc.pipelines.base import check_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,6 +58,29 @@ def test_checkpoint_of_the_other_system_is_named(tmp_path):
         with pytest.raises(SdatcError) as e:
             build_model(InferConfig(mode=mode, checkpoint=str(ultra_ck)))
         assert "is an UltraVSR checkpoint" in one_line(e) and "mode=ultravsr" in one_line(e)
+
+
+def test_a_dcm_only_checkpoint_under_mode_sdatc_says_mode_dcm(tmp_path, monkeypatch):
+    """The preview model (or a stage-0 checkpoint) given to the diffusion model: one line naming mode=dcm, before
+    any model is built (it used to be '612 missing' keys)."""
+    monkeypatch.chdir(ROOT)
+    for config in ("configs/infer/tiny.yaml", "configs/infer/sdatc.yaml"):
+        with pytest.raises(SdatcError) as e:
+            build_model(load_config(InferConfig, config, ["checkpoint=assets/preview"]))
+        assert "holds the DCM alone" in one_line(e) and "mode=dcm" in one_line(e)
+    dcm = build_model(load_config(InferConfig, "configs/infer/preview.yaml"))  # the same folder, as the DCM
+    assert type(dcm).__name__ == "DCM"
+    switches = ("guidance", "capm_unet", "capm_vae", "stam", "cfw")
+    off = ["model_overrides=[" + ",".join(f"enabled.{m}=false" for m in switches) + "]"]
+    model_cfg, _ = check_model(load_config(InferConfig, "configs/infer/tiny.yaml", ["checkpoint=assets/preview", *off]))
+    assert not model_cfg.enabled.guidance  # an ablation of SDATC with the DCM alone loads it: not refused
+    full = tmp_path / "full"  # a checkpoint with more than the DCM is not refused by this check
+    full.mkdir()
+    save_file({"dcm.x": torch.zeros(1), "guidance.x": torch.zeros(1)}, str(full / "sdatc_modules.safetensors"),
+              metadata={"format": "sdatc/2"})
+    with pytest.raises(SdatcError) as e:  # no config.yaml: the tiny config's model; the strict load says what is off
+        build_model(load_config(InferConfig, "configs/infer/tiny.yaml", [f"checkpoint={full}"]))
+    assert "holds the DCM alone" not in one_line(e) and "does not match this model" in one_line(e)
 
 
 def test_random_weights_hint_points_at_the_tiny_config(tmp_path, monkeypatch):

@@ -109,6 +109,19 @@ def _weights_file(ckpt: Path, name: str) -> Path:
     return weights
 
 
+def _holds_only_the_dcm(weights: Path) -> bool:
+    """Whether a weights file's tensors are all ``dcm.*`` (its header only; an unreadable file: False, the load
+    says why)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), "pt") as f:
+            keys = [k for k in f.keys() if not k.startswith("_")]  # _empty_prompt_embeds rides along
+    except Exception:
+        return False
+    return bool(keys) and all(k.startswith("dcm.") for k in keys)
+
+
 def _load_weights(weights: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(weights))
@@ -140,7 +153,13 @@ def check_model(spec: ModelSpec) -> tuple[ModelConfig | UltraVSRConfig | None, P
     config_file = (ckpt / CONFIG_NAME if ckpt is not None and ckpt.is_dir() and (ckpt / CONFIG_NAME).is_file()
                    else spec.model_config)
     overrides = list(spec.model_overrides) + ([f"backbone.pretrained={spec.pretrained}"] if spec.pretrained else [])
-    return load_config(UltraVSRConfig if spec.mode == "ultravsr" else ModelConfig, config_file, overrides), ckpt
+    model_cfg = load_config(UltraVSRConfig if spec.mode == "ultravsr" else ModelConfig, config_file, overrides)
+    weights = ckpt / weights_name if ckpt is not None and ckpt.is_dir() else ckpt
+    beyond_dcm = spec.mode == "sdatc" and any(v for k, v in dataclasses.asdict(model_cfg.enabled).items() if k != "dcm")
+    if weights is not None and beyond_dcm and _holds_only_the_dcm(weights):
+        raise SdatcError(f"{ckpt} holds the DCM alone (a stage-0 checkpoint, or the preview model): run it with "
+                         "mode=dcm (as configs/infer/preview.yaml does), or give a checkpoint from stage 1 or 2")
+    return model_cfg, ckpt
 
 
 def build_model(spec: ModelSpec) -> SDATC | DCM:
